@@ -1,0 +1,201 @@
+"""The daemon's configuration file (YAML), typed and validated at the edge.
+
+Every section has defaults, so an empty file (or none) is a working config: the demo model, the bundled
+prompts, a broker on localhost. Errors name the field, e.g. `mqtt.port: Input should be less than 65536`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    # `demo`, a Hugging Face id (`Qwen/Qwen2.5-0.5B-Instruct`), a local directory, or a local `.gguf` file.
+    name: str = "demo"
+    # `auto`: bf16 only where the CPU computes it natively (avx512_bf16/amx), else fp32.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # `int8`: dynamic int8 weights for Linear layers (torch's own quantization); smaller and often faster.
+    quantize: Literal["none", "int8"] = "none"
+    # Where converted models (GGUF -> safetensors) and the demo model live; default: see modelstore.
+    cache_dir: Path | None = None
+    # Longest prompt + answer the daemon will run, in tokens; bounds the KV cache.
+    max_context: int = Field(default=2048, ge=128, le=131072)
+    # Fetch the demo model / hub models automatically on first use.
+    auto_fetch: bool = True
+
+
+class SessionConfig(_Section):
+    max_sessions: int = Field(default=64, ge=1)
+    idle_ttl_s: float = Field(default=1800, gt=0)
+
+
+class RuntimeConfig(_Section):
+    threads: int | Literal["auto"] = "auto"
+    interop_threads: int | Literal["auto"] = "auto"
+    max_batch: int = Field(default=16, ge=1, le=256)
+    queue_size: int = Field(default=64, ge=1, le=100000)
+    max_payload_bytes: int = Field(default=16384, ge=64)
+    max_text_chars: int = Field(default=4000, ge=1)
+    default_deadline_ms: int | None = Field(default=None, ge=1)
+    # Below this much available memory, new generation work is refused with `low_memory`.
+    low_memory_mb: int | Literal["auto"] = "auto"
+    warmup: bool = True
+    sessions: SessionConfig = SessionConfig()
+
+
+class TlsConfig(_Section):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False  # skip host name verification (self-signed test brokers only)
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class FleetConfig(_Section):
+    """Several boards share one request stream through an MQTT shared subscription."""
+
+    enabled: bool = False
+    group: str = Field(default="llmqtt", pattern=r"^[^/+#$]+$")
+    # Requests arrive on `<topic>/request/<task>` via `$share/<group>/<topic>/request/<task>`.
+    topic: str = "llmqtt/fleet"
+
+
+class MqttConfig(_Section):
+    host: str = "localhost"
+    port: int = Field(default=1883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = "5"
+    client_id: str | None = None  # default: llmqtt-<node_id>
+    username: str | None = None
+    password_file: Path | None = None  # never put the password itself in the config
+    tls: TlsConfig | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    base_topic: str = Field(default="llmqtt", pattern=r"^[^+#]+$")
+    node_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")  # default: host name
+    session_expiry_s: int = Field(default=3600, ge=0)
+    reconnect_min_s: float = Field(default=1.0, gt=0)
+    reconnect_max_s: float = Field(default=60.0, gt=0)
+    health_interval_s: float = Field(default=30.0, ge=1)
+    dedup_cache_size: int = Field(default=512, ge=0)
+    fleet: FleetConfig = FleetConfig()
+
+    @model_validator(mode="after")
+    def _password_needs_user(self) -> MqttConfig:
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file needs username")
+        return self
+
+    @property
+    def node(self) -> str:
+        return self.node_id or _safe_hostname()
+
+    @property
+    def topic_root(self) -> str:
+        return f"{self.base_topic.rstrip('/')}/{self.node}"
+
+    def read_password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        try:
+            return self.password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"mqtt.password_file: cannot read {self.password_file}: {exc.strerror}") from None
+
+
+class HomeAssistantConfig(_Section):
+    enabled: bool = True
+    discovery_prefix: str = "homeassistant"
+    # Also show results of requests that did not come from Home Assistant in its sensors.
+    update_from_all_requests: bool = False
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # auto: journald when started by systemd (JOURNAL_STREAM), else text on stderr.
+    format: Literal["auto", "text", "json", "journal"] = "auto"
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    # Directories of task files; later ones override tasks of the same name. Default: bundled prompts.
+    prompts: list[Path] = []
+    runtime: RuntimeConfig = RuntimeConfig()
+    mqtt: MqttConfig = MqttConfig()
+    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            if isinstance(data.get("model"), str):  # `model: demo`
+                data["model"] = {"name": data["model"]}
+            if isinstance(data.get("prompts"), (str, Path)):
+                data["prompts"] = [data["prompts"]]
+        return data
+
+    def prompt_dirs(self) -> list[Path]:
+        from .tasks import bundled_prompts_dir
+
+        return list(self.prompts) or [bundled_prompts_dir()]
+
+
+def _safe_hostname() -> str:
+    name = socket.gethostname().split(".")[0]
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in name) or "llmqtt"
+
+
+def load_config(path: Path | None) -> Config:
+    """Read a config file; relative paths inside it are taken relative to the file."""
+    if path is None:
+        return Config()
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a YAML mapping")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
+    return _resolve_paths(config, Path(path).resolve().parent)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def fix(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else base / p
+
+    config.prompts = [fix(p) for p in config.prompts]
+    config.model.cache_dir = fix(config.model.cache_dir)
+    name = config.model.name
+    if name.startswith(("./", "../")) or name.endswith(".gguf") and not os.path.isabs(name):
+        config.model.name = str(base / name)
+    config.mqtt.password_file = fix(config.mqtt.password_file)
+    if config.mqtt.tls:
+        tls = config.mqtt.tls
+        tls.ca_file, tls.cert_file, tls.key_file = fix(tls.ca_file), fix(tls.cert_file), fix(tls.key_file)
+    return config

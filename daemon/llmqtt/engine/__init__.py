@@ -1,0 +1,37 @@
+"""torch + transformers inference. `load_engine` is the one entry point the daemon and CLI use.
+
+Import `llmqtt.engine.types` for the result types without paying for the torch import.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from ..config import ModelConfig
+from ..tasks import ClassifyTask, GenerateTask
+from .modelstore import Progress, ResolvedModel, _no_progress, resolve_model
+
+
+def resolve_dtype(requested: str) -> str:
+    """`auto` -> bf16 only where the CPU computes it natively; else fp32 (see planner.choose_dtype)."""
+    if requested != "auto":
+        return requested
+    try:
+        from ..planner import choose_dtype
+        from ..readings import read_system
+    except ImportError:  # planner not available: the safe choice
+        return "float32"
+    return choose_dtype(read_system(), requested)
+
+
+def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | GenerateTask], max_batch: int = 16,
+                progress: Progress = _no_progress, resolved: ResolvedModel | None = None):
+    """Resolve (fetch/convert if needed), load and prepare the model for `tasks`; returns an `Engine`."""
+    from .engine import Engine
+    from .loader import load
+
+    resolved = resolved or resolve_model(config, progress)
+    progress(f"loading {resolved.display_name}", 0, 0)
+    loaded = load(resolved.path, resolve_dtype(config.dtype), config.quantize)
+    progress("preparing task prompts", 0, 0)
+    return Engine(loaded, tasks, resolved.display_name, resolved.match_name, config.max_context, max_batch)

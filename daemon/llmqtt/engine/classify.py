@@ -1,0 +1,128 @@
+"""Classification without generate(): one forward pass, read the label tokens' logits.
+
+The prompt is system prompt + few-shot turns + the user's text + the assistant cue. Everything before the
+user's text is the task's fixed prefix, run once at start (KVPrefix). Per request only the text and the cue
+run. The answer is read from the logits of each label word's first token at the cue, so no input can make
+the model answer anything but one of the labels; the softmax over those logits is the confidence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..tasks import ClassifyTask
+from .kvprefix import KVPrefix
+from .prompt import ControlTokenGuard, encode, split_at_user_text
+from .types import Classification, TextTooLong
+
+
+class TaskNotServable(ValueError):
+    """A task file that this model cannot serve (e.g. two labels start with the same token)."""
+
+
+class LabelScorer:
+    def __init__(self, model, tokenizer, task: ClassifyTask, max_context: int):
+        self.model, self.tokenizer, self.task, self.max_context = model, tokenizer, task, max_context
+        self.guard = ControlTokenGuard(tokenizer)
+        split = split_at_user_text(tokenizer, few_shot_messages(task))
+        self.after_text = split.after_text
+        self.prefix = KVPrefix(model, encode(tokenizer, split.prefix))
+        self.label_names = list(task.labels)
+        self.label_tokens = label_first_tokens(tokenizer, task)  # one list of token ids per label
+        flat = [t for tokens in self.label_tokens for t in tokens]
+        self._rows = torch.tensor(flat)
+        self._owner = torch.tensor([i for i, tokens in enumerate(self.label_tokens) for _ in tokens])
+        self._calibration = torch.tensor([task.calibration.get(n, 0.0) for n in self.label_names])
+        self._head_rows = _output_rows(model, self._rows)
+
+    def rest_ids(self, text: str) -> list[int]:
+        """Token ids after the cached prefix: the user's text (in the task's template) and the answer cue."""
+        self.guard.check(text)
+        ids = encode(self.tokenizer, self.task.render_user(text) + self.after_text)
+        if self.prefix.length + len(ids) > self.max_context:
+            raise TextTooLong(f"text is too long: {len(ids)} tokens with the prompt's tail, and this task has "
+                              f"room for {self.max_context - self.prefix.length} (model.max_context)")
+        return ids
+
+    def score(self, texts: list[str], max_batch: int = 16) -> list[Classification]:
+        rows = [self.rest_ids(t) for t in texts]
+        # Sort by length so each chunk pads little; results go back in the caller's order.
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        results: list[Classification | None] = [None] * len(rows)
+        for start in range(0, len(order), max_batch):
+            chunk = order[start:start + max_batch]
+            for i, result in zip(chunk, self._score_rows([rows[i] for i in chunk])):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def label_logits(self, rows: list[list[int]]) -> torch.Tensor:
+        """Per-label logits (before calibration) at the answer cue: [B, labels]."""
+        lengths = torch.tensor([len(r) for r in rows])
+        batch, width = len(rows), int(lengths.max())
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((batch, width), pad, dtype=torch.long)  # [B, S], right-padded
+        for i, r in enumerate(rows):
+            input_ids[i, :len(r)] = torch.tensor(r)
+        # Right padding needs no mask: causal attention never lets a real token see the pads after it.
+        start = self.prefix.length
+        positions = torch.arange(start, start + width).expand(batch, -1)  # [B, S]
+        with torch.inference_mode():
+            out = self.model.base_model(input_ids=input_ids, past_key_values=self.prefix.cache(batch),
+                                        position_ids=positions, use_cache=True)
+            last = out.last_hidden_state[torch.arange(batch), lengths - 1]  # [B, hidden]
+            token_logits = self._head_rows(last).float()  # [B, label tokens]
+        return self._per_label(token_logits)
+
+    def _per_label(self, token_logits: torch.Tensor) -> torch.Tensor:
+        # A label with several words is as likely as all its first tokens together: logsumexp.
+        out = torch.full((token_logits.shape[0], len(self.label_names)), float("-inf"))
+        for j in range(len(self.label_names)):
+            out[:, j] = torch.logsumexp(token_logits[:, self._owner == j], dim=-1)
+        return out
+
+    def _score_rows(self, rows: list[list[int]]) -> list[Classification]:
+        probs = torch.softmax(self.label_logits(rows) + self._calibration, dim=-1)
+        results = []
+        for p in probs.tolist():
+            best = max(range(len(p)), key=p.__getitem__)
+            results.append(Classification(self.label_names[best], p[best], dict(zip(self.label_names, p))))
+        return results
+
+
+def few_shot_messages(task: ClassifyTask) -> list[dict]:
+    messages = [{"role": "system", "content": task.system}]
+    for example in task.examples:
+        messages.append({"role": "user", "content": task.render_user(example.text)})
+        messages.append({"role": "assistant", "content": task.labels[example.label][0]})
+    return messages
+
+
+def label_first_tokens(tokenizer, task: ClassifyTask) -> list[list[int]]:
+    owners: dict[int, str] = {}
+    per_label = []
+    for name, words in task.labels.items():
+        tokens = []
+        for word in words:
+            ids = encode(tokenizer, word)
+            if not ids:
+                raise TaskNotServable(f"task {task.name!r}: label {name!r} word {word!r} encodes to no tokens")
+            first = ids[0]
+            if owners.get(first, name) != name:
+                raise TaskNotServable(
+                    f"task {task.name!r}: labels {owners[first]!r} and {name!r} both start with the token "
+                    f"{tokenizer.decode([first])!r} for this model; choose label words that start differently")
+            owners[first] = name
+            if first not in tokens:
+                tokens.append(first)
+        per_label.append(tokens)
+    return per_label
+
+
+def _output_rows(model, token_ids: torch.Tensor):
+    """hidden [B, H] -> logits of just `token_ids` [B, K]: K rows of the output head instead of all 150k."""
+    head = model.get_output_embeddings()
+    if isinstance(head, torch.nn.Linear):
+        weight = head.weight[token_ids].detach().clone()
+        bias = head.bias[token_ids].detach().clone() if head.bias is not None else None
+        return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
+    return lambda hidden: head(hidden)[:, token_ids]  # e.g. an int8 head: run it whole, then pick

@@ -1,0 +1,70 @@
+"""The engine: one loaded model serving every task. Knows nothing of MQTT."""
+
+from __future__ import annotations
+
+import threading
+from typing import Mapping, Sequence
+
+from ..tasks import ClassifyTask, GenerateTask
+from .classify import LabelScorer
+from .generate import ChatGenerator, Generation
+from .loader import LoadedModel
+from .types import Classification, Turn, UnknownTask, WrongTaskKind
+
+Task = ClassifyTask | GenerateTask
+
+
+class Engine:
+    """Implements `types.InferenceEngine`. Builds every task's cached prefix at construction."""
+
+    def __init__(self, loaded: LoadedModel, tasks: Mapping[str, Task], model_name: str, match_name: str,
+                 max_context: int = 2048, max_batch: int = 16):
+        self.loaded = loaded
+        self.model_name = model_name
+        self.dtype = loaded.dtype if loaded.quantize == "none" else f"{loaded.dtype}+{loaded.quantize}"
+        self.max_batch = max_batch
+        self.tasks = {name: task.for_model(match_name) for name, task in tasks.items()}
+        self._scorers: dict[str, LabelScorer] = {}
+        self._generators: dict[str, ChatGenerator] = {}
+        for name, task in self.tasks.items():
+            if isinstance(task, ClassifyTask):
+                self._scorers[name] = LabelScorer(loaded.model, loaded.tokenizer, task, max_context)
+            else:
+                self._generators[name] = ChatGenerator(loaded.model, loaded.tokenizer, task, max_context)
+
+    def classify(self, task: str, texts: Sequence[str]) -> list[Classification]:
+        return self._scorer(task).score(list(texts), self.max_batch)
+
+    def generate(self, task: str, text: str, history: Sequence[Turn] = (),
+                 cancel: threading.Event | None = None, max_new_tokens: int | None = None) -> Generation:
+        return self._generator(task).stream(text, history, cancel, max_new_tokens)
+
+    def validate(self, task: str, text: str) -> None:
+        """Raise the EngineError a request with this text would get, without running the model."""
+        if self.kind(task) == "classify":
+            self._scorer(task).rest_ids(text)
+        else:
+            self._generator(task).guard.check(text)
+
+    def kind(self, task: str) -> str:
+        if task not in self.tasks:
+            raise UnknownTask(f"no task named {task!r} (tasks: {', '.join(sorted(self.tasks))})")
+        return self.tasks[task].kind
+
+    def warmup(self) -> None:
+        """One small pass per task, so the first real request does not pay for lazy initialisation."""
+        for name in self._scorers:
+            self.classify(name, ["warm-up"])
+        for name in self._generators:
+            for _ in self.generate(name, "Hi", max_new_tokens=2):
+                pass
+
+    def _scorer(self, task: str) -> LabelScorer:
+        if self.kind(task) != "classify":
+            raise WrongTaskKind(f"task {task!r} is a {self.kind(task)} task, not classify")
+        return self._scorers[task]
+
+    def _generator(self, task: str) -> ChatGenerator:
+        if self.kind(task) != "generate":
+            raise WrongTaskKind(f"task {task!r} is a {self.kind(task)} task, not generate")
+        return self._generators[task]

@@ -1,0 +1,174 @@
+"""Chat generation from a cached system prompt: a decode loop you can read top to bottom.
+
+prompt ids = [cached prefix: system prompt + user header] + [history turns, the new message, assistant cue]
+Only the second part runs per request. Then one token at a time: sample, stop on an end token, check the
+cancel flag, yield the new text. The chat template's own tokens never reach the text (skip_special_tokens).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Iterator, Sequence
+
+import torch
+
+from ..tasks import GenerateTask, GenerationSettings
+from .kvprefix import KVPrefix
+from .prompt import ControlTokenGuard, encode, render, split_at_user_text
+from .types import GenerationResult, TextTooLong, Turn
+
+MIN_ANSWER_TOKENS = 16  # a prompt that leaves less room than this for the answer is refused as too long
+
+
+class ChatGenerator:
+    def __init__(self, model, tokenizer, task: GenerateTask, max_context: int):
+        self.model, self.tokenizer, self.task, self.max_context = model, tokenizer, task, max_context
+        self.guard = ControlTokenGuard(tokenizer)
+        self.system = [{"role": "system", "content": task.system}]
+        self.prefix_text = split_at_user_text(tokenizer, self.system).prefix
+        self.prefix = KVPrefix(model, encode(tokenizer, self.prefix_text))
+        self.stop_ids = _stop_token_ids(model, tokenizer)
+
+    def stream(self, text: str, history: Sequence[Turn] = (), cancel: threading.Event | None = None,
+               max_new_tokens: int | None = None, settings: GenerationSettings | None = None) -> "Generation":
+        self.guard.check(text)
+        settings = settings or self.task.generation
+        wanted = max_new_tokens or settings.max_new_tokens
+        rest, turns_used, budget = self.prompt_ids(text, history, wanted)
+        result = GenerationResult(prompt_tokens=self.prefix.length + len(rest),
+                                  cached_prefix_tokens=self.prefix.length, history_turns_used=turns_used)
+        return Generation(self, rest, budget, settings, cancel, result)
+
+    def prompt_ids(self, text: str, history: Sequence[Turn], max_new_tokens: int) -> tuple[list[int], int, int]:
+        """(ids after the prefix, history pairs kept, answer token budget); drops the oldest pairs first."""
+        pairs = _pairs(history)[-self.task.history.max_turns:] if self.task.history.max_turns else []
+        bare = self._rest_ids(text, [])
+        room = self.max_context - self.prefix.length - len(bare)
+        if room < MIN_ANSWER_TOKENS:
+            raise TextTooLong(f"message is too long: {len(bare)} tokens leaves no room to answer within "
+                              f"model.max_context={self.max_context}")
+        budget = min(max_new_tokens, room)
+        while pairs:
+            ids = self._rest_ids(text, pairs)
+            history_tokens = len(ids) - len(bare)
+            if history_tokens <= self.task.history.max_tokens and room - history_tokens >= budget:
+                return ids, len(pairs), budget
+            pairs = pairs[1:]
+        return bare, 0, budget
+
+    def _rest_ids(self, text: str, pairs: list[tuple[Turn, Turn]]) -> list[int]:
+        messages = [*self.system]
+        for user, assistant in pairs:
+            messages += [{"role": "user", "content": user.content}, {"role": "assistant", "content": assistant.content}]
+        messages.append({"role": "user", "content": self.task.render_user(text)})
+        full = render(self.tokenizer, messages, add_generation_prompt=True)
+        if not full.startswith(self.prefix_text):
+            raise ValueError("chat template renders the system prompt differently once history is present")
+        return encode(self.tokenizer, full[len(self.prefix_text):])
+
+    def forward(self, input_ids: torch.Tensor, cache, position: int) -> torch.Tensor:
+        """input_ids: [1, S] at positions position..position+S-1 -> float logits of the last one: [V]."""
+        positions = torch.arange(position, position + input_ids.shape[1]).unsqueeze(0)
+        with torch.inference_mode():
+            out = self.model(input_ids=input_ids, past_key_values=cache, position_ids=positions, use_cache=True,
+                             logits_to_keep=1)
+        return out.logits[0, -1].float()
+
+
+class Generation:
+    """Iterate for text pieces; `result` is complete once the iteration ends."""
+
+    def __init__(self, gen: ChatGenerator, rest: list[int], budget: int, settings: GenerationSettings,
+                 cancel: threading.Event | None, result: GenerationResult):
+        self._gen, self._rest, self._budget, self._settings = gen, rest, budget, settings
+        self._cancel = cancel or threading.Event()
+        self.result = result
+
+    def __iter__(self) -> Iterator[str]:
+        gen, result, settings = self._gen, self.result, self._settings
+        rng = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+        started = time.perf_counter()
+        cache = gen.prefix.cache(1)
+        logits = gen.forward(torch.tensor([self._rest]), cache, gen.prefix.length)  # prefill: [1, S]
+        position = gen.prefix.length + len(self._rest)
+        seen = torch.tensor(self._rest)
+        produced: list[int] = []
+        result.finish_reason = "length"
+        first_at = None
+        for _ in range(self._budget):
+            if self._cancel.is_set():
+                result.finish_reason = "cancelled"
+                break
+            token = sample(logits, settings, seen, rng)
+            if first_at is None:
+                first_at = time.perf_counter()
+                result.first_token_s = first_at - started
+            if token in gen.stop_ids:
+                result.finish_reason = "stop"
+                break
+            produced.append(token)
+            seen = torch.cat([seen, torch.tensor([token])])
+            piece = self._new_text(produced)
+            if piece:
+                yield piece
+            logits = gen.forward(torch.tensor([[token]]), cache, position)  # decode: [1, 1]
+            position += 1
+        result.new_tokens = len(produced)
+        result.decode_s = time.perf_counter() - first_at if first_at else 0.0
+        tail = self._new_text(produced, final=True)
+        if tail:
+            yield tail
+
+    def _new_text(self, produced: list[int], final: bool = False) -> str:
+        text = self._gen.tokenizer.decode(produced, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not final:  # half of a multi-byte character: wait for the rest
+            return ""
+        piece = text[len(self.result.text):]
+        self.result.text = text
+        return piece
+
+
+def sample(logits: torch.Tensor, s: GenerationSettings, seen: torch.Tensor, rng: torch.Generator | None) -> int:
+    """logits: [V] -> one token id (greedy when temperature is 0)."""
+    logits = logits.clone()
+    if s.repetition_penalty != 1.0 and seen.numel():
+        prior = logits[seen]
+        logits[seen] = torch.where(prior > 0, prior / s.repetition_penalty, prior * s.repetition_penalty)
+    if s.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
+        logits[logits < kth] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    if s.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = torch.cumsum(sorted_probs, 0) - sorted_probs > s.top_p  # keep the smallest set reaching top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=rng))
+
+
+def _pairs(history: Sequence[Turn]) -> list[tuple[Turn, Turn]]:
+    """Complete (user, assistant) pairs in order; a dangling turn is ignored."""
+    pairs, pending = [], None
+    for turn in history:
+        if turn.role == "user":
+            pending = turn
+        elif pending is not None:
+            pairs.append((pending, turn))
+            pending = None
+    return pairs
+
+
+def _stop_token_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    for marker in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        token = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(token, int) and token != tokenizer.unk_token_id:
+            ids.add(token)
+    ids.discard(None)
+    return ids

@@ -1,0 +1,29 @@
+"""A fixed prompt prefix run through the model once; every request starts from a view of its KV cache."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+class KVPrefix:
+    def __init__(self, model: torch.nn.Module, ids: list[int]):
+        self.ids = ids
+        with torch.inference_mode():
+            out = model.base_model(torch.tensor([ids]), use_cache=True)  # ids: [1, P]
+        self._layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    def cache(self, batch: int = 1) -> DynamicCache:
+        """A fresh cache holding the prefix for `batch` rows.
+
+        expand() shares the prefix memory; the first update of each layer appends with torch.cat, which
+        allocates new tensors, so the stored prefix is never written to and can serve every request.
+        """
+        cache = DynamicCache()
+        for i, (keys, values) in enumerate(self._layers):  # keys: [1, kv_heads, P, head_dim]
+            cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), i)
+        return cache

@@ -1,0 +1,95 @@
+"""What the engine hands out: plain values and errors, importable without torch.
+
+The service layer and the MQTT layer see only these, never tensors.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Literal, Mapping, Protocol, Sequence
+
+from ..tasks import ClassifyTask, GenerateTask
+
+
+class EngineError(Exception):
+    """A request the engine refuses; `code` is stable and goes into error replies."""
+
+    code = "engine_error"
+
+
+class UnknownTask(EngineError):
+    code = "unknown_task"
+
+
+class WrongTaskKind(EngineError):
+    code = "wrong_task_kind"
+
+
+class InvalidText(EngineError):
+    """Empty text, or text that carries the model's chat-control tokens (prompt injection)."""
+
+    code = "invalid_text"
+
+
+class TextTooLong(EngineError):
+    code = "too_long"
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    score: float  # softmax over the task's labels, of the chosen label
+    scores: dict[str, float]  # every label's softmax score, summing to 1
+
+    def as_dict(self) -> dict:
+        return {"label": self.label, "score": round(self.score, 6),
+                "scores": {k: round(v, 6) for k, v in self.scores.items()}}
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: Literal["user", "assistant"]
+    content: str
+
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass
+class GenerationResult:
+    """Filled in while a generation streams; complete once the stream is exhausted."""
+
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    cached_prefix_tokens: int = 0
+    history_turns_used: int = 0  # user+assistant pairs of history that fit the budget
+    first_token_s: float | None = None
+    decode_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
+
+class GenerationStream(Protocol):
+    result: GenerationResult
+
+    def __iter__(self) -> Iterator[str]: ...
+
+
+class InferenceEngine(Protocol):
+    """What the service layer needs from an engine (the real one, or a fake in tests)."""
+
+    model_name: str
+    dtype: str
+    tasks: Mapping[str, ClassifyTask | GenerateTask]
+
+    def classify(self, task: str, texts: Sequence[str]) -> list[Classification]: ...
+
+    def generate(self, task: str, text: str, history: Sequence[Turn] = (),
+                 cancel: threading.Event | None = None,
+                 max_new_tokens: int | None = None) -> GenerationStream: ...
+
