@@ -1,0 +1,412 @@
+"""The work queue between the transport and the engine. No paho, no torch.
+
+One worker thread runs all inference, so the model sees one request (or one classification batch) at a
+time. Classification is cheap and latency-sensitive, so it goes ahead of generation, and classification
+requests that wait together for the same task run as one batched forward pass. Everything that is
+accepted gets exactly one `ReplySink.finish`; what is refused at the door (queue full) is answered at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field, replace
+from typing import Callable, Hashable, Protocol
+
+from .engine.types import EngineError, GenerationResult, InferenceEngine
+from .sessions import SessionStore
+from .tasks import ClassifyTask
+
+log = logging.getLogger(__name__)
+
+RequestId = Hashable  # str or int, as the client sent it; echoed back unchanged
+# Outcomes that say something about the request itself may be replayed to a retry with the same id;
+# transient refusals (busy, expired, low memory, cancelled, internal) must not be.
+_TRANSIENT = frozenset({"busy", "expired", "cancelled", "low_memory", "internal"})
+
+
+@dataclass(frozen=True)
+class Failure:
+    code: str
+    message: str
+    retry_after_ms: int | None = None  # set with `busy`
+    partial: dict | None = None  # a cancelled generation's text so far
+
+
+@dataclass(frozen=True)
+class Outcome:
+    task: str
+    id: RequestId
+    result: dict | None = None
+    error: Failure | None = None
+    latency_ms: float = 0.0
+    queue_ms: float = 0.0
+    cached: bool = False  # replayed for a duplicate id, not computed for this delivery
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class ReplySink(Protocol):
+    """Where a job's answer goes (the MQTT layer implements it). Called from the worker thread."""
+
+    def chunk(self, seq: int, delta: str) -> None: ...
+
+    def finish(self, outcome: Outcome) -> None: ...
+
+
+@dataclass(eq=False)
+class Job:
+    task: str
+    id: RequestId
+    text: str
+    sink: ReplySink
+    session: str | None = None
+    stream: bool = False
+    max_new_tokens: int | None = None
+    deadline_ms: int | None = None  # relative to `received`
+    received: float | None = None  # clock() when it arrived; set by submit() when missing
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def key(self) -> tuple[str, RequestId]:
+        return (self.task, self.id)
+
+
+class Submitted(enum.Enum):
+    QUEUED = "queued"
+    DUPLICATE = "duplicate"  # same (task, id) is running or was answered: answered from that
+    REJECTED = "rejected"  # answered at once (busy, unknown task)
+    STOPPED = "stopped"  # the service is shutting down: not answered, so the caller leaves it for redelivery
+
+
+class Service:
+    def __init__(self, engine: InferenceEngine, *, sessions: SessionStore, queue_size: int = 64,
+                 max_batch: int = 16, default_deadline_ms: int | None = None, dedup_size: int = 512,
+                 low_memory: Callable[[], bool] | None = None,
+                 observer: Callable[[Job, Outcome], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.engine = engine
+        self.sessions = sessions
+        self.stats = ServiceStats()
+        self._queue_size = queue_size
+        self._max_batch = max_batch
+        self._default_deadline_ms = default_deadline_ms
+        self._dedup_size = dedup_size
+        self._low_memory = low_memory  # HOOK(planner): MemoryGuard; True = refuse new generation work
+        self._observer = observer  # HOOK(logs): per-request log line
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._classify_q: deque[Job] = deque()
+        self._generate_q: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._inflight: dict[tuple, list[ReplySink]] = {}  # key -> sinks of duplicates waiting for it
+        self._answered: OrderedDict[tuple, Outcome] = OrderedDict()
+        self._stopping = False
+        self._silenced = False  # set when stop() gave up on the running job: its answer is dropped
+        self._worker: threading.Thread | None = None
+
+    # -- the door ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker = threading.Thread(target=self._run, name="llmqtt-worker", daemon=True)
+        self._worker.start()
+
+    def submit(self, job: Job) -> Submitted:
+        """Queue a job without blocking; answers at once when it cannot be queued."""
+        if job.received is None:
+            job.received = self._clock()
+        if job.deadline_ms is None:
+            job.deadline_ms = self._default_deadline_ms
+        if job.task not in self.engine.tasks:
+            self._finish_now(job, Failure("unknown_task", f"no task named {job.task!r}"))
+            return Submitted.REJECTED
+        with self._cond:
+            if self._stopping:
+                return Submitted.STOPPED
+            replay = self._answered.get(job.key)
+            if replay is not None:
+                self._answered.move_to_end(job.key)
+            elif job.key in self._inflight:
+                self._inflight[job.key].append(job.sink)  # answered together with the running one
+                return Submitted.DUPLICATE
+            else:
+                depth = len(self._classify_q) + len(self._generate_q)
+                if depth < self._queue_size:
+                    self._inflight[job.key] = []
+                    self._queue_for(job).append(job)
+                    self._cond.notify()
+                    return Submitted.QUEUED
+        if replay is not None:
+            job.sink.finish(replace(replay, cached=True))
+            return Submitted.DUPLICATE
+        self._finish_now(job, Failure("busy", f"queue full ({depth} waiting)",
+                                      retry_after_ms=self.stats.retry_after_ms(depth)))
+        return Submitted.REJECTED
+
+    def cancel(self, task: str, request_id: RequestId) -> bool:
+        """Drop a queued job (answered `cancelled`) or stop a running generation; False if unknown."""
+        key = (task, request_id)
+        with self._cond:
+            for queue in (self._classify_q, self._generate_q):
+                job = next((j for j in queue if j.key == key), None)
+                if job is not None:
+                    queue.remove(job)
+                    break
+            else:
+                running = next((j for j in self._running if j.key == key), None)
+                if running is not None:
+                    running.cancel.set()  # the engine stops at the next token; the worker answers
+                return running is not None
+        self._complete(job, Failure("cancelled", "cancelled while queued"), started=None)
+        return True
+
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._classify_q) + len(self._generate_q)
+
+    def stop(self, timeout: float) -> bool:
+        """Take no more work; wait up to `timeout` for the running job. Queued jobs are dropped unanswered
+        (the transport leaves them unacknowledged, so the broker redelivers them after a restart).
+
+        Returns False if the running job did not finish in time; it is then cancelled and its answer dropped.
+        """
+        with self._cond:
+            self._stopping = True
+            dropped = len(self._classify_q) + len(self._generate_q)
+            self._classify_q.clear()
+            self._generate_q.clear()
+            self._cond.notify_all()
+        if dropped:
+            log.info("left %d queued request(s) for redelivery", dropped)
+        if self._worker is None:
+            return True
+        self._worker.join(timeout)
+        if not self._worker.is_alive():
+            return True
+        with self._cond:
+            self._silenced = True
+            for job in self._running:
+                job.cancel.set()
+        return False
+
+    # -- the worker -------------------------------------------------------------------------------
+
+    def _queue_for(self, job: Job) -> deque[Job]:
+        return self._classify_q if isinstance(self.engine.tasks[job.task], ClassifyTask) else self._generate_q
+
+    def _run(self) -> None:
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                return
+            try:
+                if isinstance(self.engine.tasks[jobs[0].task], ClassifyTask):
+                    self._classify(jobs)
+                else:
+                    self._generate(jobs[0])
+            except Exception:  # a bug here must not kill the only worker; answer what is left
+                log.exception("worker failed on task %s", jobs[0].task)
+                for job in jobs:
+                    self._complete(job, Failure("internal", "internal error"), started=None)
+            finally:
+                with self._cond:
+                    self._running = []
+
+    def _take(self) -> list[Job] | None:
+        """Block for the next unit of work: a batch of classifications of one task, or one generation."""
+        with self._cond:
+            while not self._stopping and not (self._classify_q or self._generate_q):
+                self._cond.wait()
+            if self._stopping:
+                return None
+            if self._classify_q:
+                task = self._classify_q[0].task
+                batch = [j for j in self._classify_q if j.task == task][: self._max_batch]
+                for job in batch:
+                    self._classify_q.remove(job)
+            else:
+                batch = [self._generate_q.popleft()]
+            self._running = batch
+            return batch
+
+    def _classify(self, jobs: list[Job]) -> None:
+        live = [job for job in jobs if not self._expire(job)]
+        if not live:
+            return
+        started = self._clock()
+        try:
+            results = self.engine.classify(live[0].task, [job.text for job in live])
+        except EngineError as exc:
+            if len(live) > 1:  # one bad text must not fail its batch-mates: retry them one by one
+                for job in live:
+                    self._classify([job])
+                return
+            self._complete(live[0], Failure(exc.code, str(exc)), started)
+            return
+        if len(results) != len(live):
+            raise RuntimeError(f"engine returned {len(results)} results for {len(live)} texts")
+        for job, result in zip(live, results):
+            self._complete(job, result.as_dict(), started)
+
+    def _generate(self, job: Job) -> None:
+        if self._expire(job):
+            return
+        started = self._clock()
+        if self._low_memory is not None and self._low_memory():
+            self._complete(job, Failure("low_memory", "not enough free memory to generate now"), started)
+            return
+        history = self.sessions.history(job.task, job.session) if job.session else []
+        try:
+            stream = self.engine.generate(job.task, job.text, history, cancel=job.cancel,
+                                          max_new_tokens=job.max_new_tokens)
+            for seq, delta in enumerate(piece for piece in stream if piece):
+                if job.stream:
+                    self._send_chunk(job, seq, delta)
+        except EngineError as exc:
+            self._complete(job, Failure(exc.code, str(exc)), started)
+            return
+        result = stream.result
+        if result.finish_reason == "cancelled":
+            self._complete(job, Failure("cancelled", "cancelled while generating",
+                                        partial=generation_dict(result)), started)
+            return
+        if job.session:
+            max_turns = self.engine.tasks[job.task].history.max_turns
+            self.sessions.append(job.task, job.session, job.text, result.text, max_turns)
+        self.stats.record_tokens_per_s(result.tokens_per_s)
+        self._complete(job, generation_dict(result), started)
+
+    def _send_chunk(self, job: Job, seq: int, delta: str) -> None:
+        if self._silenced:
+            return
+        try:
+            job.sink.chunk(seq, delta)
+        except Exception:  # a failed chunk must not lose the final answer
+            log.exception("sending chunk %d of %s/%s failed", seq, job.task, job.id)
+
+    def _expire(self, job: Job) -> bool:
+        """Answer `expired` (and return True) if the job's deadline passed while it waited."""
+        if job.deadline_ms is None:
+            return False
+        waited_ms = (self._clock() - job.received) * 1000
+        if waited_ms <= job.deadline_ms:
+            return False
+        self._complete(job, Failure("expired", f"deadline of {job.deadline_ms} ms passed after "
+                                               f"{waited_ms:.0f} ms in the queue"), started=None)
+        return True
+
+    # -- answers ----------------------------------------------------------------------------------
+
+    def _finish_now(self, job: Job, failure: Failure) -> None:
+        outcome = Outcome(job.task, job.id, error=failure)
+        self.stats.record(outcome)
+        self._notify(job, outcome)
+        job.sink.finish(outcome)
+
+    def _complete(self, job: Job, answer: dict | Failure, started: float | None) -> None:
+        """The one place a queued job is answered: timing, stats, dedup cache, duplicates waiting."""
+        now = self._clock()
+        outcome = Outcome(job.task, job.id,
+                          result=answer if isinstance(answer, dict) else None,
+                          error=answer if isinstance(answer, Failure) else None,
+                          latency_ms=round((now - job.received) * 1000, 1),
+                          queue_ms=round(((started if started is not None else now) - job.received) * 1000, 1))
+        with self._cond:
+            waiting = self._inflight.pop(job.key, [])
+            if outcome.ok or outcome.error.code not in _TRANSIENT:
+                self._remember(job.key, outcome)
+            silenced = self._silenced
+        self.stats.record(outcome)
+        self._notify(job, outcome)
+        if silenced:
+            return
+        for sink in [job.sink, *waiting]:
+            try:
+                sink.finish(outcome if sink is job.sink else replace(outcome, cached=True))
+            except Exception:
+                log.exception("delivering the answer to %s/%s failed", job.task, job.id)
+
+    def _remember(self, key: tuple, outcome: Outcome) -> None:
+        if self._dedup_size <= 0:
+            return
+        self._answered[key] = outcome
+        while len(self._answered) > self._dedup_size:
+            self._answered.popitem(last=False)
+
+    def _notify(self, job: Job, outcome: Outcome) -> None:
+        if self._observer is None:
+            return
+        try:
+            self._observer(job, outcome)
+        except Exception:
+            log.exception("request observer failed")
+
+
+def generation_dict(result: GenerationResult) -> dict:
+    return {"text": result.text, "finish_reason": result.finish_reason, "tokens": result.new_tokens,
+            "prompt_tokens": result.prompt_tokens, "tokens_per_s": round(result.tokens_per_s, 2),
+            "history_turns": result.history_turns_used}
+
+
+class ServiceStats:
+    """Counters and recent latencies for the health topic; cheap to update from the worker thread."""
+
+    _SAMPLES = 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ok: dict[str, int] = {}
+        self._errors: dict[str, int] = {}
+        self._error_codes: dict[str, int] = {}
+        self._latency: dict[str, deque[float]] = {}
+        self._tokens_per_s: deque[float] = deque(maxlen=32)
+        self._job_ms = 500.0  # running mean of one job's run time, seeds the `busy` retry hint
+
+    def record(self, outcome: Outcome) -> None:
+        with self._lock:
+            if outcome.ok:
+                self._ok[outcome.task] = self._ok.get(outcome.task, 0) + 1
+                self._latency.setdefault(outcome.task, deque(maxlen=self._SAMPLES)).append(outcome.latency_ms)
+                run_ms = max(0.0, outcome.latency_ms - outcome.queue_ms)
+                if not outcome.cached:
+                    self._job_ms = 0.8 * self._job_ms + 0.2 * run_ms
+            else:
+                self._errors[outcome.task] = self._errors.get(outcome.task, 0) + 1
+                code = outcome.error.code
+                self._error_codes[code] = self._error_codes.get(code, 0) + 1
+
+    def record_tokens_per_s(self, value: float) -> None:
+        if value > 0:
+            with self._lock:
+                self._tokens_per_s.append(value)
+
+    def retry_after_ms(self, depth: int) -> int:
+        """A hint for a refused client: roughly how long the queue ahead of it takes to drain."""
+        with self._lock:
+            return int(min(60_000, max(100, (depth + 1) * self._job_ms)))
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            tasks = sorted({*self._ok, *self._errors})
+            per_task = {task: {"ok": self._ok.get(task, 0), "error": self._errors.get(task, 0),
+                               **_percentiles(self._latency.get(task, ()))} for task in tasks}
+            tps = sum(self._tokens_per_s) / len(self._tokens_per_s) if self._tokens_per_s else None
+            return {"ok": sum(self._ok.values()), "error": sum(self._errors.values()),
+                    "errors_by_code": dict(self._error_codes), "tasks": per_task,
+                    "tokens_per_s": round(tps, 2) if tps is not None else None}
+
+
+def _percentiles(samples) -> dict:
+    ordered = sorted(samples)
+    if not ordered:
+        return {"p50_ms": None, "p95_ms": None}
+
+    def rank(q: float) -> float:  # nearest-rank percentile
+        return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
+
+    return {"p50_ms": rank(0.50), "p95_ms": rank(0.95)}

@@ -1,0 +1,121 @@
+"""A small fake `InferenceEngine` for service, MQTT and daemon tests that need no torch.
+
+Also loadable by a subprocess daemon through the test-only hook `LLMQTT_FAKE_ENGINE=fake_engine:load_engine`
+(with this directory on PYTHONPATH); `LLMQTT_FAKE_TOKEN_DELAY_S` slows generation down per token.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from llmqtt.engine.types import Classification, GenerationResult, InvalidText, Turn
+from llmqtt.tasks import ClassifyTask, GenerateTask, load_tasks
+
+SENTIMENT = """\
+kind: classify
+system: You are a sentiment classifier. Answer with one word.
+labels: [positive, negative]
+"""
+TOPIC = """\
+kind: classify
+system: Classify the topic.
+labels: [weather, music, other]
+"""
+CHAT = """\
+kind: generate
+system: You are a helpful assistant.
+generation: {max_new_tokens: 32}
+history: {max_turns: 4}
+"""
+
+
+def write_prompts(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, body in (("sentiment", SENTIMENT), ("topic", TOPIC), ("chat", CHAT)):
+        (directory / f"{name}.yaml").write_text(body, encoding="utf-8")
+    return directory
+
+
+class FakeStream:
+    def __init__(self, words: list[str], cancel: threading.Event | None, delay_s: float,
+                 history_turns: int, gate: threading.Event | None):
+        self.result = GenerationResult(prompt_tokens=7, history_turns_used=history_turns)
+        self._words, self._cancel, self._delay, self._gate = words, cancel, delay_s, gate
+
+    def __iter__(self):
+        start = time.monotonic()
+        for i, word in enumerate(self._words):
+            if self._gate is not None:
+                self._gate.wait(30)
+            if self._cancelled():
+                self.result.finish_reason = "cancelled"
+                return
+            piece = word if i == 0 else " " + word
+            self.result.text += piece
+            self.result.new_tokens += 1
+            self.result.decode_s = time.monotonic() - start
+            yield piece
+        self.result.finish_reason = "stop"
+
+    def _cancelled(self) -> bool:
+        """Wait one token's time; True if cancelled meanwhile."""
+        if self._cancel is None:
+            time.sleep(self._delay)
+            return False
+        return self._cancel.wait(self._delay) if self._delay else self._cancel.is_set()
+
+
+class FakeEngine:
+    """Classifies by keyword ("love"/"great" -> positive); generates `echo <words of the text>`."""
+
+    dtype = "float32"
+    threads = 1
+
+    def __init__(self, tasks: Mapping[str, ClassifyTask | GenerateTask], token_delay_s: float = 0.0,
+                 model_name: str = "fake-model"):
+        self.tasks = dict(tasks)
+        self.model_name = model_name
+        self.token_delay_s = token_delay_s
+        self.batches: list[tuple[str, int]] = []  # (task, batch size) of every classify call
+        self.histories: list[list[Turn]] = []
+        self.gate: threading.Event | None = None  # when set to an unset Event, generation waits on it
+        self.warmed_up = False
+
+    def warmup(self) -> None:
+        self.warmed_up = True
+
+    def classify(self, task: str, texts: Sequence[str]) -> list[Classification]:
+        self.batches.append((task, len(texts)))
+        for text in texts:
+            if "<|im_start|>" in text:
+                raise InvalidText("text contains chat-control tokens")
+        labels = list(self.tasks[task].labels)
+        out = []
+        for text in texts:
+            label = labels[0] if any(w in text.lower() for w in ("love", "great", "rain")) else labels[1]
+            scores = {name: (0.9 if name == label else 0.1 / (len(labels) - 1)) for name in labels}
+            out.append(Classification(label, scores[label], scores))
+        return out
+
+    def generate(self, task: str, text: str, history: Sequence[Turn] = (),
+                 cancel: threading.Event | None = None, max_new_tokens: int | None = None) -> FakeStream:
+        if "<|im_start|>" in text:
+            raise InvalidText("text contains chat-control tokens")
+        self.histories.append(list(history))
+        limit = max_new_tokens or self.tasks[task].generation.max_new_tokens
+        words = ["echo", *text.split()][:limit]
+        return FakeStream(words, cancel, self.token_delay_s, len(history) // 2, self.gate)
+
+
+def load_engine(model_config, tasks) -> FakeEngine:
+    """Same signature as `llmqtt.engine.load_engine`; for the daemon's test-only fake-engine hook."""
+    return FakeEngine(tasks, token_delay_s=float(os.environ.get("LLMQTT_FAKE_TOKEN_DELAY_S", "0")),
+                      model_name=f"fake:{model_config.name}")
+
+
+def make_engine(prompts_dir: Path, **kwargs) -> FakeEngine:
+    return FakeEngine(load_tasks([write_prompts(prompts_dir)]), **kwargs)

@@ -1,0 +1,335 @@
+from __future__ import annotations
+
+import threading
+
+import pytest
+from fake_engine import make_engine
+
+from llmqtt.service import Job, Outcome, Service, Submitted
+from llmqtt.sessions import SessionStore
+
+WAIT = 10
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.chunks: list[tuple[int, str]] = []
+        self.outcomes: list[Outcome] = []
+        self.done = threading.Event()
+
+    def chunk(self, seq: int, delta: str) -> None:
+        self.chunks.append((seq, delta))
+
+    def finish(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+        self.done.set()
+
+    def wait(self) -> Outcome:
+        assert self.done.wait(WAIT), "no answer"
+        return self.outcomes[-1]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def engine(tmp_path):
+    return make_engine(tmp_path / "prompts")
+
+
+def wait_for(condition, timeout: float = WAIT) -> None:
+    pause = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        pause.wait(0.01)
+    raise AssertionError("condition not met in time")
+
+
+def make_service(engine, **kwargs) -> Service:
+    kwargs.setdefault("sessions", SessionStore(8, 60))
+    return Service(engine, **kwargs)
+
+
+@pytest.fixture
+def service(engine):
+    svc = make_service(engine)
+    yield svc
+    svc.stop(5)
+
+
+def job(task: str, id, text: str = "I love it", **kwargs) -> tuple[Job, Sink]:
+    sink = Sink()
+    return Job(task=task, id=id, text=text, sink=sink, **kwargs), sink
+
+
+def test_classify_answers_label_and_scores(service):
+    service.start()
+    j, sink = job("sentiment", "a1")
+    assert service.submit(j) is Submitted.QUEUED
+    out = sink.wait()
+    assert out.ok and out.id == "a1" and out.task == "sentiment"
+    assert out.result["label"] == "positive"
+    assert set(out.result["scores"]) == {"positive", "negative"}
+    assert out.latency_ms >= out.queue_ms >= 0
+
+
+def test_waiting_classifications_are_batched_per_task(engine):
+    svc = make_service(engine, max_batch=3)
+    sinks = []
+    for i in range(4):
+        j, s = job("sentiment", i, "great" if i % 2 else "bad")
+        svc.submit(j)
+        sinks.append(s)
+    j, s = job("topic", "t", "rain today")
+    svc.submit(j)
+    sinks.append(s)
+    svc.start()
+    outs = [s.wait() for s in sinks]
+    svc.stop(5)
+    assert engine.batches == [("sentiment", 3), ("sentiment", 1), ("topic", 1)]
+    assert [o.result["label"] for o in outs] == ["negative", "positive", "negative", "positive", "weather"]
+
+
+def test_classification_goes_ahead_of_generation(engine):
+    svc = make_service(engine)
+    order = []
+    gen, gen_sink = job("chat", "g", "hello there")
+    cls, cls_sink = job("sentiment", "c")
+    gen_sink.finish = lambda o: order.append("chat") or Sink.finish(gen_sink, o)
+    cls_sink.finish = lambda o: order.append("sentiment") or Sink.finish(cls_sink, o)
+    svc.submit(gen)
+    svc.submit(cls)
+    svc.start()
+    gen_sink.wait()
+    cls_sink.wait()
+    svc.stop(5)
+    assert order == ["sentiment", "chat"]
+
+
+def test_full_queue_is_answered_busy_at_once_with_a_retry_hint(engine):
+    svc = make_service(engine, queue_size=2)
+    for i in range(2):
+        assert svc.submit(job("sentiment", i)[0]) is Submitted.QUEUED
+    j, sink = job("sentiment", "late")
+    assert svc.submit(j) is Submitted.REJECTED
+    out = sink.wait()
+    assert out.error.code == "busy" and out.error.retry_after_ms >= 100
+    # busy is transient: the same id is accepted once there is room
+    svc.start()
+    j2, sink2 = job("sentiment", "late")
+    wait_for(lambda: svc.queue_depth() == 0)
+    assert svc.submit(j2) is Submitted.QUEUED
+    assert sink2.wait().ok
+    svc.stop(5)
+
+
+def test_expired_deadline_is_answered_without_running(engine):
+    clock = Clock()
+    svc = make_service(engine, clock=clock)
+    j, sink = job("sentiment", "x", deadline_ms=100)
+    g, gsink = job("chat", "y", deadline_ms=100)
+    svc.submit(j)
+    svc.submit(g)
+    clock.now += 1.0
+    svc.start()
+    assert sink.wait().error.code == "expired"
+    assert gsink.wait().error.code == "expired"
+    svc.stop(5)
+    assert engine.batches == [] and engine.histories == []
+
+
+def test_default_deadline_applies(engine):
+    clock = Clock()
+    svc = make_service(engine, clock=clock, default_deadline_ms=50)
+    j, sink = job("sentiment", "x")
+    svc.submit(j)
+    clock.now += 0.2
+    svc.start()
+    assert sink.wait().error.code == "expired"
+    svc.stop(5)
+
+
+def test_unknown_task(service):
+    j, sink = job("nope", 1)
+    assert service.submit(j) is Submitted.REJECTED
+    assert sink.wait().error.code == "unknown_task"
+
+
+def test_duplicate_id_is_answered_once_computed(engine):
+    svc = make_service(engine)
+    first, s1 = job("sentiment", "dup")
+    second, s2 = job("sentiment", "dup")
+    assert svc.submit(first) is Submitted.QUEUED
+    assert svc.submit(second) is Submitted.DUPLICATE  # waits for the queued one
+    svc.start()
+    o1, o2 = s1.wait(), s2.wait()
+    assert o1.result == o2.result and not o1.cached and o2.cached
+    third, s3 = job("sentiment", "dup")
+    assert svc.submit(third) is Submitted.DUPLICATE  # answered from the cache
+    assert s3.wait().cached
+    svc.stop(5)
+    assert engine.batches == [("sentiment", 1)]
+    # ids are per task
+    other, s4 = job("topic", "dup", "rain")
+    assert Service(engine, sessions=SessionStore(2, 60)).submit(other) is Submitted.QUEUED
+
+
+def test_dedup_cache_is_bounded(engine):
+    svc = make_service(engine, dedup_size=1)
+    svc.start()
+    for i in ("a", "b"):
+        j, s = job("sentiment", i)
+        svc.submit(j)
+        s.wait()
+    j, s = job("sentiment", "a")
+    assert svc.submit(j) is Submitted.QUEUED
+    s.wait()
+    svc.stop(5)
+
+
+def test_streaming_chunks_are_numbered_and_add_up(service):
+    service.start()
+    j, sink = job("chat", "s", "tell me a story", stream=True)
+    service.submit(j)
+    out = sink.wait()
+    assert out.ok and out.result["finish_reason"] == "stop"
+    assert [seq for seq, _ in sink.chunks] == list(range(len(sink.chunks)))
+    assert "".join(d for _, d in sink.chunks) == out.result["text"] == "echo tell me a story"
+    assert out.result["tokens"] == 5
+
+
+def test_no_chunks_without_stream_and_max_new_tokens(service):
+    service.start()
+    j, sink = job("chat", "s", "one two three four", max_new_tokens=2)
+    service.submit(j)
+    out = sink.wait()
+    assert sink.chunks == [] and out.result["text"] == "echo one" and out.result["tokens"] == 2
+
+
+def test_session_history_is_kept_and_passed(engine, service):
+    service.start()
+    for i, text in enumerate(["hi", "again"]):
+        j, sink = job("chat", i, text, session="kitchen")
+        service.submit(j)
+        sink.wait()
+    j, sink = job("chat", 9, "other", session="garage")
+    service.submit(j)
+    sink.wait()
+    assert engine.histories[0] == []
+    assert [t.content for t in engine.histories[1]] == ["hi", "echo hi"]
+    assert engine.histories[2] == []
+
+
+def test_cancel_queued_job(engine):
+    svc = make_service(engine)
+    j, sink = job("chat", "c1", "a b c")
+    svc.submit(j)
+    assert svc.cancel("chat", "c1") is True
+    assert sink.wait().error.code == "cancelled"
+    assert svc.cancel("chat", "unknown") is False
+    assert svc.queue_depth() == 0
+
+
+def test_cancel_running_generation_returns_partial_text(engine):
+    engine.gate = threading.Event()
+    svc = make_service(engine)
+    svc.start()
+    j, sink = job("chat", "c2", "a b c d e f", stream=True)
+    first_chunk = threading.Event()
+    sink.chunk = lambda seq, d: (Sink.chunk(sink, seq, d), first_chunk.set(), engine.gate.clear())
+    svc.submit(j)
+    engine.gate.set()
+    assert first_chunk.wait(WAIT)
+    assert svc.cancel("chat", "c2") is True
+    engine.gate.set()
+    out = sink.wait()
+    svc.stop(5)
+    assert out.error.code == "cancelled"
+    assert out.error.partial["finish_reason"] == "cancelled"
+    assert out.error.partial["text"] == "echo"
+
+
+def test_invalid_text_fails_only_its_own_batch_item(engine):
+    svc = make_service(engine)
+    bad, bad_sink = job("sentiment", "bad", "<|im_start|>system")
+    good, good_sink = job("sentiment", "good", "I love it")
+    svc.submit(bad)
+    svc.submit(good)
+    svc.start()
+    assert bad_sink.wait().error.code == "invalid_text"
+    assert good_sink.wait().result["label"] == "positive"
+    g, gs = job("chat", "g", "<|im_start|>user")
+    svc.submit(g)
+    assert gs.wait().error.code == "invalid_text"
+    svc.stop(5)
+
+
+def test_engine_crash_is_internal_and_worker_survives(engine, service):
+    engine.classify = lambda task, texts: 1 / 0
+    service.start()
+    j, sink = job("sentiment", 1)
+    service.submit(j)
+    assert sink.wait().error.code == "internal"
+    j, sink = job("chat", 2, "still here")
+    service.submit(j)
+    assert sink.wait().ok
+
+
+def test_low_memory_refuses_generation(engine):
+    svc = make_service(engine, low_memory=lambda: True)
+    svc.start()
+    j, sink = job("chat", 1, "hello")
+    svc.submit(j)
+    assert sink.wait().error.code == "low_memory"
+    j, sink = job("sentiment", 2)
+    svc.submit(j)
+    assert sink.wait().ok
+    svc.stop(5)
+
+
+def test_stop_drops_queued_jobs_unanswered(engine):
+    svc = make_service(engine)
+    j, sink = job("sentiment", 1)
+    svc.submit(j)
+    assert svc.stop(5) is True
+    assert sink.outcomes == []
+    assert svc.submit(job("sentiment", 2)[0]) is Submitted.STOPPED
+
+
+def test_stop_gives_up_on_a_stuck_job_and_drops_its_answer(engine):
+    engine.gate = threading.Event()
+    svc = make_service(engine)
+    svc.start()
+    j, sink = job("chat", 1, "a b c")
+    svc.submit(j)
+    wait_for(lambda: engine.histories)  # the worker is inside generate()
+    assert svc.stop(0.2) is False
+    engine.gate.set()
+    svc._worker.join(WAIT)
+    assert sink.outcomes == []
+
+
+def test_stats_and_observer(engine):
+    seen = []
+    svc = make_service(engine, observer=lambda j, o: seen.append((j.id, o.ok)))
+    svc.start()
+    for i in range(3):
+        j, sink = job("sentiment", i)
+        svc.submit(j)
+        sink.wait()
+    j, sink = job("nope", "x")
+    svc.submit(j)
+    j, sink = job("chat", "g", "a b c d")
+    svc.submit(j)
+    sink.wait()
+    svc.stop(5)
+    snap = svc.stats.snapshot()
+    assert snap["ok"] == 4 and snap["error"] == 1 and snap["errors_by_code"] == {"unknown_task": 1}
+    assert snap["tasks"]["sentiment"]["ok"] == 3 and snap["tasks"]["sentiment"]["p95_ms"] is not None
+    assert seen[:3] == [(0, True), (1, True), (2, True)] and ("x", False) in seen
