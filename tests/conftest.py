@@ -21,3 +21,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    """The real demo model (Qwen2.5-Coder-0.5B-Instruct), fetched and converted on first use."""
+    from llmqtt.config import ModelConfig
+    from llmqtt.engine.modelstore import resolve_model
+
+    return resolve_model(ModelConfig(name="demo", auto_fetch=True))
+
+
+@pytest.fixture(scope="session")
+def demo_engine(demo_model):
+    """The demo model loaded with the shipped prompts, as `llmqtt run` would (fp32, explicit)."""
+    from llmqtt.engine.engine import Engine
+    from llmqtt.engine.loader import load
+    from llmqtt.tasks import load_tasks
+
+    loaded = load(demo_model.path, "float32")
+    return Engine(loaded, load_tasks([REPO / "prompts"]), demo_model.display_name, demo_model.match_name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -286,9 +287,7 @@ def convert_gguf_cached(gguf: Path, cache_dir: Path, progress: Progress = _no_pr
 
 def convert_gguf(gguf: Path, out_dir: Path, progress: Progress = _no_progress) -> Path:
     """De-quantize a GGUF into an fp32 safetensors directory (exact: fp32 holds every Q4 value)."""
-    try:
-        import gguf  # noqa: F401 - transformers needs it; fail with our message, not a deep ImportError
-    except ImportError:
+    if importlib.util.find_spec("gguf") is None:  # transformers needs it; say so plainly
         raise ModelUnavailable("reading .gguf files needs the `gguf` extra: pip install 'llmqtt[gguf]'") from None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,0 +1,167 @@
+"""`llmqtt` command line: a thin layer that parses arguments and calls one module per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import Config, ConfigError, load_config
+from .tasks import TaskFileError, load_tasks
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    sys.exit(main(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, TaskFileError) as exc:
+        print(f"llmqtt: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmqtt", description="Serve one small LLM to prompt-defined text tasks over MQTT.")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", "-c", type=Path, help="config file (YAML); default: built-in defaults")
+        p.set_defaults(func=func)
+        return p
+
+    command("run", _run, "run the MQTT daemon")
+    ask = command("ask", _ask, "run one request through a task and print the JSON result")
+    ask.add_argument("task")
+    ask.add_argument("text")
+    ask.add_argument("--stream", action="store_true", help="print generated text as it is produced")
+    ask.add_argument("--max-new-tokens", type=int)
+    command("tasks", _tasks, "list the tasks defined by the prompt files")
+    check = command("check-config", _check_config, "validate a config file and its task files")
+    check.add_argument("file", nargs="?", type=Path, help="config file (same as --config)")
+    doctor = command("doctor", _doctor, "show this machine's resources and the runtime plan")
+    doctor.add_argument("--json", action="store_true")
+    model = command("model", _model, "manage models: `llmqtt model fetch demo`, `llmqtt model where`")
+    model.add_argument("action", choices=["fetch", "where"])
+    model.add_argument("name", nargs="?", help="model to fetch (default: the configured one)")
+    return parser
+
+
+def _config(args) -> Config:
+    return load_config(getattr(args, "file", None) or args.config)
+
+
+def _run(args) -> int:
+    from .daemon import main as daemon_main
+
+    return daemon_main(args.config)
+
+
+def _tasks(args) -> int:
+    config = _config(args)
+    for name, task in load_tasks(config.prompt_dirs()).items():
+        extra = f" labels: {', '.join(task.labels)}" if task.kind == "classify" else ""
+        print(f"{name:<16} {task.kind:<9} {task.description}{extra}")
+    return 0
+
+
+def _check_config(args) -> int:
+    config = _config(args)
+    tasks = load_tasks(config.prompt_dirs())
+    print(f"config ok: model {config.model.name!r}, {len(tasks)} tasks ({', '.join(tasks)}), "
+          f"broker {config.mqtt.host}:{config.mqtt.port}")
+    return 0
+
+
+def _doctor(args) -> int:
+    from .doctor import main as doctor_main
+
+    return doctor_main(_config(args), args.json)
+
+
+def _model(args) -> int:
+    from .engine.modelstore import ModelUnavailable, locate_model, resolve_model
+
+    config = _config(args)
+    if args.name:
+        config.model.name = args.name
+    if args.action == "where":
+        path = locate_model(config.model)
+        print(path if path else f"{config.model.name}: not on this machine yet (llmqtt model fetch)")
+        return 0 if path else 1
+    try:
+        resolved = resolve_model(config.model.model_copy(update={"auto_fetch": True}), _ProgressBar())
+    except ModelUnavailable as exc:
+        print(f"llmqtt: {exc}", file=sys.stderr)
+        return 1
+    print(f"{resolved.display_name} is ready at {resolved.path}")
+    return 0
+
+
+def _ask(args) -> int:
+    from .engine import load_engine
+    from .engine.modelstore import ModelUnavailable
+    from .engine.types import EngineError
+
+    config = _config(args)
+    tasks = load_tasks(config.prompt_dirs())
+    if args.task not in tasks:
+        print(f"llmqtt: no task named {args.task!r} (tasks: {', '.join(sorted(tasks))})", file=sys.stderr)
+        return 2
+    try:
+        engine = load_engine(config.model, {args.task: tasks[args.task]}, progress=_ProgressBar())
+    except ModelUnavailable as exc:
+        print(f"llmqtt: {exc}", file=sys.stderr)
+        return 1
+    try:
+        result = _answer(engine, args)
+    except EngineError as exc:
+        print(json.dumps({"task": args.task, "status": "error", "error": {"code": exc.code, "message": str(exc)}},
+                         ensure_ascii=False))
+        return 1
+    print(json.dumps({"task": args.task, "status": "ok", "model": engine.model_name, "result": result},
+                     ensure_ascii=False))
+    return 0
+
+
+def _answer(engine, args) -> dict:
+    if engine.kind(args.task) == "classify":
+        return engine.classify(args.task, [args.text])[0].as_dict()
+    generation = engine.generate(args.task, args.text, max_new_tokens=args.max_new_tokens)
+    for piece in generation:
+        if args.stream:
+            print(piece, end="", flush=True, file=sys.stderr)
+    if args.stream:
+        print(file=sys.stderr)
+    r = generation.result
+    return {"text": r.text.strip(), "finish_reason": r.finish_reason, "tokens": r.new_tokens,
+            "tokens_per_s": round(r.tokens_per_s, 2)}
+
+
+class _ProgressBar:
+    """Renders modelstore progress callbacks: a line per stage, a bar where the total is known."""
+
+    def __init__(self):
+        self._stage, self._bar = None, None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if stage != self._stage:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            self._stage = stage
+            if total:
+                self._bar = tqdm(total=total, desc=stage, unit="B", unit_scale=True, file=sys.stderr)
+            else:
+                print(f"llmqtt: {stage}", file=sys.stderr)
+        if self._bar is not None:
+            self._bar.update(done - self._bar.n)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs everything llmqtt and its tests need on a Debian-like machine, into the current Python
+# environment (activate a virtualenv first if you want one), then fetches the demo model.
+# Idempotent: safe to run again. Used by the README quick start and by CI (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+APT_PACKAGES=(mosquitto mosquitto-clients libsystemd-dev pkg-config systemd)
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# The packaged broker may start as a service on :1883; llmqtt's tests and quick start run their own.
+
+# torch first, pinned: an unpinned `torch` (asked for directly or by a dependency) makes pip fetch the
+# newest release with several GB of CUDA libraries. On x86 boards without a local CPU wheel, install
+# torch from PyTorch's CPU wheel index before running this script; on aarch64 (Raspberry Pi) the
+# regular wheel is already CPU-only.
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+  echo "setup: installing $TORCH_SPEC (CPU)"
+  "$PYTHON" -m pip install -q "$TORCH_SPEC"
+fi
+
+echo "setup: installing llmqtt with its extras"
+"$PYTHON" -m pip install -q -e ".[all,test]"
+
+echo "setup: fetching the demo model (first time: download, verify, convert; about two minutes)"
+"$PYTHON" -m llmqtt model fetch demo

@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+
+from llmqtt.config import Config, ConfigError, load_config
+
+
+def test_no_file_means_working_defaults():
+    config = load_config(None)
+    assert config.model.name == "demo" and config.model.dtype == "auto"
+    assert config.mqtt.port == 1883 and config.mqtt.protocol == "5"
+    assert config.prompt_dirs()[0].is_dir()
+
+
+def test_model_shorthand_and_relative_paths(tmp_path):
+    (tmp_path / "my.gguf").write_bytes(b"")
+    path = tmp_path / "c.yaml"
+    path.write_text("model: ./my.gguf\nprompts: prompts\nmqtt: {password_file: pw, username: u}\n")
+    config = load_config(path)
+    assert config.model.name == str(tmp_path / "my.gguf")
+    assert config.prompts == [tmp_path / "prompts"]
+    assert config.mqtt.password_file == tmp_path / "pw"
+
+
+@pytest.mark.parametrize("text, field", [
+    ("mqtt: {port: 70000}", "mqtt.port"),
+    ("model: {dtype: int4}", "model.dtype"),
+    ("runtime: {max_batch: 0}", "runtime.max_batch"),
+    ("mqtt: {password_file: /x}", "mqtt"),
+    ("mqtt: {tls: {cert_file: /c}}", "mqtt.tls"),
+    ("mqtt: {prot: 5}", "mqtt.prot"),
+])
+def test_errors_name_the_field(tmp_path, text, field):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}: {field}" in str(err.value)
+
+
+def test_password_is_read_from_file_and_not_in_the_model(tmp_path):
+    (tmp_path / "pw").write_text("s3cret\n")
+    config = Config.model_validate({"mqtt": {"username": "u", "password_file": str(tmp_path / "pw")}})
+    assert config.mqtt.read_password() == "s3cret"
+    assert "s3cret" not in config.model_dump_json()
+
+
+def test_topic_root_uses_node_id():
+    assert Config.model_validate({"mqtt": {"node_id": "pi5"}}).mqtt.topic_root == "llmqtt/pi5"
+    assert Config().mqtt.topic_root.startswith("llmqtt/")
