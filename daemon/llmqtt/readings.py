@@ -1,0 +1,582 @@
+"""Read the machine (cores, memory, cgroup limits, temperature, CPU features) and a model directory.
+
+Everything here only reads: the results are frozen values that `planner.py` turns into decisions.
+
+Every reader takes `root` (default `/`) so tests can point it at a fake procfs/sysfs tree. On the live
+machine (`root == /`) psutil is asked first where it has the answer; the files under `root` are the
+fallback, and the only source for a fake tree. A file that is missing or unreadable never raises: the
+field it feeds becomes None.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import psutil
+
+LIVE_ROOT = Path("/")
+
+# cgroup v1 reports "no limit" as a huge page-aligned number (PAGE_COUNTER_MAX * page size), not "max".
+_V1_UNLIMITED = 1 << 60
+
+# Known temperature sensors, most relevant first: the SoC on a Pi, the CPU package on x86.
+_PREFERRED_SENSORS = ("cpu_thermal", "k10temp", "coretemp", "zenpower", "soc_thermal", "cpu-thermal",
+                      "x86_pkg_temp", "acpitz")
+_PREFERRED_LABELS = ("Tdie", "Tctl", "Package id 0")
+
+# Raspberry Pi firmware `get_throttled` bits (same as `vcgencmd get_throttled`). The low bits describe
+# now, the high bits are sticky since boot. Anything set means the CPU ran (or runs) slower than it can.
+THROTTLED_BITS: dict[int, str] = {
+    0: "under-voltage now",
+    1: "ARM frequency capped now",
+    2: "throttled now",
+    3: "soft temperature limit active now",
+    16: "under-voltage has occurred since boot",
+    17: "ARM frequency capping has occurred since boot",
+    18: "throttling has occurred since boot",
+    19: "soft temperature limit has occurred since boot",
+}
+THROTTLED_NOW_MASK = 0xF
+
+# aarch64 /proc/cpuinfo has no model name, only an ARM part number; these are the boards we expect.
+_ARM_PARTS = {"0xd03": "Cortex-A53", "0xd05": "Cortex-A55", "0xd08": "Cortex-A72", "0xd0b": "Cortex-A76",
+              "0xd0c": "Neoverse-N1", "0xd40": "Neoverse-V1", "0xd4f": "Neoverse-V2"}
+
+
+@dataclass(frozen=True)
+class SystemReadings:
+    """One snapshot of the machine. Bytes are bytes; None means "could not be read"."""
+
+    arch: str  # platform.machine(): "aarch64", "x86_64", ...
+    cpu_model: str | None
+    board_model: str | None  # device-tree model on a Pi ("Raspberry Pi 5 Model B Rev 1.0"), DMI product on x86
+    cpu_flags: frozenset[str]  # x86 `flags` / aarch64 `Features` from /proc/cpuinfo
+    physical_cores: int
+    logical_cores: int
+    affinity_cores: int | None = None  # CPUs this process may run on (taskset / cpuset)
+    cpu_quota_cores: float | None = None  # cgroup CPU quota as cores (cpu.max 200000 100000 -> 2.0)
+    env_threads: int | None = None  # OMP_NUM_THREADS set by the operator
+    ram_total: int | None = None
+    ram_available: int | None = None
+    swap_total: int | None = None
+    swap_free: int | None = None
+    cgroup_version: Literal[1, 2] | None = None
+    # Whether the kernel's memory controller is on; without it a unit's MemoryMax= does nothing.
+    memory_controller: bool | None = None
+    cgroup_memory_max: int | Literal["max"] | None = None  # the tightest limit on our cgroup path
+    cgroup_memory_current: int | None = None  # usage of the cgroup that limit belongs to
+    temperature_c: float | None = None
+    temperature_sensor: str | None = None
+    throttled: int | None = None  # raw Raspberry Pi get_throttled bits, see THROTTLED_BITS
+
+    @property
+    def native_bf16(self) -> bool:
+        """True where matrix math in bfloat16 runs in hardware, so bf16 is faster than fp32, not slower."""
+        if self.arch in ("aarch64", "arm64"):
+            return "bf16" in self.cpu_flags
+        return bool({"avx512_bf16", "amx_bf16"} & self.cpu_flags)
+
+    @property
+    def cgroup_memory_headroom(self) -> int | None:
+        """Bytes left under the cgroup memory limit, or None when there is no limit (or it is unknown)."""
+        if not isinstance(self.cgroup_memory_max, int):
+            return None
+        return max(0, self.cgroup_memory_max - (self.cgroup_memory_current or 0))
+
+    @property
+    def memory_available(self) -> int | None:
+        """What a new allocation can get without swapping: RAM available, capped by the cgroup headroom."""
+        known = [v for v in (self.ram_available, self.cgroup_memory_headroom) if v is not None]
+        return min(known) if known else None
+
+    @property
+    def throttled_flags(self) -> list[str]:
+        return decode_throttled(self.throttled) if self.throttled is not None else []
+
+
+def decode_throttled(bits: int) -> list[str]:
+    return [text for bit, text in THROTTLED_BITS.items() if bits & (1 << bit)]
+
+
+def read_system(root: Path = LIVE_ROOT, machine: str | None = None) -> SystemReadings:
+    """Read everything; `machine` overrides platform.machine() (a fake tree has no uname)."""
+    root = Path(root)
+    cpuinfo = read_cpuinfo(root)
+    physical, logical = read_core_counts(root)
+    memory = read_memory(root)
+    cgroup = read_cgroup(root)
+    temperature, sensor = read_temperature(root)
+    return SystemReadings(
+        arch=machine or platform.machine(),
+        cpu_model=cpuinfo.model,
+        board_model=read_board_model(root),
+        cpu_flags=cpuinfo.flags,
+        physical_cores=physical,
+        logical_cores=logical,
+        affinity_cores=read_affinity(root),
+        cpu_quota_cores=cgroup.cpu_quota_cores,
+        env_threads=read_env_threads(),
+        ram_total=memory.get("ram_total"),
+        ram_available=memory.get("ram_available"),
+        swap_total=memory.get("swap_total"),
+        swap_free=memory.get("swap_free"),
+        cgroup_version=cgroup.version,
+        memory_controller=cgroup.memory_controller,
+        cgroup_memory_max=cgroup.memory_max,
+        cgroup_memory_current=cgroup.memory_current,
+        temperature_c=temperature,
+        temperature_sensor=sensor,
+        throttled=read_throttled(root),
+    )
+
+
+def live_available_bytes(root: Path = LIVE_ROOT) -> int | None:
+    """The cheap part of read_system for a runtime memory guard: RAM available capped by cgroup headroom."""
+    memory = read_memory(root)
+    cgroup = read_cgroup(root)
+    known = [memory.get("ram_available")]
+    if isinstance(cgroup.memory_max, int):
+        known.append(max(0, cgroup.memory_max - (cgroup.memory_current or 0)))
+    values = [v for v in known if v is not None]
+    return min(values) if values else None
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def _read_int(path: Path) -> int | None:
+    text = _read_text(path)
+    try:
+        return int(text.strip()) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _is_live(root: Path) -> bool:
+    return Path(root) == LIVE_ROOT
+
+
+# --------------------------------------------------------------------------- CPU
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str | None
+    flags: frozenset[str]
+    processors: int  # "processor" entries; 0 when /proc/cpuinfo is unreadable
+    physical_cores: int | None  # distinct (physical id, core id) pairs, where the file has them
+
+
+def read_cpuinfo(root: Path = LIVE_ROOT) -> CpuInfo:
+    text = _read_text(Path(root) / "proc/cpuinfo") or ""
+    fields: dict[str, str] = {}
+    processors = 0
+    cores: set[tuple[str, str]] = set()
+    package = ""
+    for line in text.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "processor":
+            processors += 1
+        elif key == "physical id":
+            package = value
+        elif key == "core id":
+            cores.add((package, value))
+        fields.setdefault(key, value)  # first CPU wins; big.LITTLE boards differ per core, flags do not
+    flags = frozenset((fields.get("flags") or fields.get("Features") or "").split())
+    return CpuInfo(_cpu_model(fields), flags, processors, len(cores) or None)
+
+
+def _cpu_model(fields: dict[str, str]) -> str | None:
+    if fields.get("model name"):
+        return fields["model name"]
+    part = fields.get("CPU part", "").lower()
+    if part:
+        return _ARM_PARTS.get(part, f"ARM part {part}")
+    return fields.get("Hardware") or None
+
+
+def read_core_counts(root: Path = LIVE_ROOT) -> tuple[int, int]:
+    """(physical, logical) cores; never None: falls back from psutil to sysfs to cpuinfo to 1."""
+    physical = logical = None
+    if _is_live(root):
+        # psutil returns None for physical cores where the kernel exposes no topology (some ARM boards).
+        physical, logical = psutil.cpu_count(logical=False), psutil.cpu_count(logical=True)
+    cpuinfo = read_cpuinfo(root)
+    logical = logical or cpuinfo.processors or _count_online(root) or 1
+    physical = physical or _count_topology_cores(root) or cpuinfo.physical_cores or logical
+    return physical, logical
+
+
+def _count_topology_cores(root: Path) -> int | None:
+    # Each core lists the logical CPUs sharing it; SMT siblings list the same set, so count distinct sets.
+    cpu_dir = Path(root) / "sys/devices/system/cpu"
+    siblings = set()
+    for cpu in cpu_dir.glob("cpu[0-9]*"):
+        for name in ("core_cpus_list", "thread_siblings_list"):
+            text = _read_text(cpu / "topology" / name)
+            if text is not None:
+                siblings.add(text.strip())
+                break
+    return len(siblings) or None
+
+
+def _count_online(root: Path) -> int | None:
+    text = _read_text(Path(root) / "sys/devices/system/cpu/online")
+    return len(parse_cpu_list(text)) if text else None
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """Kernel CPU list syntax: "0-3,6" -> {0, 1, 2, 3, 6}."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        first, _, last = part.partition("-")
+        if first.strip().isdigit():
+            cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def read_affinity(root: Path = LIVE_ROOT) -> int | None:
+    if not _is_live(root) or not hasattr(os, "sched_getaffinity"):
+        return None
+    return len(os.sched_getaffinity(0))
+
+
+def read_env_threads() -> int | None:
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def read_board_model(root: Path = LIVE_ROOT) -> str | None:
+    for relative in ("proc/device-tree/model", "sys/firmware/devicetree/base/model",
+                     "sys/class/dmi/id/product_name"):
+        text = _read_text(Path(root) / relative)
+        if text and text.strip("\x00\n "):
+            return text.strip("\x00\n ")
+    return None
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def read_memory(root: Path = LIVE_ROOT) -> dict[str, int]:
+    """ram_total / ram_available / swap_total / swap_free in bytes; keys missing when unreadable."""
+    if _is_live(root):
+        try:
+            ram, swap = psutil.virtual_memory(), psutil.swap_memory()
+            return {"ram_total": ram.total, "ram_available": ram.available,
+                    "swap_total": swap.total, "swap_free": swap.free}
+        except (OSError, RuntimeError):
+            pass
+    return _read_meminfo(root)
+
+
+def _read_meminfo(root: Path) -> dict[str, int]:
+    names = {"MemTotal": "ram_total", "MemAvailable": "ram_available", "SwapTotal": "swap_total",
+             "SwapFree": "swap_free"}
+    found: dict[str, int] = {}
+    for line in (_read_text(Path(root) / "proc/meminfo") or "").splitlines():
+        match = re.match(r"(\w+):\s+(\d+)\s*kB", line)
+        if match and match[1] in names:
+            found[names[match[1]]] = int(match[2]) * 1024
+    return found
+
+
+# --------------------------------------------------------------------------- cgroups
+
+
+@dataclass(frozen=True)
+class CgroupReadings:
+    version: Literal[1, 2] | None
+    memory_controller: bool | None
+    memory_max: int | Literal["max"] | None
+    memory_current: int | None
+    cpu_quota_cores: float | None
+
+
+def read_cgroup(root: Path = LIVE_ROOT) -> CgroupReadings:
+    base = Path(root) / "sys/fs/cgroup"
+    if (base / "cgroup.controllers").is_file():
+        return _read_cgroup_v2(root, base)
+    if (base / "memory").is_dir() or (base / "cpu").is_dir():
+        return _read_cgroup_v1(root, base)
+    return CgroupReadings(None, None, None, None, None)
+
+
+def _own_cgroup_paths(root: Path) -> dict[str, str]:
+    """Controller name ("" for v2) -> this process's path inside that hierarchy, from /proc/self/cgroup."""
+    paths: dict[str, str] = {}
+    for line in (_read_text(Path(root) / "proc/self/cgroup") or "").splitlines():
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        for name in controllers.split(",") if controllers else [""]:
+            paths[name] = path
+    return paths
+
+
+def _chain(base: Path, relative: str) -> list[Path]:
+    """Our cgroup directory and its ancestors up to `base`, deepest first; only those that exist.
+
+    Limits are inherited: a service under system.slice is bound by its own MemoryMax= and by the slice's.
+    Inside a container with a cgroup namespace our path is "/" and the chain is just `base`.
+    """
+    parts = [p for p in relative.strip().split("/") if p and p != ".."]
+    dirs = [base.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+    return [d for d in dirs if d.is_dir()]
+
+
+def _read_cgroup_v2(root: Path, base: Path) -> CgroupReadings:
+    controllers = (_read_text(base / "cgroup.controllers") or "").split()
+    chain = _chain(base, _own_cgroup_paths(root).get("", "/"))
+    memory_max, memory_current = _tightest_memory_limit(chain, "memory.max", "memory.current")
+    return CgroupReadings(2, "memory" in controllers, memory_max, memory_current,
+                          _tightest_cpu_quota_v2(chain))
+
+
+def _read_cgroup_v1(root: Path, base: Path) -> CgroupReadings:
+    own = _own_cgroup_paths(root)
+    memory_base = base / "memory"
+    memory_max: int | Literal["max"] | None = None
+    memory_current = None
+    if memory_base.is_dir():
+        chain = _chain(memory_base, own.get("memory", "/"))
+        memory_max, memory_current = _tightest_memory_limit(chain, "memory.limit_in_bytes",
+                                                            "memory.usage_in_bytes")
+    cpu_base = base / "cpu" if (base / "cpu").is_dir() else base / "cpu,cpuacct"
+    quota = _tightest_cpu_quota_v1(_chain(cpu_base, own.get("cpu", "/")))
+    return CgroupReadings(1, memory_base.is_dir(), memory_max, memory_current, quota)
+
+
+def _tightest_memory_limit(chain: list[Path], max_name: str,
+                           current_name: str) -> tuple[int | Literal["max"] | None, int | None]:
+    """The limit with the least headroom along the chain (and that cgroup's usage); "max" if none limits."""
+    best: tuple[int, int | None] | None = None
+    seen_unlimited = False
+    for directory in chain:
+        text = _read_text(directory / max_name)
+        if text is None:
+            continue
+        current = _read_int(directory / current_name)
+        limit = None if text.strip() == "max" else _parse_limit(text)
+        if limit is None or limit >= _V1_UNLIMITED:
+            seen_unlimited = True
+            continue
+        if best is None or limit - (current or 0) < best[0] - (best[1] or 0):
+            best = (limit, current)
+    if best is not None:
+        return best
+    if seen_unlimited:
+        return "max", next((c for d in chain if (c := _read_int(d / current_name)) is not None), None)
+    return None, None
+
+
+def _parse_limit(text: str) -> int | None:
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
+
+
+def _tightest_cpu_quota_v2(chain: list[Path]) -> float | None:
+    quotas = []
+    for directory in chain:
+        fields = (_read_text(directory / "cpu.max") or "").split()
+        if len(fields) == 2 and fields[0] != "max" and fields[0].isdigit() and fields[1].isdigit():
+            quotas.append(int(fields[0]) / max(1, int(fields[1])))
+    return min(quotas) if quotas else None
+
+
+def _tightest_cpu_quota_v1(chain: list[Path]) -> float | None:
+    quotas = []
+    for directory in chain:
+        quota, period = _read_int(directory / "cpu.cfs_quota_us"), _read_int(directory / "cpu.cfs_period_us")
+        if quota is not None and quota > 0 and period:
+            quotas.append(quota / period)
+    return min(quotas) if quotas else None
+
+
+# --------------------------------------------------------------------------- temperature
+
+
+def read_temperature(root: Path = LIVE_ROOT) -> tuple[float | None, str | None]:
+    """(°C, sensor name) of the SoC / CPU package, or (None, None) where no sensor is readable."""
+    if _is_live(root):
+        found = _psutil_temperature()
+        if found[0] is not None:
+            return found
+    return _thermal_zone_temperature(root)
+
+
+def _psutil_temperature() -> tuple[float | None, str | None]:
+    try:
+        sensors = psutil.sensors_temperatures()
+    except (AttributeError, OSError, RuntimeError):  # AttributeError: not offered on this OS
+        return None, None
+    for name in _PREFERRED_SENSORS:
+        entries = sensors.get(name) or []
+        preferred = [e for e in entries if e.label in _PREFERRED_LABELS] or entries
+        if preferred:
+            return float(preferred[0].current), name
+    return None, None
+
+
+def _thermal_zone_temperature(root: Path) -> tuple[float | None, str | None]:
+    zones = []
+    for zone in sorted(Path(root).glob("sys/class/thermal/thermal_zone*")):
+        millidegrees = _read_int(zone / "temp")
+        if millidegrees is not None:
+            zones.append(((_read_text(zone / "type") or zone.name).strip(), millidegrees / 1000))
+    if not zones:
+        return None, None
+    rank = {name: i for i, name in enumerate(_PREFERRED_SENSORS)}
+    name, celsius = min(zones, key=lambda z: rank.get(z[0], len(rank)))  # preferred type, else zone 0
+    return celsius, name
+
+
+def read_throttled(root: Path = LIVE_ROOT) -> int | None:
+    # The device path differs between boards (Pi 4: soc/soc:firmware, Pi 5: soc@107c000000/...:firmware).
+    for path in sorted(Path(root).glob("sys/devices/platform/soc*/soc*:firmware/get_throttled")):
+        text = _read_text(path)
+        try:
+            return int(text.strip(), 16) if text else None  # the kernel prints "%x"
+        except ValueError:
+            return None
+    return None
+
+
+# --------------------------------------------------------------------------- model directory
+
+
+class ModelFactsError(ValueError):
+    """A model directory whose config.json or safetensors headers cannot be read."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The numbers memory planning needs, read from config.json and the safetensors headers only."""
+
+    model_type: str | None
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    intermediate_size: int | None
+    tie_word_embeddings: bool
+    param_count: int
+    # Parameters that stay at the compute dtype under int8: embeddings, norms, biases (not Linear weights).
+    unquantized_params: int
+    weight_bytes: int  # bytes on disk of all tensors (0 when only config.json was found)
+    stored_dtype: str | None  # most common tensor dtype in the files, e.g. "BF16"
+    weight_files: int
+    params_source: Literal["safetensors", "config"]
+
+
+def read_model_facts(model_dir: Path) -> ModelFacts:
+    model_dir = Path(model_dir)
+    config = _read_model_config(model_dir / "config.json")
+    files = sorted(model_dir.glob("*.safetensors"))
+    tensors = [t for f in files for t in _safetensors_tensors(f).items()]
+    hidden, heads = _required(config, "hidden_size"), _required(config, "num_attention_heads")
+    arch = dict(
+        model_type=config.get("model_type"),
+        hidden_size=hidden,
+        num_hidden_layers=_required(config, "num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or hidden // heads),
+        vocab_size=_required(config, "vocab_size"),
+        intermediate_size=config.get("intermediate_size"),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+    if tensors:
+        counts = _count_tensors(tensors, arch["vocab_size"])
+        source: Literal["safetensors", "config"] = "safetensors"
+    else:
+        counts = _count_from_config(arch)
+        source = "config"
+    return ModelFacts(**arch, **counts, weight_files=len(files), params_source=source)
+
+
+def _read_model_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelFactsError(f"{path}: cannot read: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelFactsError(f"{path}: not a JSON object")
+    # Multimodal configs (Gemma 3, Qwen2-VL...) keep the language model's numbers in text_config.
+    if "hidden_size" not in config and isinstance(config.get("text_config"), dict):
+        text = config["text_config"]
+        config = {**config, **text, "model_type": config.get("model_type") or text.get("model_type")}
+    config["_path"] = str(path)
+    return config
+
+
+def _required(config: dict, key: str) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or value <= 0:
+        raise ModelFactsError(f"{config['_path']}: `{key}` missing or not a positive integer")
+    return value
+
+
+def _safetensors_tensors(path: Path) -> dict[str, dict]:
+    """The JSON header of a safetensors file: u64 little-endian length, then that many bytes of JSON."""
+    try:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 * 2**20:  # real headers are kilobytes; this is not a safetensors file
+                raise ValueError(f"header length {length} is implausible")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error) as exc:
+        raise ModelFactsError(f"{path}: not a readable safetensors file: {exc}") from None
+    return {name: info for name, info in header.items() if name != "__metadata__"}
+
+
+def _count_tensors(tensors: list[tuple[str, dict]], vocab_size: int) -> dict:
+    params = unquantized = size = 0
+    dtypes: Counter[str] = Counter()
+    for name, info in tensors:
+        shape = info.get("shape") or []
+        n = math.prod(shape)
+        params += n
+        start, end = info.get("data_offsets", (0, 0))
+        size += end - start
+        dtypes[info.get("dtype", "?")] += n
+        if not _is_linear_weight(name, shape, vocab_size):
+            unquantized += n
+    return dict(param_count=params, unquantized_params=unquantized, weight_bytes=size,
+                stored_dtype=dtypes.most_common(1)[0][0] if dtypes else None)
+
+
+def _is_linear_weight(name: str, shape: list[int], vocab_size: int) -> bool:
+    # torch's dynamic int8 replaces nn.Linear (lm_head included) but leaves nn.Embedding alone.
+    is_embedding = "embed" in name or "wte" in name or ("lm_head" not in name and vocab_size in shape)
+    return len(shape) == 2 and name.endswith("weight") and not is_embedding
+
+
+def _count_from_config(arch: dict) -> dict:
+    """Decoder-only transformer arithmetic for a directory without weights yet (Llama/Qwen2-like)."""
+    h, v, hd = arch["hidden_size"], arch["vocab_size"], arch["head_dim"]
+    q, kv = arch["num_attention_heads"] * hd, arch["num_key_value_heads"] * hd
+    intermediate = arch["intermediate_size"] or 4 * h
+    per_layer_linear = h * q + 2 * h * kv + q * h + 3 * h * intermediate
+    linear = arch["num_hidden_layers"] * per_layer_linear + (0 if arch["tie_word_embeddings"] else v * h)
+    unquantized = v * h + arch["num_hidden_layers"] * 2 * h + h  # embeddings + two norms a layer + final norm
+    return dict(param_count=linear + unquantized, unquantized_params=unquantized, weight_bytes=0,
+                stored_dtype=None)

@@ -1,0 +1,262 @@
+"""The planner over hand-made readings: real board shapes, real model shapes, no hardware, no torch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from llmqtt.config import ModelConfig, RuntimeConfig
+from llmqtt.planner import (GiB, MiB, RUNTIME_BYTES, MemoryGuard, ModelTooLarge, check_fits, choose_dtype,
+                            estimate_memory, judge, low_memory_threshold, memory_budget, plan, plan_threads)
+from llmqtt.readings import ModelFacts, SystemReadings
+
+KiB = 1024
+
+
+def qwen25_05b(tied: bool = False) -> ModelFacts:
+    """Qwen2.5-0.5B's shapes: 24 layers, hidden 896, 14 heads / 2 KV heads of 64, vocab 151936."""
+    h, v, layers = 896, 151936, 24
+    linear = layers * (h * 896 + 2 * h * 128 + 896 * h + 3 * h * 4864) + (0 if tied else v * h)
+    unquantized = v * h + layers * (2 * h + 896 + 2 * 128) + h  # embeddings, norms, q/k/v biases
+    return ModelFacts(model_type="qwen2", hidden_size=h, num_hidden_layers=layers, num_attention_heads=14,
+                      num_key_value_heads=2, head_dim=64, vocab_size=v, intermediate_size=4864,
+                      tie_word_embeddings=tied, param_count=linear + unquantized, unquantized_params=unquantized,
+                      weight_bytes=0, stored_dtype="BF16", weight_files=1, params_source="safetensors")
+
+
+def board(**changes) -> SystemReadings:
+    """A Raspberry Pi 5 4 GB on Raspberry Pi OS Lite: no bf16, no swap, MemAvailable 3.43 GiB."""
+    pi5 = SystemReadings(arch="aarch64", cpu_model="Cortex-A76", board_model="Raspberry Pi 5 Model B Rev 1.0",
+                         cpu_flags=frozenset({"fp", "asimd", "asimdhp", "asimddp"}), physical_cores=4,
+                         logical_cores=4, ram_total=4_045_000 * KiB, ram_available=3_600_000 * KiB,
+                         swap_total=0, swap_free=0, cgroup_version=2, memory_controller=True, cgroup_memory_max="max",
+                         cgroup_memory_current=300 * MiB)
+    return replace(pi5, **changes)
+
+
+def plan_for(readings: SystemReadings, facts: ModelFacts | None = None, **model) -> object:
+    return plan(readings, facts or qwen25_05b(), ModelConfig(**model), RuntimeConfig())
+
+
+# --------------------------------------------------------------------------- memory verdicts
+
+
+def test_pi5_4gb_fits_fp32_after_lowering_the_batch() -> None:
+    facts = qwen25_05b(tied=False)
+    assert facts.param_count == 630_167_424  # 494M + an untied 151936 x 896 lm_head
+    p = plan_for(board(), facts)
+    assert p.dtype == "float32" and p.memory.weights == facts.param_count * 4  # 2.35 GiB
+    # Resident 2.35 GiB weights + 450 MiB runtime = 2.79 GiB of 3.43 GiB; batch 16 x 2048 tokens would
+    # add 3.1 GiB of KV cache and activations, batch 2 adds 380 MiB.
+    assert p.verdict == "ok"
+    assert (p.max_batch, p.max_context) == (2, 2048)
+    assert "max_batch is 2 (configured 16)" in p.explanation
+    assert p.memory.steady <= p.budget.usable < estimate_memory(facts, "float32", "none", 2048, 4).steady
+    assert p.suggestions == ()
+    check_fits(p)
+
+
+def test_2gb_board_is_refused_with_suggestions() -> None:
+    p = plan_for(board(ram_total=2_000_000 * KiB, ram_available=1_700_000 * KiB))
+    assert p.verdict == "refuse"
+    assert (p.max_batch, p.max_context) == (1, 512)  # tried everything down to the floor
+    assert "does not fit in RAM" in p.explanation
+    text = "\n".join(p.suggestions)
+    assert "model.quantize: int8" in text and "a smaller model: up to about" in text
+    with pytest.raises(ModelTooLarge) as caught:
+        check_fits(p)
+    assert caught.value.plan is p and "model.quantize: int8" in str(caught.value)
+
+
+def test_cgroup_limit_refuses_even_with_lots_of_host_ram() -> None:
+    container = board(arch="x86_64", cpu_flags=frozenset({"avx2"}), physical_cores=16, logical_cores=32,
+                      ram_total=64 * GiB, ram_available=60 * GiB, swap_total=8 * GiB, swap_free=8 * GiB,
+                      cgroup_memory_max=GiB, cgroup_memory_current=50 * MiB)
+    p = plan_for(container)
+    assert p.budget.usable == GiB - 50 * MiB
+    assert p.verdict == "refuse" and "cgroup memory limit" in p.explanation
+    assert any(s.startswith("raise the cgroup memory limit") for s in p.suggestions)
+
+
+def test_cgroup_without_memory_controller_uses_ram_only() -> None:
+    p = plan_for(board(ram_total=8 * GiB, ram_available=7 * GiB, memory_controller=False, cgroup_memory_max=None))
+    assert p.budget.cgroup_headroom is None and p.budget.usable == 7 * GiB
+    assert p.verdict == "ok" and (p.max_batch, p.max_context) == (16, 2048)
+
+
+def test_swap_verdict_when_only_the_transient_part_spills() -> None:
+    # int8 serves in ~1.4 GiB, but loading holds the float weights twice (6.1 GiB): that part may swap.
+    p = plan_for(board(swap_total=4 * GiB, swap_free=4 * GiB), quantize="int8")
+    assert p.memory.steady <= p.budget.usable < p.memory.load_peak
+    assert p.verdict == "swap" and "swap" in p.explanation
+    check_fits(p)  # swap passes; the daemon warns
+
+
+def test_fp32_near_the_edge_shrinks_the_context() -> None:
+    # Resident 2.79 GiB of 2.9 GiB: only batch 1 with a shorter context still fits.
+    p = plan_for(board(ram_available=int(2.9 * GiB)))
+    assert p.verdict == "ok" and (p.max_batch, p.max_context) == (1, 1024)
+
+
+def test_weights_that_do_not_fit_in_ram_are_refused_despite_swap() -> None:
+    p = plan_for(board(ram_available=2 * GiB, swap_total=8 * GiB, swap_free=8 * GiB))
+    assert p.memory.resident > 2 * GiB and p.verdict == "refuse"
+
+
+def test_unknown_memory_does_not_block() -> None:
+    p = plan_for(board(ram_total=None, ram_available=None, swap_total=None, swap_free=None))
+    assert p.verdict == "ok" and "not checked" in p.explanation
+
+
+def test_add_swap_suggested_when_it_would_help() -> None:
+    p = plan_for(board(), quantize="int8")
+    assert p.verdict == "refuse" and "Loading needs more than RAM plus free swap (int8" in p.explanation
+    assert any(s.startswith("add swap of at least") for s in p.suggestions)
+
+
+# --------------------------------------------------------------------------- memory arithmetic
+
+
+def test_kv_cache_formula() -> None:
+    facts = qwen25_05b()
+    m = estimate_memory(facts, "float32", "none", max_context=2048, max_batch=3)
+    assert m.kv_cache == 2 * 24 * 2 * 64 * 2048 * 3 * 4
+    assert m.runtime == RUNTIME_BYTES and m.load_peak == m.weights + RUNTIME_BYTES
+    assert m.steady == m.weights + m.kv_cache + m.activations + m.runtime
+    half = estimate_memory(facts, "bfloat16", "none", 2048, 3)
+    assert half.weights * 2 == m.weights and half.kv_cache * 2 == m.kv_cache
+
+
+def test_int8_keeps_embeddings_at_dtype() -> None:
+    untied, tied = qwen25_05b(False), qwen25_05b(True)
+    m = estimate_memory(untied, "float32", "int8", 512, 1)
+    linear = untied.param_count - untied.unquantized_params
+    assert m.weights == linear + untied.unquantized_params * 4
+    assert m.weights < untied.param_count * 4 / 2
+    # A tied lm_head becomes its own int8 copy of the embedding matrix.
+    t = estimate_memory(tied, "float32", "int8", 512, 1)
+    assert t.weights == (tied.param_count - tied.unquantized_params) + tied.unquantized_params * 4 + 151936 * 896
+    # Loading deep-copies the float model before quantizing (see INT8_LOAD_FLOAT_COPIES).
+    assert m.load_peak > 2 * untied.param_count * 4
+
+
+def test_judge_edges() -> None:
+    m = estimate_memory(qwen25_05b(), "float32", "none", 512, 1)
+    exact = board(ram_available=m.peak, swap_free=0)
+    assert judge(m, memory_budget(exact)) == "ok"
+    assert judge(m, memory_budget(replace(exact, ram_available=m.peak - 1))) == "refuse"
+
+
+def test_low_memory_threshold() -> None:
+    assert low_memory_threshold(board(), RuntimeConfig()) == 256 * MiB
+    assert low_memory_threshold(board(ram_total=32 * GiB), RuntimeConfig()) == int(32 * GiB * 0.05)
+    assert low_memory_threshold(board(), RuntimeConfig(low_memory_mb=100)) == 100 * MiB
+    assert plan_for(board()).low_memory_bytes == 256 * MiB
+
+
+# --------------------------------------------------------------------------- dtype and threads
+
+
+@pytest.mark.parametrize("arch, flags, expected", [
+    ("aarch64", {"fp", "asimd"}, "float32"),  # Pi 5: Cortex-A76 has no bf16
+    ("aarch64", {"fp", "asimd", "bf16"}, "bfloat16"),  # Neoverse V1, Graviton 3
+    ("x86_64", {"avx2", "avx512f"}, "float32"),  # AVX-512 alone does not compute bf16
+    ("x86_64", {"avx512f", "avx512_bf16"}, "bfloat16"),  # Zen 4, Cooper Lake
+    ("x86_64", {"amx_bf16", "amx_tile"}, "bfloat16"),  # Sapphire Rapids
+])
+def test_auto_dtype(arch: str, flags: set[str], expected: str) -> None:
+    assert choose_dtype(board(arch=arch, cpu_flags=frozenset(flags)), "auto") == expected
+
+
+def test_explicit_dtype_is_kept_with_a_note() -> None:
+    assert choose_dtype(board(), "float16") == "float16"
+    p = plan_for(board(ram_total=8 * GiB, ram_available=7 * GiB), dtype="bfloat16")
+    assert p.dtype == "bfloat16" and "no native bf16" in p.notes[0]
+
+
+def test_threads_on_boards() -> None:
+    assert plan_threads(board(), "auto", "auto") == (3, 1)  # Pi 5: leave a core for IO and neighbours
+    assert plan_threads(board(physical_cores=2, logical_cores=2), "auto", "auto") == (2, 1)
+    assert plan_threads(board(physical_cores=8, logical_cores=16), "auto", "auto") == (7, 1)
+    assert plan_threads(board(), 4, 2) == (4, 2)  # config wins
+    assert plan_threads(board(env_threads=2), "auto", "auto") == (2, 1)  # then OMP_NUM_THREADS
+
+
+def test_threads_respect_cpu_quota_and_affinity() -> None:
+    host = board(physical_cores=16, logical_cores=32)
+    assert plan_threads(replace(host, cpu_quota_cores=2.5), "auto", "auto") == (2, 1)
+    assert plan_threads(replace(host, cpu_quota_cores=0.5), "auto", "auto") == (1, 1)
+    assert plan_threads(replace(host, cpu_quota_cores=4.0), "auto", "auto") == (3, 1)
+    assert plan_threads(replace(host, affinity_cores=3), "auto", "auto") == (3, 1)
+
+
+# --------------------------------------------------------------------------- runtime guard
+
+
+class Feed:
+    def __init__(self, *values: int | None) -> None:
+        self.values = list(values)
+
+    def __call__(self) -> int | None:
+        return self.values.pop(0)
+
+
+def test_memory_guard_halves_and_recovers_with_hysteresis() -> None:
+    feed = Feed(1000, 90, 110, 130, 50, None)
+    guard = MemoryGuard(100, read_available=feed)
+    assert guard.batch_limit(16) == 16  # 1000: ok
+    assert guard.batch_limit(16) == 8  # 90: low
+    assert not guard.allow_generation()  # 110: still low (needs 125 to recover)
+    assert guard.allow_generation()  # 130: ok again
+    assert guard.batch_limit(1) == 1  # 50: low, but never below 1
+    assert guard.state() == "ok"  # unreadable counts as ok
+
+
+# --------------------------------------------------------------------------- purity and apply_threads
+
+
+def run_python(code: str, **env: str) -> str:
+    clean = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", code], env=clean | env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_planner_readings_doctor_do_not_import_torch() -> None:
+    out = run_python("import sys, llmqtt.planner, llmqtt.readings, llmqtt.doctor; print('torch' in sys.modules)")
+    assert out == "False"
+
+
+APPLY = """
+import os, sys
+from dataclasses import replace
+from llmqtt.planner import apply_threads, plan
+from llmqtt.config import ModelConfig, RuntimeConfig
+sys.path.insert(0, {tests!r})
+from test_planner import board, qwen25_05b
+p = replace(plan(board(), qwen25_05b(), ModelConfig(), RuntimeConfig()), threads=3, interop_threads=1)
+"""
+
+
+def test_apply_threads_before_torch_sets_env_only() -> None:
+    code = APPLY.format(tests=os.path.dirname(__file__)) + (
+        "apply_threads(p); print('torch' in sys.modules, os.environ['OMP_NUM_THREADS'],"
+        " os.environ['MKL_NUM_THREADS'])")
+    assert run_python(code) == "False 3 3"
+    code = APPLY.format(tests=os.path.dirname(__file__)) + "apply_threads(p); print(os.environ['OMP_NUM_THREADS'])"
+    assert run_python(code, OMP_NUM_THREADS="2") == "2"  # the operator's value stays
+
+
+def test_apply_threads_after_torch_sets_pools_and_tolerates_a_second_call() -> None:
+    code = APPLY.format(tests=os.path.dirname(__file__)) + (
+        "import torch\n"
+        "apply_threads(p)\n"
+        "torch.ones(1000, 1000) @ torch.ones(1000, 1000)\n"
+        "apply_threads(replace(p, threads=2, interop_threads=2))\n"
+        "print(torch.get_num_threads(), torch.get_num_interop_threads())")
+    assert run_python(code) == "2 1"
