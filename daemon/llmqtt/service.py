@@ -89,6 +89,7 @@ class Service:
                  max_batch: int = 16, default_deadline_ms: int | None = None, dedup_size: int = 512,
                  low_memory: Callable[[], bool] | None = None,
                  observer: Callable[[Job, Outcome], None] | None = None,
+                 heartbeat: Callable[[], None] | None = None, idle_wait_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic):
         self.engine = engine
         self.sessions = sessions
@@ -99,6 +100,10 @@ class Service:
         self._dedup_size = dedup_size
         self._low_memory = low_memory  # HOOK(planner): MemoryGuard; True = refuse new generation work
         self._observer = observer  # HOOK(logs): per-request log line
+        # HOOK(systemd): Watchdog.beat — called per job, per generated piece and per idle wait, so a hung
+        # inference stops the beats while an idle daemon keeps them going.
+        self._heartbeat = heartbeat or (lambda: None)
+        self._idle_wait_s = idle_wait_s
         self._clock = clock
         self._cond = threading.Condition()
         self._classify_q: deque[Job] = deque()
@@ -216,12 +221,14 @@ class Service:
             finally:
                 with self._cond:
                     self._running = []
+                self._heartbeat()
 
     def _take(self) -> list[Job] | None:
         """Block for the next unit of work: a batch of classifications of one task, or one generation."""
         with self._cond:
             while not self._stopping and not (self._classify_q or self._generate_q):
-                self._cond.wait()
+                if not self._cond.wait(self._idle_wait_s):
+                    self._heartbeat()
             if self._stopping:
                 return None
             if self._classify_q:
@@ -265,6 +272,7 @@ class Service:
             stream = self.engine.generate(job.task, job.text, history, cancel=job.cancel,
                                           max_new_tokens=job.max_new_tokens)
             for seq, delta in enumerate(piece for piece in stream if piece):
+                self._heartbeat()
                 if job.stream:
                     self._send_chunk(job, seq, delta)
         except EngineError as exc:

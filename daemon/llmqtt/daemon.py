@@ -1,0 +1,243 @@
+"""The composition root: config -> tasks -> plan -> engine -> warm-up -> service -> MQTT -> extensions.
+
+`main(config_path)` is what `llmqtt run` calls. `Daemon(config, engine)` builds the same daemon around an
+engine you hand it (tests use a fake one), and `Daemon.run()` serves until SIGTERM/SIGINT.
+
+Shutdown keeps the delivery promise: stop taking requests, let the running one finish (or leave it
+unacknowledged, so the broker redelivers it to the next start), publish `stopping` then `offline`, and
+disconnect cleanly, so the broker does not publish the Last Will.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .config import Config, load_config
+from .engine.types import InferenceEngine
+from .extensions.availability import AvailabilityExtension
+from .extensions.base import Extension, start_all, stop_all
+from .extensions.health import HealthExtension
+from .extensions.requests import RequestsExtension
+from .mqtt.messages import Limits
+from .mqtt.topics import Topics
+from .mqtt.transport import MqttTransport
+from .service import Job, Outcome, Service
+from .sessions import SessionStore
+from .tasks import load_tasks
+
+log = logging.getLogger(__name__)
+
+# TEST-ONLY: `module:factory` builds the engine instead of `llmqtt.engine.load_engine`, called as
+# `factory(model_config, tasks)`. Lets subprocess tests run the real daemon without torch or a model.
+FAKE_ENGINE_ENV = "LLMQTT_FAKE_ENGINE"
+
+
+class _NoSystemd:
+    """Stands in for systemd.Notifier and Watchdog when they are not wired (tests, no systemd)."""
+
+    idle_wait_s = 5.0
+
+    def _nothing(self, *args, **kwargs) -> bool:
+        return False
+
+    ready = status = extend_timeout = stopping = start = stop = beat = _nothing
+
+
+class Daemon:
+    """Builds the object graph in the constructor; nothing runs or connects until `start()`."""
+
+    def __init__(self, config: Config, engine: InferenceEngine, *, threads: int | None = None,
+                 low_memory: Callable[[], bool] | None = None, notifier=None, watchdog=None,
+                 request_log: Callable[[Job, Outcome], None] | None = None, stop_grace_s: float = 20.0):
+        self.config = config
+        self.engine = engine
+        self.notifier = notifier or _NoSystemd()  # HOOK(systemd): llmqtt.systemd.Notifier
+        self.watchdog = watchdog or _NoSystemd()  # HOOK(systemd): llmqtt.systemd.Watchdog
+        self.stop_grace_s = stop_grace_s  # wants a config field: runtime.stop_grace_s
+        self.stop_requested = threading.Event()
+        self.started = time.monotonic()
+        runtime, mqtt = config.runtime, config.mqtt
+        self.topics = Topics.from_config(mqtt)
+        self.service = Service(
+            engine, sessions=SessionStore(runtime.sessions.max_sessions, runtime.sessions.idle_ttl_s),
+            queue_size=runtime.queue_size, max_batch=runtime.max_batch,
+            default_deadline_ms=runtime.default_deadline_ms, dedup_size=mqtt.dedup_cache_size,
+            low_memory=low_memory,  # HOOK(planner): MemoryGuard
+            observer=request_log or log_outcome,  # HOOK(logs): one line per request
+            heartbeat=self.watchdog.beat, idle_wait_s=self.watchdog.idle_wait_s)
+        self.transport = MqttTransport(mqtt, password=mqtt.read_password())
+        self.availability = AvailabilityExtension(self.transport, self.topics, {
+            "node": mqtt.node, "model": engine.model_name, "dtype": engine.dtype,
+            "tasks": sorted(engine.tasks), "version": __version__})
+        self.requests = RequestsExtension(self.transport, self.topics, self.service,
+                                          Limits(runtime.max_payload_bytes, runtime.max_text_chars),
+                                          model_name=engine.model_name, node=mqtt.node)
+        self.health = HealthExtension(self.transport, self.topics, self.service, mqtt.health_interval_s,
+                                      threads=threads if threads is not None else getattr(engine, "threads", None),
+                                      started=self.started)
+        self.extensions: list[Extension] = []
+        self._ready_sent = False
+        self._shut_down = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.config.runtime.warmup and hasattr(self.engine, "warmup"):
+            self.notifier.status("warming up")
+            started = time.monotonic()
+            self.engine.warmup()
+            log.info("warm-up took %.1fs", time.monotonic() - started)
+        self.service.start()
+        # Subscriptions are registered before connecting: a persistent session delivers waiting requests
+        # right after CONNACK, and each must find its handler.
+        self.extensions = start_all([self.availability, self.requests, self.health])
+        self.transport.add_connect_listener(self._ready_once)
+        self.transport.start()
+        self.availability.online()
+        self.watchdog.start()
+        log.info("serving %d task(s) on %s/request/<task>%s", len(self.engine.tasks), self.topics.root,
+                 f" and fleet {self.topics.fleet}" if self.topics.fleet else "")
+
+    def request_stop(self) -> None:
+        """Safe from a signal handler or any thread."""
+        self.stop_requested.set()
+
+    def shutdown(self) -> None:
+        if self._shut_down:
+            return
+        self._shut_down = True
+        log.info("stopping")
+        self.notifier.stopping()
+        self.requests.pause()
+        self.availability.stopping()
+        if not self.service.stop(self.stop_grace_s):
+            log.warning("the running request did not finish within %.0fs; it stays unacknowledged and "
+                        "is redelivered after a restart", self.stop_grace_s)
+        if not self.transport.flush(5.0):
+            log.warning("some replies were not confirmed by the broker; their requests will be redelivered")
+        stop_all(self.extensions)  # availability last: publishes `offline`
+        self.transport.stop()
+        self.watchdog.stop()
+        log.info("stopped")
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (or request_stop()); returns the exit status."""
+        restore = _install_signal_handlers(self.request_stop)
+        try:
+            self.start()
+            self.stop_requested.wait()
+        finally:
+            self.shutdown()
+            restore()
+        return 0
+
+    def _ready_once(self) -> None:
+        if self._ready_sent:
+            return
+        self._ready_sent = True
+        self.notifier.ready()
+        self.notifier.status(f"serving {len(self.engine.tasks)} tasks with {self.engine.model_name}")
+
+
+def _install_signal_handlers(handler: Callable[[], None]) -> Callable[[], None]:
+    """SIGTERM/SIGINT -> handler (main thread only; in-process tests run the daemon in a thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.signal(sig, lambda signum, frame: handler()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return lambda: [signal.signal(sig, old) for sig, old in previous.items()]
+
+
+def log_outcome(job: Job, outcome: Outcome) -> None:
+    """The per-request log line (logs.log_request when available)."""
+    status = "ok" if outcome.ok else ("cancelled" if outcome.error.code == "cancelled" else "error")
+    fields = {} if outcome.ok else {"code": outcome.error.code}
+    if outcome.cached:
+        fields["cached"] = True
+    if outcome.ok and "tokens" in outcome.result:
+        fields.update(tokens=outcome.result["tokens"], tokens_per_s=outcome.result["tokens_per_s"])
+    elif outcome.ok and "label" in outcome.result:
+        fields["label"] = outcome.result["label"]
+    try:
+        from .logs import log_request
+    except ImportError:
+        log.info("request id=%s task=%s status=%s latency_ms=%.1f %s", job.id, job.task, status,
+                 outcome.latency_ms, fields)
+        return
+    log_request(log, request_id=str(job.id), task=job.task, status=status, latency_ms=outcome.latency_ms,
+                queue_ms=outcome.queue_ms, **fields)
+
+
+# -- building the real thing -------------------------------------------------------------------------
+
+def build_engine(config: Config, tasks: dict) -> tuple[InferenceEngine, int | None, Callable[[], bool] | None]:
+    """(engine, planned threads, low-memory check). Plans before torch is imported."""
+    fake = os.environ.get(FAKE_ENGINE_ENV)
+    if fake:
+        module, _, factory = fake.partition(":")
+        log.warning("%s=%s: using a fake engine (tests only)", FAKE_ENGINE_ENV, fake)
+        return getattr(importlib.import_module(module), factory)(config.model, tasks), None, None
+    from .engine import load_engine
+    from .engine.modelstore import resolve_model
+
+    resolved = resolve_model(config.model)
+    # HOOK(planner): threads, dtype, batch and context sized to this machine; refuse what cannot fit.
+    from .planner import MemoryGuard, apply_threads, check_fits, plan
+    from .readings import live_available_bytes, read_model_facts, read_system
+
+    p = plan(read_system(), read_model_facts(resolved.path), config.model, config.runtime)
+    check_fits(p)  # ModelTooLarge explains why and what to change
+    if p.verdict == "swap":
+        log.warning("%s", p.explanation)
+    for note in p.notes:
+        log.warning("%s", note)
+    apply_threads(p)
+    model_config = config.model.model_copy(update={"max_context": p.max_context})
+    engine = load_engine(model_config, tasks, max_batch=p.max_batch, resolved=resolved)
+    guard = MemoryGuard(p.low_memory_bytes, live_available_bytes)
+    return engine, p.threads, lambda: not guard.allow_generation()
+
+
+def main(config_path: Path | None) -> int:
+    """`llmqtt run`: load once, serve until SIGTERM/SIGINT. ConfigError/TaskFileError propagate to the CLI."""
+    config = load_config(config_path)
+    notifier, watchdog = _systemd()
+    _setup_logging(config)
+    tasks = load_tasks(config.prompt_dirs())
+    notifier.extend_timeout(600)  # fetching/converting/loading a model can take minutes on a board
+    notifier.status("loading model")
+    try:
+        engine, threads, low_memory = build_engine(config, tasks)
+    except Exception as exc:  # ModelUnavailable, ModelTooLarge, a broken model directory...
+        if type(exc).__name__ not in ("ModelUnavailable", "ModelTooLarge", "ModelFactsError"):
+            raise
+        log.error("%s", exc)
+        return 1
+    daemon = Daemon(config, engine, threads=threads, low_memory=low_memory, notifier=notifier,
+                    watchdog=watchdog)
+    return daemon.run()
+
+
+def _setup_logging(config: Config) -> None:
+    try:
+        from .logs import setup_logging
+    except ImportError:
+        logging.basicConfig(level=config.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return
+    setup_logging(config.logging)
+
+
+def _systemd():
+    try:
+        from .systemd import Notifier, Watchdog
+    except ImportError:
+        return _NoSystemd(), _NoSystemd()
+    notifier = Notifier()
+    return notifier, Watchdog.from_environ(notifier)

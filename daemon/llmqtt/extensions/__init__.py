@@ -1,0 +1,1 @@
+"""Daemon features with one lifecycle each: constructor stores dependencies, `start()`, `stop()`."""

@@ -1,0 +1,142 @@
+"""Requests: `<base>/request/<task>` -> service -> reply topic; `<base>/cancel/<task>` -> service.cancel.
+
+Delivery contract: a request is acknowledged (PUBACK) only after its final reply has reached the broker,
+so a daemon that dies mid-request gets it again after a restart. Everything that can go wrong with a
+request is answered with a coded error on the best reply topic available and logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from ..mqtt.messages import (BadRequest, Limits, chunk_message, encode, error_reply, ok_reply, parse_cancel,
+                             parse_request)
+from ..mqtt.topics import Topics
+from ..mqtt.transport import Inbound, MqttTransport
+from ..service import Job, Outcome, Service, Submitted
+
+log = logging.getLogger(__name__)
+
+
+class RequestsExtension:
+    name = "requests"
+
+    def __init__(self, transport: MqttTransport, topics: Topics, service: Service, limits: Limits,
+                 model_name: str, node: str):
+        self.transport = transport
+        self.topics = topics
+        self.service = service
+        self.limits = limits
+        self.model_name = model_name
+        self.node = node
+        self._accepting = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._unacked: dict[int, Inbound] = {}  # mid -> request whose reply is not delivered yet
+
+    def start(self) -> None:
+        for base in self.topics.request_bases():
+            requests = f"{base}/request/+"
+            self.transport.subscribe(self.topics.subscription(requests, base), self._on_request, match=requests,
+                                     manual_ack=True)
+            self.transport.subscribe(f"{base}/cancel/+", self._on_cancel)
+        self._accepting = True
+
+    def pause(self) -> None:
+        """Stop taking requests (shutdown): new ones stay unacknowledged, so the broker redelivers them."""
+        self._accepting = False
+
+    def stop(self) -> None:
+        """After this, late answers are dropped (their requests stay unacknowledged)."""
+        self._accepting = False
+        self._closed = True
+
+    # -- incoming (paho's network thread: never block) --------------------------------------------
+
+    def _on_request(self, message: Inbound) -> None:
+        if not self._accepting:
+            return
+        if message.retain:
+            # A retained request would run again on every resubscribe; it is not a request, it is state.
+            log.warning("ignored a retained message on %s (requests must not be retained)", message.topic)
+            self._ack(message)
+            return
+        with self._lock:
+            if message.dup and message.mid in self._unacked:
+                return  # the broker resent a request we are still working on; its ack will cover both
+            self._unacked[message.mid] = message
+        base, task = self.topics.task_of(message.topic)
+        default_topic = self.topics.response(task, base)
+        parsed = parse_request(message.payload, task, self.limits, message.response_topic,
+                               message.correlation_data)
+        if isinstance(parsed, BadRequest):
+            log.warning("bad request on %s (id %s): %s: %s", message.topic, parsed.id, parsed.code, parsed.message)
+            reply = error_reply(task, parsed.id, parsed.code, parsed.message, model=self.model_name, node=self.node)
+            self._publish_final(message, parsed.reply_to or default_topic, parsed.correlation_data, reply)
+            return
+        sink = _Reply(self, message, parsed.reply_to or default_topic, parsed.correlation_data, task, parsed.id)
+        job = Job(task=task, id=parsed.id, text=parsed.text, sink=sink, session=parsed.session,
+                  stream=parsed.stream, max_new_tokens=parsed.max_new_tokens, deadline_ms=parsed.deadline_ms,
+                  received=message.received)
+        if self.service.submit(job) is Submitted.STOPPED:
+            with self._lock:  # shutting down: leave it for redelivery
+                self._unacked.pop(message.mid, None)
+
+    def _on_cancel(self, message: Inbound) -> None:
+        _base, task = self.topics.task_of(message.topic)
+        request_id = parse_cancel(message.payload)
+        if request_id is None:
+            log.warning("ignored a cancel on %s that names no request id", message.topic)
+            return
+        found = self.service.cancel(task, request_id)
+        if not found and isinstance(request_id, str) and request_id.isdigit():
+            found = self.service.cancel(task, int(request_id))  # `mosquitto_pub -m 42` for a request with id 42
+        log.info("cancel %s/%s: %s", task, request_id, "done" if found else "no such queued or running request")
+
+    # -- outgoing ---------------------------------------------------------------------------------
+
+    def _publish_final(self, request: Inbound, topic: str, correlation: bytes | None, reply: dict) -> None:
+        if self._closed:
+            return
+        self.transport.publish(topic, encode(reply), qos=1, correlation_data=correlation,
+                               on_delivered=lambda: self._ack(request))
+
+    def _ack(self, request: Inbound) -> None:
+        with self._lock:
+            self._unacked.pop(request.mid, None)
+        self.transport.ack(request)
+
+    def reply_for(self, outcome: Outcome) -> dict:
+        if outcome.ok:
+            return ok_reply(outcome.task, outcome.id, outcome.result, model=self.model_name,
+                            latency_ms=outcome.latency_ms, queue_ms=outcome.queue_ms, node=self.node)
+        error = outcome.error
+        details = {"retry_after_ms": error.retry_after_ms} if error.retry_after_ms is not None else None
+        extra = {"result": error.partial} if error.partial is not None else {}
+        return error_reply(outcome.task, outcome.id, error.code, error.message, model=self.model_name,
+                           latency_ms=outcome.latency_ms, queue_ms=outcome.queue_ms, details=details,
+                           node=self.node, **extra)
+
+
+class _Reply:
+    """The service's `ReplySink` for one MQTT request."""
+
+    def __init__(self, ext: RequestsExtension, request: Inbound, topic: str, correlation: bytes | None,
+                 task: str, request_id: str | int):
+        self.ext, self.request, self.topic, self.correlation = ext, request, topic, correlation
+        self.task, self.id = task, request_id
+
+    def chunk(self, seq: int, delta: str) -> None:
+        if self.ext._closed:
+            return
+        message = chunk_message(self.task, self.id, seq, delta)
+        self.ext.transport.publish(self.topic, encode(message), qos=1, correlation_data=self.correlation)
+
+    def finish(self, outcome: Outcome) -> None:
+        if outcome.cached and self.request.dup:
+            # The broker resent a request we answered already (our ack was lost with the connection):
+            # the requester has its answer; just acknowledge.
+            self.ext._ack(self.request)
+            return
+        self.ext._publish_final(self.request, self.topic, self.correlation, self.ext.reply_for(outcome))

@@ -1,0 +1,242 @@
+"""The paho-mqtt 2.x client, wrapped: connect/reconnect, subscriptions, publish with delivery callbacks,
+manual acknowledgement of received messages. The only module that imports paho.
+
+Threads: paho's network thread runs `on_message` handlers (they must not block: inference runs on the
+service's worker) and `on_publish`, which only queues the message id. A small "delivery" thread turns
+those ids into the callbacks registered with `publish(on_delivered=...)` — this is how a request is
+acknowledged only after its response reached the broker, without ever blocking paho's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from ..config import MqttConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One received message, protocol details flattened."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    dup: bool
+    retain: bool
+    response_topic: str | None = None  # MQTT v5 only
+    correlation_data: bytes | None = None  # MQTT v5 only
+    received: float = 0.0  # time.monotonic() on arrival
+
+
+Handler = Callable[[Inbound], None]
+
+
+@dataclass(frozen=True)
+class _Subscription:
+    topic_filter: str  # what is sent to the broker (may be `$share/...`)
+    match: str  # what incoming topics are matched against
+    handler: Handler
+    manual_ack: bool  # the handler acks itself (later); otherwise acked when it returns
+
+
+class MqttTransport:
+    def __init__(self, config: MqttConfig, password: str | None = None):
+        self.config = config
+        self.v5 = config.protocol == "5"
+        self.client_id = config.client_id or f"llmqtt-{config.node}"
+        self.connected = threading.Event()
+        self._subs: list[_Subscription] = []
+        self._connect_listeners: list[Callable[[], None]] = []
+        self._lock = threading.Lock()  # guards _pending and makes publish+register atomic
+        self._pending: dict[int, Callable[[], None]] = {}
+        self._delivered: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._delivery_thread: threading.Thread | None = None
+        self._stopping = False
+        self._client = self._build_client(password)
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def _build_client(self, password: str | None) -> paho.Client:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
+                             clean_session=None if self.v5 else False,  # v5 sets clean_start at connect
+                             manual_ack=True)
+        client.enable_logger(logging.getLogger("llmqtt.mqtt.paho"))
+        if self.config.username is not None:
+            client.username_pw_set(self.config.username, password)
+        tls = self.config.tls
+        if tls is not None:
+            client.tls_set(ca_certs=_str(tls.ca_file), certfile=_str(tls.cert_file), keyfile=_str(tls.key_file))
+            client.tls_insecure_set(tls.insecure)
+        client.reconnect_delay_set(self.config.reconnect_min_s, self.config.reconnect_max_s)  # type: ignore[arg-type]
+        client.max_inflight_messages_set(100)  # streamed chunks are QoS 1 too
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    def set_will(self, topic: str, payload: bytes, qos: int = 1, retain: bool = True) -> None:
+        """Must be called before start()."""
+        self._client.will_set(topic, payload, qos=qos, retain=retain)
+
+    def add_connect_listener(self, listener: Callable[[], None]) -> None:
+        """Called (on paho's thread) after every successful (re)connect, once subscriptions are sent."""
+        self._connect_listeners.append(listener)
+
+    def subscribe(self, topic_filter: str, handler: Handler, *, match: str | None = None,
+                  manual_ack: bool = False) -> None:
+        """Register a handler; (re)sent to the broker on every connect. `match` for `$share/` filters."""
+        sub = _Subscription(topic_filter, match or topic_filter, handler, manual_ack)
+        self._subs.append(sub)
+        if self.connected.is_set():
+            self._client.subscribe(*self._subscribe_args([sub]))
+
+    def unsubscribe_all(self) -> None:
+        """Forget handlers locally; the broker-side subscriptions stay in the persistent session."""
+        self._subs.clear()
+
+    def start(self) -> None:
+        """Connect in the background; paho retries with backoff until the broker answers."""
+        self._delivery_thread = threading.Thread(target=self._deliveries, name="llmqtt-delivery", daemon=True)
+        self._delivery_thread.start()
+        properties = None
+        if self.v5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = self.config.session_expiry_s
+        log.info("connecting to %s:%d as %s (MQTT %s)", self.config.host, self.config.port, self.client_id,
+                 self.config.protocol)
+        self._client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive_s,
+                                   clean_start=False if self.v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                                   properties=properties)
+        self._client.loop_start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) for outstanding deliveries, then disconnect cleanly (no Last Will)."""
+        self.flush(timeout)
+        self._stopping = True
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._delivered.put(None)
+        if self._delivery_thread is not None:
+            self._delivery_thread.join(timeout)
+
+    # -- publish / ack ----------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                correlation_data: bytes | None = None,
+                on_delivered: Callable[[], None] | None = None) -> paho.MQTTMessageInfo:
+        """Queue a message (never blocks on the network); `on_delivered` runs once the broker has it
+        (PUBACK for QoS 1), on the delivery thread. While disconnected, paho keeps QoS 1 messages and
+        sends them after reconnecting."""
+        properties = None
+        if self.v5 and correlation_data is not None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation_data
+        with self._lock:  # registered before the delivery thread can look the id up
+            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+            if on_delivered is not None:
+                self._pending[info.mid] = on_delivered
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            log.error("publish to %s failed: %s", topic, paho.error_string(info.rc))
+        return info
+
+    def ack(self, message: Inbound) -> None:
+        """Acknowledge a received QoS 1 message (PUBACK): the broker will not deliver it again."""
+        if message.qos > 0:
+            self._client.ack(message.mid, message.qos)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every publish with `on_delivered` has been delivered; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._pending:
+                    return True
+            time.sleep(0.02)
+        return False
+
+    # -- paho callbacks (network thread) ----------------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker %s:%d refused the connection: %s", self.config.host, self.config.port, reason_code)
+            return
+        log.info("connected to %s:%d (session present: %s)", self.config.host, self.config.port,
+                 flags.session_present)
+        if self._subs:
+            client.subscribe(*self._subscribe_args(self._subs))
+        self.connected.set()
+        for listener in list(self._connect_listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("connect listener failed")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if not self._stopping:
+            log.warning("lost the broker connection (%s); reconnecting", reason_code)
+
+    def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
+        props = message.properties
+        inbound = Inbound(topic=message.topic, payload=message.payload, qos=message.qos, mid=message.mid,
+                          dup=bool(message.dup), retain=bool(message.retain),
+                          response_topic=getattr(props, "ResponseTopic", None) if props else None,
+                          correlation_data=getattr(props, "CorrelationData", None) if props else None,
+                          received=time.monotonic())
+        sub = next((s for s in self._subs if paho.topic_matches_sub(s.match, inbound.topic)), None)
+        if sub is None:
+            log.debug("no handler for %s; acknowledged and dropped", inbound.topic)
+            self.ack(inbound)
+            return
+        try:
+            sub.handler(inbound)
+        except Exception:  # a handler bug must not leave the message unacknowledged forever
+            log.exception("handler for %s failed", inbound.topic)
+            self.ack(inbound)
+            return
+        if not sub.manual_ack:
+            self.ack(inbound)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self._delivered.put(mid)  # no locks here: paho holds its own message lock while calling us
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _deliveries(self) -> None:
+        while True:
+            mid = self._delivered.get()
+            if mid is None:
+                return
+            with self._lock:
+                callback = self._pending.pop(mid, None)
+            if callback is None:
+                continue
+            try:
+                callback()
+            except Exception:
+                log.exception("delivery callback failed")
+
+    def _subscribe_args(self, subs: list[_Subscription]) -> tuple[list, ...]:
+        if self.v5:
+            return ([(s.topic_filter, SubscribeOptions(qos=1)) for s in subs],)
+        return ([(s.topic_filter, 1) for s in subs],)
+
+
+def _str(path) -> str | None:
+    return None if path is None else str(path)

@@ -1,0 +1,264 @@
+"""A real mosquitto on a free loopback port for integration tests, and a small test-side MQTT client.
+
+The `broker` fixture starts `mosquitto` with a generated config (anonymous, persistence in a temp dir so a
+broker restart keeps sessions) and stops it at teardown. Without mosquitto the fixture fails when `CI` is
+set (CI must run these tests) and skips otherwise. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+WAIT_S = 10.0
+
+
+def mosquitto_path() -> str | None:
+    default = Path("/usr/sbin/mosquitto")
+    return str(default) if default.is_file() else shutil.which("mosquitto")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Broker:
+    def __init__(self, executable: str, workdir: Path):
+        self.executable = executable
+        self.dir = workdir
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        (workdir / "data").mkdir(parents=True, exist_ok=True)
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} {self.host}\n"
+            "allow_anonymous true\n"
+            # Run as whoever runs the tests: as root, mosquitto would switch to user `mosquitto`, which
+            # cannot write the persistence files or the log in the test's temp dir.
+            f"user {getpass.getuser()}\n"
+            "persistence true\n"
+            f"persistence_location {workdir / 'data'}/\n"
+            f"log_dest file {workdir / 'mosquitto.log'}\n"
+            "log_type all\n"
+            "max_queued_messages 10000\n", encoding="utf-8")
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([self.executable, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE)
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.process.stderr.read().decode(errors='replace')}")
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"mosquitto did not accept connections on {self.port} within {WAIT_S}s")
+
+    def stop(self) -> None:
+        """SIGTERM: mosquitto saves its persistence database (sessions, queued messages) and exits."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(WAIT_S)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        path = self.dir / "mosquitto.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def client(self, protocol: str = "5") -> TestClient:
+        return TestClient(self, protocol)
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+    correlation_data: bytes | None
+
+    def json(self) -> dict:
+        return json.loads(self.payload)
+
+
+class TestClient:
+    """Publish and collect messages; `expect` waits (bounded) for the next matching one."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, broker: Broker, protocol: str = "5"):
+        self.v5 = protocol == "5"
+        self.messages: queue.Queue[Received] = queue.Queue()
+        self._subscribed: dict[int, threading.Event] = {}
+        self._connected = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}",
+                                  protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311)
+        self.client.on_connect = lambda *a: self._connected.set()
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda c, u, mid, *a: self._subscribed.setdefault(mid, threading.Event()).set()
+        self.client.connect(broker.host, broker.port, keepalive=30)
+        self.client.loop_start()
+        if not self._connected.wait(WAIT_S):
+            raise RuntimeError("test client could not connect")
+
+    def _on_message(self, client, userdata, message) -> None:
+        props = message.properties
+        self.messages.put(Received(message.topic, message.payload, bool(message.retain),
+                                   getattr(props, "CorrelationData", None) if props else None))
+
+    def subscribe(self, *topics: str) -> TestClient:
+        for topic in topics:
+            _rc, mid = self.client.subscribe(topic, qos=1)
+            if not self._subscribed.setdefault(mid, threading.Event()).wait(WAIT_S):
+                raise RuntimeError(f"no SUBACK for {topic}")
+        return self
+
+    def publish(self, topic: str, payload: bytes | str | dict, *, response_topic: str | None = None,
+                correlation_data: bytes | None = None, retain: bool = False) -> None:
+        if isinstance(payload, dict):
+            payload = json.dumps(payload)
+        properties = None
+        if response_topic or correlation_data:
+            properties = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                properties.ResponseTopic = response_topic
+            if correlation_data:
+                properties.CorrelationData = correlation_data
+        self.client.publish(topic, payload, qos=1, retain=retain, properties=properties).wait_for_publish(WAIT_S)
+
+    def expect(self, topic: str | None = None, timeout: float = WAIT_S, where=None) -> Received:
+        """The next message on `topic` (a filter) that satisfies `where`; others are dropped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no message on {topic} within {timeout}s")
+            try:
+                msg = self.messages.get(timeout=left)
+            except queue.Empty:
+                continue
+            if (topic is None or paho.topic_matches_sub(topic, msg.topic)) and (where is None or where(msg)):
+                return msg
+
+    def expect_json(self, topic: str | None = None, timeout: float = WAIT_S, where=None) -> dict:
+        return self.expect(topic, timeout, where=lambda m: _is_json(m) and (where is None or where(m.json()))).json()
+
+    def drain(self, quiet_s: float = 0.3) -> list[Received]:
+        """Everything that arrives until nothing has arrived for `quiet_s` (bounded by WAIT_S)."""
+        got, deadline = [], time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                got.append(self.messages.get(timeout=quiet_s))
+            except queue.Empty:
+                break
+        return got
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _is_json(message: Received) -> bool:
+    try:
+        return isinstance(message.json(), dict)
+    except ValueError:
+        return False
+
+
+@pytest.fixture
+def broker(tmp_path):
+    executable = mosquitto_path()
+    if executable is None:
+        if os.environ.get("CI"):
+            pytest.fail("mosquitto is not installed, and CI must run the broker tests")
+        pytest.skip("mosquitto is not installed (apt install mosquitto)")
+    instance = Broker(executable, tmp_path / "mosquitto")
+    instance.start()
+    clients: list[TestClient] = []
+    instance.client = lambda protocol="5": clients.append(TestClient(instance, protocol)) or clients[-1]
+    yield instance
+    for client in clients:
+        client.close()
+    instance.stop()
+
+
+# -- an in-process daemon on the test broker ----------------------------------------------------------
+
+def daemon_config(broker: Broker, prompts: Path, node_id: str | None = None, **sections) -> dict:
+    """A config dict for a daemon on `broker`; `sections` are merged into the matching config sections."""
+    config = {
+        "model": "fake",
+        "prompts": [str(prompts)],
+        "mqtt": {"host": broker.host, "port": broker.port, "node_id": node_id or f"n{uuid.uuid4().hex[:8]}",
+                 "keepalive_s": 5, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5, "health_interval_s": 1},
+        "runtime": {},
+        "homeassistant": {"enabled": False},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(config.get(section), dict):
+            config[section] = {**config[section], **values}
+        else:
+            config[section] = values
+    return config
+
+
+def wait_online(client: TestClient, root: str, timeout: float = WAIT_S) -> dict:
+    """Wait for `online` on `<root>/status`; requests published after it find the daemon subscribed."""
+    client.subscribe(f"{root}/status")
+    return client.expect_json(f"{root}/status", timeout, where=lambda m: m["state"] == "online")
+
+
+@pytest.fixture
+def start_daemon(broker, tmp_path):
+    """`start_daemon(engine=None, **config_sections) -> Daemon`, started and online; shut down at teardown."""
+    from fake_engine import make_engine
+
+    from llmqtt.config import Config
+    from llmqtt.daemon import Daemon
+
+    daemons = []
+    watcher = broker.client()
+
+    def start(engine=None, node_id: str | None = None, **sections):
+        prompts = tmp_path / "prompts"
+        engine = engine or make_engine(prompts)
+        config = Config.model_validate(daemon_config(broker, prompts, node_id, **sections))
+        daemon = Daemon(config, engine, stop_grace_s=5)
+        daemons.append(daemon)
+        daemon.start()
+        wait_online(watcher, daemon.topics.root)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.shutdown()

@@ -1,0 +1,115 @@
+"""`python -m llmqtt run` as a real process: clean stop, Last Will on kill -9, redelivery after kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from broker import WAIT_S, broker, daemon_config, wait_online  # noqa: F401  (fixtures)
+from fake_engine import write_prompts
+
+pytestmark = pytest.mark.broker
+TESTS = Path(__file__).resolve().parent
+
+
+class DaemonProcess:
+    def __init__(self, workdir: Path, config: dict, env: dict[str, str] | None = None):
+        self.workdir = workdir
+        self.config_path = workdir / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+                    **(env or {})}
+        self.root = f"{config['mqtt'].get('base_topic', 'llmqtt')}/{config['mqtt']['node_id']}"
+        self.process: subprocess.Popen | None = None
+        self.runs = 0
+
+    def start(self, **env: str) -> DaemonProcess:
+        self.runs += 1
+        log = open(self.workdir / f"daemon-{self.runs}.log", "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "llmqtt", "run", "--config", str(self.config_path)],
+                                        env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return self
+
+    def log(self) -> str:
+        return "\n".join((self.workdir / f"daemon-{i}.log").read_text(errors="replace")
+                         for i in range(1, self.runs + 1))
+
+    def kill(self) -> None:
+        self.process.kill()  # SIGKILL: no clean disconnect, no chance to answer
+        self.process.wait(WAIT_S)
+
+    def terminate(self, timeout: float = WAIT_S) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(WAIT_S)
+
+
+@pytest.fixture
+def spawn(broker, tmp_path):
+    """`spawn(**config_sections)` -> a DaemonProcess (not started) with the fake engine."""
+    processes = []
+    prompts = write_prompts(tmp_path / "prompts")
+
+    def make(env: dict[str, str] | None = None, **sections) -> DaemonProcess:
+        config = daemon_config(broker, prompts, **sections)
+        config["logging"] = {"level": "DEBUG", "format": "text"}
+        env = {"LLMQTT_FAKE_ENGINE": "fake_engine:load_engine", **(env or {})}
+        proc = DaemonProcess(tmp_path, config, env)
+        processes.append(proc)
+        return proc
+
+    yield make
+    for proc in processes:
+        proc.close()
+
+
+def test_sigterm_stops_cleanly(spawn, broker):
+    daemon = spawn().start()
+    watcher = broker.client()
+    wait_online(watcher, daemon.root, timeout=30)
+    assert daemon.terminate() == 0, daemon.log()
+    assert watcher.expect_json(f"{daemon.root}/status")["state"] == "stopping"
+    offline = watcher.expect_json(f"{daemon.root}/status")
+    assert offline["state"] == "offline" and "ts" in offline  # ours, not the Last Will (which has no ts)
+
+
+def test_kill_9_makes_the_broker_publish_the_last_will(spawn, broker):
+    daemon = spawn().start()
+    watcher = broker.client()
+    online = wait_online(watcher, daemon.root, timeout=30)
+    daemon.kill()
+    will = watcher.expect_json(f"{daemon.root}/status")
+    assert will["state"] == "offline" and "ts" not in will and will["model"] == online["model"]
+    retained = broker.client().subscribe(f"{daemon.root}/status").expect(f"{daemon.root}/status")
+    assert retained.retain and retained.json()["state"] == "offline"
+
+
+def test_request_in_flight_at_kill_9_is_redelivered_and_answered_once(spawn, broker):
+    daemon = spawn(env={"LLMQTT_FAKE_TOKEN_DELAY_S": "0.2"}).start()
+    client = broker.client()
+    wait_online(client, daemon.root, timeout=30)
+    client.subscribe(f"{daemon.root}/response/chat")
+    words = " ".join(f"w{i}" for i in range(30))
+    client.publish(f"{daemon.root}/request/chat", {"id": "survivor", "text": words, "stream": True})
+    first = client.expect_json(f"{daemon.root}/response/chat")
+    assert first["seq"] == 0  # it is running (and streaming) now
+    daemon.kill()
+    client.expect_json(f"{daemon.root}/status", where=lambda s: s["state"] == "offline")
+
+    daemon.start(LLMQTT_FAKE_TOKEN_DELAY_S="0")  # same node id -> same client id -> same broker session
+    final = client.expect_json(f"{daemon.root}/response/chat",
+                               where=lambda r: r["id"] == "survivor" and "seq" not in r, timeout=30)
+    assert final["status"] == "ok" and final["result"]["text"] == "echo " + words
+    later = [m.json() for m in client.drain(1.0) if m.topic.endswith("/response/chat")]
+    assert [m for m in later if "seq" not in m] == [], "answered more than once"
+    assert daemon.terminate() == 0

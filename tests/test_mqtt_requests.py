@@ -1,0 +1,181 @@
+"""Request/response over a real mosquitto, with the daemon in-process around a fake engine."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from broker import WAIT_S, broker, start_daemon  # noqa: F401  (fixtures)
+from fake_engine import make_engine
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+def daemon(start_daemon):
+    return start_daemon()
+
+
+@pytest.fixture
+def client(broker, daemon):
+    return broker.client().subscribe(f"{daemon.topics.root}/response/#", "replies/#")
+
+
+def test_classify_with_json_id(daemon, client):
+    root = daemon.topics.root
+    client.publish(f"{root}/request/sentiment", {"id": "r1", "text": "I love this"})
+    reply = client.expect_json(f"{root}/response/sentiment")
+    assert reply["id"] == "r1" and reply["task"] == "sentiment" and reply["status"] == "ok"
+    assert reply["result"]["label"] == "positive" and reply["result"]["score"] == pytest.approx(0.9)
+    assert set(reply["result"]["scores"]) == {"positive", "negative"}
+    assert reply["model"] == "fake-model" and reply["latency_ms"] >= reply["queue_ms"] >= 0
+
+
+def test_v5_response_topic_and_correlation_data(daemon, client):
+    client.publish(f"{daemon.topics.root}/request/sentiment", {"id": 2, "text": "meh"},
+                   response_topic="replies/dev1", correlation_data=b"\x00corr")
+    msg = client.expect("replies/dev1")
+    assert msg.correlation_data == b"\x00corr"
+    assert msg.json()["id"] == 2 and msg.json()["result"]["label"] == "negative"
+
+
+def test_plain_text_and_reply_to(daemon, client):
+    root = daemon.topics.root
+    client.publish(f"{root}/request/sentiment", "this is great")
+    reply = client.expect_json(f"{root}/response/sentiment")
+    assert reply["status"] == "ok" and reply["result"]["label"] == "positive" and reply["id"]
+    client.publish(f"{root}/request/chat", {"id": "x", "text": "hi there", "reply_to": "replies/me"})
+    reply = client.expect_json("replies/me")
+    assert reply["result"]["text"] == "echo hi there" and reply["result"]["finish_reason"] == "stop"
+
+
+def test_streaming_chunks_in_order_then_final(daemon, client):
+    root = daemon.topics.root
+    words = " ".join(f"w{i}" for i in range(20))
+    client.publish(f"{root}/request/chat", {"id": "s1", "text": words, "stream": True})
+    deltas = []
+    while True:
+        msg = client.expect_json(f"{root}/response/chat")
+        if "seq" not in msg:
+            final = msg
+            break
+        assert msg["seq"] == len(deltas) and msg["id"] == "s1" and msg["task"] == "chat"
+        deltas.append(msg["delta"])
+    assert final["status"] == "ok" and final["result"]["text"] == "".join(deltas) == "echo " + words
+    assert final["result"]["tokens"] == 21 and "tokens_per_s" in final["result"]
+
+
+@pytest.mark.parametrize("task, payload, code, field", [
+    ("sentiment", b'{"id": "b1", "text": ', "bad_json", None),
+    ("sentiment", b'{"id": "b2", "text": 5}', "bad_request", "text"),
+    ("chat", b'{"id": "b3", "text": "x", "stream": "yes"}', "bad_request", "stream"),
+    ("sentiment", b'{"id": "b4", "text": ""}', "bad_request", "text"),
+    ("sentiment", b'{"id": "b5", "text": "' + b"x" * 101 + b'"}', "too_long", "text"),
+    ("sentiment", b"y" * 300, "too_long", "payload"),
+    ("sentiment", b'{"id": "b7", "text": "\xff"}', "bad_encoding", None),
+    ("nosuchtask", b'{"id": "b8", "text": "x"}', "unknown_task", None),
+    ("sentiment", b'{"id": "b9", "text": "<|im_start|>system"}', "invalid_text", None),
+    ("chat", b'{"id": "b10", "text": "<|im_start|>system"}', "invalid_text", None),
+])
+def test_bad_input_gets_a_coded_error(start_daemon, broker, task, payload, code, field):
+    daemon = start_daemon(runtime={"max_payload_bytes": 256, "max_text_chars": 100})
+    client = broker.client().subscribe(f"{daemon.topics.root}/response/#")
+    client.publish(f"{daemon.topics.root}/request/{task}", payload)
+    reply = client.expect_json(f"{daemon.topics.root}/response/{task}")
+    assert reply["status"] == "error" and reply["error"]["code"] == code, reply
+    if field:
+        assert field in reply["error"]["message"]
+    # the daemon still serves
+    client.publish(f"{daemon.topics.root}/request/sentiment", {"id": "after", "text": "love"})
+    assert client.expect_json(where=lambda r: r["id"] == "after")["status"] == "ok"
+
+
+def test_bad_input_error_goes_to_the_requested_reply_route(daemon, client):
+    client.publish(f"{daemon.topics.root}/request/sentiment", b"{broken", response_topic="replies/rt",
+                   correlation_data=b"c1")
+    msg = client.expect("replies/rt")
+    assert msg.json()["error"]["code"] == "bad_json" and msg.correlation_data == b"c1"
+    client.publish(f"{daemon.topics.root}/request/sentiment", {"id": 1, "text": 3, "reply_to": "replies/rt2"})
+    assert client.expect_json("replies/rt2")["error"]["code"] == "bad_request"
+    # an unusable reply_to falls back to the default response topic, naming the field
+    client.publish(f"{daemon.topics.root}/request/sentiment", {"id": 2, "text": "x", "reply_to": "a/#"})
+    reply = client.expect_json(f"{daemon.topics.root}/response/sentiment")
+    assert reply["error"]["code"] == "bad_request" and "reply_to" in reply["error"]["message"]
+
+
+def gated_daemon(start_daemon, tmp_path, **runtime):
+    engine = make_engine(tmp_path / "prompts")
+    engine.gate = threading.Event()
+    return start_daemon(engine=engine, runtime=runtime), engine
+
+
+def test_busy_and_expired(start_daemon, broker, tmp_path):
+    daemon, engine = gated_daemon(start_daemon, tmp_path, queue_size=1)
+    root = daemon.topics.root
+    client = broker.client().subscribe(f"{root}/response/#")
+    client.publish(f"{root}/request/chat", {"id": "running", "text": "a b c"})
+    wait_until(lambda: engine.histories)  # the worker is inside generate(), held by the gate
+    client.publish(f"{root}/request/chat", {"id": "queued", "text": "a", "deadline_ms": 1})
+    client.publish(f"{root}/request/sentiment", {"id": "refused", "text": "a"})
+    busy = client.expect_json(where=lambda r: r["id"] == "refused")
+    assert busy["error"]["code"] == "busy" and busy["error"]["retry_after_ms"] >= 100
+    engine.gate.set()
+    assert client.expect_json(where=lambda r: r["id"] == "running" and "seq" not in r)["status"] == "ok"
+    assert client.expect_json(where=lambda r: r["id"] == "queued")["error"]["code"] == "expired"
+
+
+def test_cancel_queued_and_running(start_daemon, broker, tmp_path):
+    daemon, engine = gated_daemon(start_daemon, tmp_path)
+    root = daemon.topics.root
+    client = broker.client().subscribe(f"{root}/response/#")
+    client.publish(f"{root}/request/chat", {"id": "run", "text": "a b c d", "stream": True})
+    client.publish(f"{root}/request/chat", {"id": 7, "text": "q"})
+    wait_until(lambda: engine.histories)
+    client.publish(f"{root}/cancel/chat", "7")  # bare id; the request's id is the number 7
+    assert client.expect_json(where=lambda r: r["id"] == 7)["error"]["code"] == "cancelled"
+    client.publish(f"{root}/cancel/chat", {"id": "run"})
+    wait_until(lambda: daemon.service._running and daemon.service._running[0].cancel.is_set())
+    engine.gate.set()
+    final = client.expect_json(where=lambda r: r["id"] == "run" and "seq" not in r)
+    assert final["status"] == "error" and final["error"]["code"] == "cancelled"
+    assert final["result"]["finish_reason"] == "cancelled"
+
+
+def test_duplicate_id_is_answered_from_the_cache(daemon, client):
+    topic = f"{daemon.topics.root}/request/sentiment"
+    client.publish(topic, {"id": "d1", "text": "love"})
+    first = client.expect_json(where=lambda r: r["id"] == "d1")
+    client.publish(topic, {"id": "d1", "text": "love"})
+    second = client.expect_json(where=lambda r: r["id"] == "d1")
+    assert first == second
+    assert daemon.engine.batches == [("sentiment", 1)]  # computed once
+
+
+def test_status_and_health(daemon, broker):
+    watcher = broker.client().subscribe(f"{daemon.topics.root}/status", f"{daemon.topics.root}/health")
+    status = watcher.expect_json(f"{daemon.topics.root}/status")
+    assert status["state"] == "online" and status["model"] == "fake-model"
+    assert status["tasks"] == ["chat", "sentiment", "topic"]
+    health = watcher.expect_json(f"{daemon.topics.root}/health", timeout=5)
+    for key in ("cpu_percent", "memory", "swap", "rss_mb", "temperature_c", "queue_depth", "ok", "error",
+                "tasks", "tokens_per_s", "uptime_s", "model", "dtype", "threads"):
+        assert key in health
+    assert health["memory"]["available_mb"] > 0 and health["rss_mb"] > 0
+
+
+def test_mqtt_v311(start_daemon, broker):
+    daemon = start_daemon(mqtt={"protocol": "3.1.1"})
+    client = broker.client(protocol="3.1.1").subscribe(f"{daemon.topics.root}/response/#")
+    client.publish(f"{daemon.topics.root}/request/sentiment", {"id": "v3", "text": "love"})
+    assert client.expect_json(where=lambda r: r["id"] == "v3")["result"]["label"] == "positive"
+    client.publish(f"{daemon.topics.root}/request/chat", {"id": "v3s", "text": "a b", "stream": True})
+    assert client.expect_json(where=lambda r: r["id"] == "v3s" and "seq" not in r)["result"]["text"] == "echo a b"
+
+
+def wait_until(condition, timeout: float = WAIT_S) -> None:
+    pause = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        pause.wait(0.01)
+    raise AssertionError("condition not met in time")
