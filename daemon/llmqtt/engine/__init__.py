@@ -13,15 +13,13 @@ from .modelstore import Progress, ResolvedModel, _no_progress, resolve_model
 
 
 def resolve_dtype(requested: str) -> str:
-    """`auto` -> bf16 only where the CPU computes it natively; else fp32 (see planner.choose_dtype)."""
-    if requested != "auto":
-        return requested
-    try:
-        from ..planner import choose_dtype
-        from ..readings import read_system
-    except ImportError:  # planner not available: the safe choice
-        return "float32"
-    return choose_dtype(read_system(), requested)
+    """`auto` -> float32.
+
+    transformers 5's own `auto` takes the checkpoint's dtype (often bf16). On CPUs without native bf16
+    (Raspberry Pi 5) that is ~2x slower, and even on an AVX512-BF16 x86 server we measured torch 2.13's bf16
+    path ~10x slower than fp32 for this model size (docs/bench). So bf16 is opt-in (`model.dtype: bfloat16`).
+    """
+    return "float32" if requested == "auto" else requested
 
 
 def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | GenerateTask], max_batch: int = 16,

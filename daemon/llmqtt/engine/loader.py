@@ -44,8 +44,8 @@ def _bytes_in_memory(model: torch.nn.Module) -> int:
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied weights count once
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     for module in model.modules():  # int8 Linear layers keep packed weights outside .parameters()
-        packed = getattr(module, "_packed_params", None)
-        if packed is not None:
-            weight, bias = packed._weight_bias()
-            total += weight.numel() * weight.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)
+        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
+            weight, bias = module.weight(), module.bias()
+            total += weight.numel() * weight.element_size()
+            total += bias.numel() * bias.element_size() if bias is not None else 0
     return total
