@@ -41,26 +41,60 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 (openssl CLI); returns (ca, cert, key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key, cert, key = (directory / n for n in ("ca.crt", "ca.key", "server.crt", "server.key"))
+    ext = directory / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n", encoding="utf-8")
+    for command in (
+        f"req -x509 -newkey rsa:2048 -nodes -keyout {ca_key} -out {ca} -days 1 -subj /CN=llmqtt-test-ca",
+        f"req -newkey rsa:2048 -nodes -keyout {key} -out {directory / 'server.csr'} -subj /CN=127.0.0.1",
+        f"x509 -req -in {directory / 'server.csr'} -CA {ca} -CAkey {ca_key} -CAcreateserial -out {cert} "
+        f"-days 1 -extfile {ext}",
+    ):
+        subprocess.run(["openssl", *command.split()], check=True, capture_output=True, timeout=60)
+    return ca, cert, key
+
+
 class Broker:
-    def __init__(self, executable: str, workdir: Path):
+    def __init__(self, executable: str, workdir: Path, users: dict[str, str] | None = None, tls: bool = False):
         self.executable = executable
         self.dir = workdir
         self.host = "127.0.0.1"
         self.port = free_port()
+        self.users = users or {}
+        self.ca_file: Path | None = None
         self.process: subprocess.Popen | None = None
         (workdir / "data").mkdir(parents=True, exist_ok=True)
-        self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\n"
+        lines = [
+            f"listener {self.port} {self.host}",
             # Run as whoever runs the tests: as root, mosquitto would switch to user `mosquitto`, which
             # cannot write the persistence files or the log in the test's temp dir.
-            f"user {getpass.getuser()}\n"
-            "persistence true\n"
-            f"persistence_location {workdir / 'data'}/\n"
-            f"log_dest file {workdir / 'mosquitto.log'}\n"
-            "log_type all\n"
-            "max_queued_messages 10000\n", encoding="utf-8")
+            f"user {getpass.getuser()}",
+            "persistence true",
+            f"persistence_location {workdir / 'data'}/",
+            f"log_dest file {workdir / 'mosquitto.log'}",
+            "log_type all",
+            "max_queued_messages 10000",
+        ]
+        if self.users:
+            lines += ["allow_anonymous false", f"password_file {self._password_file()}"]
+        else:
+            lines.append("allow_anonymous true")
+        if tls:
+            self.ca_file, cert, key = make_certificates(workdir / "tls")
+            lines += [f"cafile {self.ca_file}", f"certfile {cert}", f"keyfile {key}"]
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def _password_file(self) -> Path:
+        path = self.dir / "passwd"
+        path.touch()
+        for user, password in self.users.items():
+            subprocess.run(["mosquitto_passwd", "-b", str(path), user, password], check=True,
+                           capture_output=True, timeout=WAIT_S)
+        return path
 
     def start(self) -> None:
         self.process = subprocess.Popen([self.executable, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
@@ -126,6 +160,11 @@ class TestClient:
         self.client.on_connect = lambda *a: self._connected.set()
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda c, u, mid, *a: self._subscribed.setdefault(mid, threading.Event()).set()
+        if broker.users:
+            user, password = next(iter(broker.users.items()))
+            self.client.username_pw_set(user, password)
+        if broker.ca_file is not None:
+            self.client.tls_set(ca_certs=str(broker.ca_file))
         self.client.connect(broker.host, broker.port, keepalive=30)
         self.client.loop_start()
         if not self._connected.wait(WAIT_S):
@@ -195,14 +234,13 @@ def _is_json(message: Received) -> bool:
         return False
 
 
-@pytest.fixture
-def broker(tmp_path):
+def _run_broker(tmp_path: Path, **options):
     executable = mosquitto_path()
     if executable is None:
         if os.environ.get("CI"):
             pytest.fail("mosquitto is not installed, and CI must run the broker tests")
         pytest.skip("mosquitto is not installed (apt install mosquitto)")
-    instance = Broker(executable, tmp_path / "mosquitto")
+    instance = Broker(executable, tmp_path / "mosquitto", **options)
     instance.start()
     clients: list[TestClient] = []
     instance.client = lambda protocol="5": clients.append(TestClient(instance, protocol)) or clients[-1]
@@ -210,6 +248,18 @@ def broker(tmp_path):
     for client in clients:
         client.close()
     instance.stop()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """An anonymous broker on a free loopback port, with persistence."""
+    yield from _run_broker(tmp_path)
+
+
+@pytest.fixture
+def secure_broker(tmp_path):
+    """TLS (a throw-away CA in `ca_file`) and a password file with one user, `llmqtt` / `s3cret pw`."""
+    yield from _run_broker(tmp_path, users={"llmqtt": "s3cret pw"}, tls=True)
 
 
 # -- an in-process daemon on the test broker ----------------------------------------------------------

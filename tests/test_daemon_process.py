@@ -113,3 +113,25 @@ def test_request_in_flight_at_kill_9_is_redelivered_and_answered_once(spawn, bro
     later = [m.json() for m in client.drain(1.0) if m.topic.endswith("/response/chat")]
     assert [m for m in later if "seq" not in m] == [], "answered more than once"
     assert daemon.terminate() == 0
+
+
+def test_sigterm_finishes_the_running_request_and_leaves_queued_ones_for_the_next_start(spawn, broker):
+    daemon = spawn(env={"LLMQTT_FAKE_TOKEN_DELAY_S": "0.1"}).start()
+    client = broker.client()
+    wait_online(client, daemon.root, timeout=30)
+    client.subscribe(f"{daemon.root}/response/chat")
+    words = " ".join(f"w{i}" for i in range(10))
+    client.publish(f"{daemon.root}/request/chat", {"id": "running", "text": words, "stream": True})
+    client.publish(f"{daemon.root}/request/chat", {"id": "waiting", "text": "later"})
+    client.expect_json(f"{daemon.root}/response/chat", where=lambda r: r["id"] == "running")  # first chunk
+    daemon.process.send_signal(signal.SIGTERM)
+    final = client.expect_json(f"{daemon.root}/response/chat", where=lambda r: r["id"] == "running" and "seq" not in r)
+    assert final["status"] == "ok" and final["result"]["text"] == "echo " + words
+    assert daemon.process.wait(WAIT_S) == 0
+
+    daemon.start(LLMQTT_FAKE_TOKEN_DELAY_S="0")
+    later = client.expect_json(f"{daemon.root}/response/chat", where=lambda r: r["id"] == "waiting", timeout=30)
+    assert later["result"]["text"] == "echo later"
+    replies = [m.json() for m in client.drain(1.0) if m.topic.endswith("/response/chat")]
+    assert [r["id"] for r in replies if "seq" not in r] == [], "a request was answered twice"
+    assert daemon.terminate() == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 
 import pytest
 from broker import WAIT_S, broker, start_daemon  # noqa: F401  (fixtures)
@@ -101,6 +102,11 @@ def test_bad_input_error_goes_to_the_requested_reply_route(daemon, client):
     client.publish(f"{daemon.topics.root}/request/sentiment", {"id": 2, "text": "x", "reply_to": "a/#"})
     reply = client.expect_json(f"{daemon.topics.root}/response/sentiment")
     assert reply["error"]["code"] == "bad_request" and "reply_to" in reply["error"]["message"]
+    # so does a reply route that would feed the answer back in as a request
+    client.publish(f"{daemon.topics.root}/request/sentiment", {"id": 3, "text": "x"},
+                   response_topic=f"{daemon.topics.root}/request/sentiment")
+    reply = client.expect_json(f"{daemon.topics.root}/response/sentiment", where=lambda r: r["id"] == 3)
+    assert reply["error"]["code"] == "bad_request" and "reply_to" in reply["error"]["message"]
 
 
 def gated_daemon(start_daemon, tmp_path, **runtime):
@@ -170,6 +176,17 @@ def test_mqtt_v311(start_daemon, broker):
     assert client.expect_json(where=lambda r: r["id"] == "v3")["result"]["label"] == "positive"
     client.publish(f"{daemon.topics.root}/request/chat", {"id": "v3s", "text": "a b", "stream": True})
     assert client.expect_json(where=lambda r: r["id"] == "v3s" and "seq" not in r)["result"]["text"] == "echo a b"
+
+
+def test_retained_requests_are_ignored(start_daemon, broker):
+    node = f"retained{uuid.uuid4().hex[:6]}"
+    client = broker.client()
+    client.publish(f"llmqtt/{node}/request/sentiment", {"id": "stale", "text": "love"}, retain=True)
+    daemon = start_daemon(node_id=node)  # the broker replays the retained message on subscribe
+    client.subscribe(f"{daemon.topics.root}/response/#")
+    client.publish(f"{daemon.topics.root}/request/sentiment", {"id": "fresh", "text": "love"})
+    assert client.expect_json(f"{daemon.topics.root}/response/sentiment")["id"] == "fresh"
+    client.publish(f"llmqtt/{node}/request/sentiment", b"", retain=True)  # clear it
 
 
 def wait_until(condition, timeout: float = WAIT_S) -> None:

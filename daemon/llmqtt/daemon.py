@@ -199,6 +199,8 @@ def build_engine(config: Config, tasks: dict) -> tuple[InferenceEngine, int | No
     for note in p.notes:
         log.warning("%s", note)
     apply_threads(p)
+    log.info("plan: %d threads, %s%s, batch %d, context %d tokens", p.threads, p.dtype,
+             "" if p.quantize == "none" else f"+{p.quantize}", p.max_batch, p.max_context)
     model_config = config.model.model_copy(update={"max_context": p.max_context})
     engine = load_engine(model_config, tasks, max_batch=p.max_batch, resolved=resolved)
     guard = MemoryGuard(p.low_memory_bytes, live_available_bytes)
@@ -213,11 +215,13 @@ def main(config_path: Path | None) -> int:
     tasks = load_tasks(config.prompt_dirs())
     notifier.extend_timeout(600)  # fetching/converting/loading a model can take minutes on a board
     notifier.status("loading model")
+    from .engine.modelstore import ModelUnavailable
+    from .planner import ModelTooLarge
+    from .readings import ModelFactsError
+
     try:
         engine, threads, low_memory = build_engine(config, tasks)
-    except Exception as exc:  # ModelUnavailable, ModelTooLarge, a broken model directory...
-        if type(exc).__name__ not in ("ModelUnavailable", "ModelTooLarge", "ModelFactsError"):
-            raise
+    except (ModelUnavailable, ModelTooLarge, ModelFactsError) as exc:
         log.error("%s", exc)
         return 1
     daemon = Daemon(config, engine, threads=threads, low_memory=low_memory, notifier=notifier,

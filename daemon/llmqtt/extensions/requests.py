@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from ..mqtt.messages import (BadRequest, Limits, chunk_message, encode, error_reply, ok_reply, parse_cancel,
-                             parse_request)
+from ..mqtt.messages import (BadRequest, Limits, Request, chunk_message, encode, error_reply, ok_reply,
+                             parse_cancel, parse_request)
 from ..mqtt.topics import Topics
 from ..mqtt.transport import Inbound, MqttTransport
 from ..service import Job, Outcome, Service, Submitted
@@ -62,18 +62,18 @@ class RequestsExtension:
             log.warning("ignored a retained message on %s (requests must not be retained)", message.topic)
             self._ack(message)
             return
-        with self._lock:
-            if message.dup and message.mid in self._unacked:
-                return  # the broker resent a request we are still working on; its ack will cover both
-            self._unacked[message.mid] = message
+        if not self._track(message):
+            return
         base, task = self.topics.task_of(message.topic)
         default_topic = self.topics.response(task, base)
         parsed = parse_request(message.payload, task, self.limits, message.response_topic,
                                message.correlation_data)
+        if isinstance(parsed, Request) and parsed.reply_to and self._is_input_topic(parsed.reply_to):
+            # Replying onto a request or cancel topic would feed our own answers back to us.
+            parsed = BadRequest("bad_request", "reply_to: must not be a request or cancel topic of this daemon",
+                                task, parsed.id)
         if isinstance(parsed, BadRequest):
-            log.warning("bad request on %s (id %s): %s: %s", message.topic, parsed.id, parsed.code, parsed.message)
-            reply = error_reply(task, parsed.id, parsed.code, parsed.message, model=self.model_name, node=self.node)
-            self._publish_final(message, parsed.reply_to or default_topic, parsed.correlation_data, reply)
+            self._reject(message, parsed, default_topic)
             return
         sink = _Reply(self, message, parsed.reply_to or default_topic, parsed.correlation_data, task, parsed.id)
         job = Job(task=task, id=parsed.id, text=parsed.text, sink=sink, session=parsed.session,
@@ -82,6 +82,24 @@ class RequestsExtension:
         if self.service.submit(job) is Submitted.STOPPED:
             with self._lock:  # shutting down: leave it for redelivery
                 self._unacked.pop(message.mid, None)
+
+    def _track(self, message: Inbound) -> bool:
+        """Note a request as awaiting its ack; False for the broker resending one we are still working on
+        (after a reconnect): the ack of the first delivery covers it."""
+        with self._lock:
+            if message.dup and message.mid in self._unacked:
+                return False
+            self._unacked[message.mid] = message
+            return True
+
+    def _reject(self, message: Inbound, bad: BadRequest, default_topic: str) -> None:
+        log.warning("bad request on %s (id %s): %s: %s", message.topic, bad.id, bad.code, bad.message)
+        reply = error_reply(bad.task, bad.id, bad.code, bad.message, model=self.model_name, node=self.node)
+        self._publish_final(message, bad.reply_to or default_topic, bad.correlation_data, reply)
+
+    def _is_input_topic(self, topic: str) -> bool:
+        return any(topic.startswith(f"{base}/{kind}/") for base in self.topics.request_bases()
+                   for kind in ("request", "cancel"))
 
     def _on_cancel(self, message: Inbound) -> None:
         _base, task = self.topics.task_of(message.topic)

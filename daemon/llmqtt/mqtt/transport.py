@@ -75,7 +75,10 @@ class MqttTransport:
                              protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
                              clean_session=None if self.v5 else False,  # v5 sets clean_start at connect
                              manual_ack=True)
-        client.enable_logger(logging.getLogger("llmqtt.mqtt.paho"))
+        paho_log = logging.getLogger("llmqtt.mqtt.paho")
+        # While we disconnect on purpose, paho's loop may log "Client is not connected" as an error; noise.
+        paho_log.addFilter(lambda record: not self._stopping)
+        client.enable_logger(paho_log)
         if self.config.username is not None:
             client.username_pw_set(self.config.username, password)
         tls = self.config.tls
@@ -161,14 +164,16 @@ class MqttTransport:
             self._client.ack(message.mid, message.qos)
 
     def flush(self, timeout: float) -> bool:
-        """Wait until every publish with `on_delivered` has been delivered; False on timeout."""
+        """Wait until every publish with `on_delivered` has been delivered; False on timeout, or at once
+        when disconnected (nothing can be delivered then)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while self.connected.is_set() and time.monotonic() < deadline:
             with self._lock:
                 if not self._pending:
                     return True
             time.sleep(0.02)
-        return False
+        with self._lock:
+            return not self._pending
 
     # -- paho callbacks (network thread) ----------------------------------------------------------
 
