@@ -173,11 +173,13 @@ def plan_problems(plan_data: dict[str, Any]) -> list[Problem]:
         found.append(Problem("model_too_large", "fatal", plan_data["explanation"]))
     elif verdict == "swap":
         found.append(Problem("needs_swap", "warning", plan_data["explanation"]))
-    if verdict in ("ok", "swap") and (plan_data["max_batch"], plan_data["max_context"]) != (
-            plan_data["requested_max_batch"], plan_data["requested_max_context"]):
+    lowered = [f"{field} from {plan_data['requested_' + key]} to {plan_data[key]}"
+               for field, key in (("runtime.max_batch", "max_batch"), ("model.max_context", "max_context"))
+               if plan_data[key] != plan_data["requested_" + key]]
+    if verdict in ("ok", "swap") and lowered:
         found.append(Problem("limits_lowered", "info",
-                             f"to fit, runtime.max_batch is lowered to {plan_data['max_batch']} and model.max_context"
-                             f" to {plan_data['max_context']}; set them in the config to silence this"))
+                             f"to fit, the daemon lowers {' and '.join(lowered)}; set them in the config to"
+                             " silence this"))
     return found
 
 
@@ -203,10 +205,14 @@ def format_report(report: dict[str, Any]) -> str:
 def _machine_lines(r: dict[str, Any]) -> list[str]:
     quota = f", cgroup quota {r['cpu_quota_cores']:g} cores" if r["cpu_quota_cores"] is not None else ""
     limit = r["cgroup_memory_max"]
-    cgroup = ("no cgroup filesystem" if r["cgroup_version"] is None else
-              f"v{r['cgroup_version']}, memory controller {'on' if r['memory_controller'] else 'OFF'}, limit "
-              + (fmt_bytes(limit) if isinstance(limit, int) else str(limit or "unknown"))
-              + (f", using {fmt_bytes(r['cgroup_memory_current'])}" if r["cgroup_memory_current"] is not None else ""))
+    if r["cgroup_version"] is None:
+        cgroup = "no cgroup filesystem"
+    elif not r["memory_controller"]:
+        cgroup = f"v{r['cgroup_version']}, memory controller OFF (memory limits cannot apply)"
+    else:
+        cgroup = (f"v{r['cgroup_version']}, memory limit "
+                  + (fmt_bytes(limit) if isinstance(limit, int) else str(limit or "not found"))
+                  + (f", using {fmt_bytes(r['cgroup_memory_current'])}" if r["cgroup_memory_current"] is not None else ""))
     temperature = (f"{r['temperature_c']:.1f} °C ({r['temperature_sensor']})" if r["temperature_c"] is not None
                    else "not readable")
     throttled = ("not a Raspberry Pi (no get_throttled)" if r["throttled"] is None else
@@ -217,7 +223,8 @@ def _machine_lines(r: dict[str, Any]) -> list[str]:
         f"  cores          {r['physical_cores']} physical, {r['logical_cores']} logical"
         + (f", {r['affinity_cores']} allowed" if r["affinity_cores"] is not None else "") + quota,
         f"  ram            {fmt_bytes(r['ram_total'])} total, {fmt_bytes(r['ram_available'])} available",
-        f"  swap           {fmt_bytes(r['swap_total'])} total, {fmt_bytes(r['swap_free'])} free",
+        "  swap           " + ("none" if r["swap_total"] == 0 else
+                                  f"{fmt_bytes(r['swap_total'])} total, {fmt_bytes(r['swap_free'])} free"),
         f"  cgroup         {cgroup}",
         f"  temperature    {temperature}",
         f"  throttled      {throttled}",

@@ -22,18 +22,26 @@ GiB = 2**30
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-# RSS of the daemon before any weights: `import torch, transformers` is 242 MiB and importing the Qwen2
-# model classes brings it to 383 MiB (measured: x86_64, torch 2.13 CPU, transformers 5.23); the rest is
-# an allowance for the tokenizer (a 150k-entry BPE vocabulary), paho, pydantic and allocator slack.
-RUNTIME_BYTES = 450 * MiB
+# RSS of the process before any weight is touched, measured on x86_64 with torch 2.13 CPU and transformers
+# 5.23: `import torch, transformers` 242 MiB; + the Qwen tokenizer (151k entries) 381 MiB; + the model
+# built with its weights still unread (mmapped) 494 MiB. Rounded up for paho, pydantic and the service.
+RUNTIME_BYTES = 512 * MiB
 
 # Shrinking the context below this saves little (a 0.5B model's KV cache + activations are ~100 KiB per
 # token at fp32, so 512 tokens are ~50 MiB) and leaves too little room for a system prompt plus text.
 MIN_PLANNED_CONTEXT = 512
 
-# engine/loader.py quantizes with torch's quantize_dynamic(inplace=False), which deep-copies the float
-# model first: loading for int8 briefly holds the float weights twice. 1 if it ever quantizes in place.
-INT8_LOAD_FLOAT_COPIES = 2
+# engine/loader.py quantizes with torch's quantize_dynamic(inplace=False), which first deep-copies the
+# float model into anonymous memory (measured on the demo model: 3.6 GiB peak anonymous memory for a
+# model that serves in 1.5 GiB; in place it peaks at 1.2 GiB). Set to False if the loader goes in place.
+INT8_QUANTIZES_A_COPY = True
+
+# Bytes per Linear parameter after dynamic int8 quantization: 1 for the int8 values plus the backend's
+# packed copy and scales (measured with fbgemm on x86: 666 MiB for the demo model's 494M Linear params).
+INT8_BYTES_PER_PARAM = 1.4
+
+# safetensors dtype names -> ours: weights stored at the compute dtype are mmapped, not copied.
+_STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 Verdict = Literal["ok", "swap", "refuse"]
 
@@ -137,7 +145,7 @@ class MemoryEstimate:
     kv_cache: int  # 2 (K and V) x layers x kv_heads x head_dim x context x batch x dtype bytes
     activations: int  # one layer's temporaries for a full batch x context prefill, plus last-token logits
     runtime: int  # the Python process with torch and transformers imported, tokenizer loaded
-    load_peak: int  # float weights while loading (twice for int8, see INT8_LOAD_FLOAT_COPIES) + runtime
+    load_peak: int  # weights in memory at once while loading (and quantizing), + runtime
 
     @property
     def resident(self) -> int:
@@ -159,10 +167,10 @@ def estimate_memory(facts: ModelFacts, dtype: str, quantize: str, max_context: i
     float_weights = facts.param_count * width
     if quantize == "int8":
         linear = facts.param_count - facts.unquantized_params
-        weights = linear + facts.unquantized_params * width
         if facts.tie_word_embeddings:
-            weights += facts.vocab_size * facts.hidden_size  # lm_head gets its own int8 copy of the tied matrix
-        load_peak = INT8_LOAD_FLOAT_COPIES * float_weights + weights + RUNTIME_BYTES
+            linear += facts.vocab_size * facts.hidden_size  # lm_head gets its own int8 copy of the tied matrix
+        weights = int(linear * INT8_BYTES_PER_PARAM) + facts.unquantized_params * width
+        load_peak = _int8_load_peak(facts, dtype, float_weights, weights)
     else:
         weights = float_weights
         load_peak = float_weights + RUNTIME_BYTES
@@ -172,14 +180,24 @@ def estimate_memory(facts: ModelFacts, dtype: str, quantize: str, max_context: i
                           load_peak)
 
 
+def _int8_load_peak(facts: ModelFacts, dtype: str, float_weights: int, int8_weights: int) -> int:
+    # Weights stored at the compute dtype are mmapped: the kernel can drop those pages once they are read,
+    # so they do not count. Converted ones (a bf16 file loaded as fp32) are anonymous memory until freed.
+    converted = _STORED_DTYPES.get(facts.stored_dtype or "") != dtype
+    float_copies = int(INT8_QUANTIZES_A_COPY) + int(converted)
+    return float_copies * float_weights + int8_weights + RUNTIME_BYTES
+
+
 def _activations(facts: ModelFacts, width: int, tokens: int, batch: int) -> int:
-    # The MLP is the widest point of a layer: gate, up and their product (3 x intermediate) are alive at
-    # once, beside a few hidden-size tensors (residual, norm output, attention output). Layers run one after
-    # another, so one layer's worth is the peak. Attention scores are not counted: torch's CPU SDPA kernel
-    # works in blocks instead of materialising context x context. Logits are computed for the last token
-    # only and upcast to fp32 (x2 for the softmax).
+    # The MLP is the widest point of a layer: gate, up, act(gate) and their product (4 x intermediate) can
+    # be alive at once, beside hidden-size tensors (residual, norm output, q/attention output...). Layers run
+    # one after another, so one layer's worth is the peak. Attention scores are not counted: torch's CPU
+    # SDPA kernel works in blocks instead of materialising context x context. Logits are computed for the
+    # last token only and upcast to fp32 (x2 for the softmax). Calibrated on the demo model at fp32: a
+    # 1 x 2048 (or 4 x 512) token forward peaked 231 MiB above the warm model, 8 x 1024 940 MiB; this
+    # formula plus the KV cache gives 242 and 968 MiB.
     intermediate = facts.intermediate_size or 4 * facts.hidden_size
-    per_token = (3 * intermediate + 4 * facts.hidden_size) * width
+    per_token = (4 * intermediate + 6 * facts.hidden_size) * width
     logits = batch * facts.vocab_size * 4 * 2
     return tokens * per_token + logits
 
@@ -265,28 +283,32 @@ def plan(readings: SystemReadings, facts: ModelFacts, model_config: ModelConfig,
     dtype = choose_dtype(readings, model_config.dtype)
     quantize = model_config.quantize
     budget = memory_budget(readings)
+    low_memory = low_memory_threshold(readings, runtime_config)
+    # Size batch and context so a full batch stays above the MemoryGuard's threshold; otherwise every busy
+    # moment would trip the guard into halving batches and refusing generations.
+    room = None if budget.usable is None else budget.usable - low_memory
     batch, context, estimate = _fit(facts, dtype, quantize, runtime_config.max_batch,
-                                    model_config.max_context, budget)
+                                    model_config.max_context, room)
     verdict = judge(estimate, budget)
     draft = Plan(threads=threads, interop_threads=interop, dtype=dtype, quantize=quantize, memory=estimate,
                  budget=budget, max_batch=batch, max_context=context,
                  requested_max_batch=runtime_config.max_batch, requested_max_context=model_config.max_context,
-                 low_memory_bytes=low_memory_threshold(readings, runtime_config), verdict=verdict,
+                 low_memory_bytes=low_memory, verdict=verdict,
                  explanation="", notes=tuple(dtype_notes(readings, dtype)))
     suggestions = tuple(suggest(draft, facts)) if verdict != "ok" else ()
     return replace(draft, explanation=explain(draft, facts), suggestions=suggestions)
 
 
 def _fit(facts: ModelFacts, dtype: str, quantize: str, batch: int, context: int,
-         budget: MemoryBudget) -> tuple[int, int, MemoryEstimate]:
-    """The largest (batch, context) whose steady state fits in usable memory, else the smallest tried.
+         room: int | None) -> tuple[int, int, MemoryEstimate]:
+    """The largest (batch, context) whose steady state fits in `room` bytes, else the smallest tried.
 
     Only the steady state depends on batch and context; the load peak does not, so it is not chased here.
     """
     candidates = [(b, min(c, context)) for b, c in _candidates(batch, context)]
     for b, c in candidates:
         estimate = estimate_memory(facts, dtype, quantize, c, b)
-        if budget.usable is None or estimate.steady <= budget.usable:
+        if room is None or estimate.steady <= room:
             return b, c, estimate
     b, c = candidates[-1]
     return b, c, estimate_memory(facts, dtype, quantize, c, b)
@@ -317,13 +339,17 @@ def explain(p: Plan, facts: ModelFacts) -> str:
     needs = (f"The {model} needs {fmt_bytes(m.steady)} while serving ({weights}, KV cache {fmt_bytes(m.kv_cache)}"
              f" and activations {fmt_bytes(m.activations)} for batch {p.max_batch} x {p.max_context} tokens,"
              f" runtime {fmt_bytes(m.runtime)}) and {fmt_bytes(m.load_peak)} while loading.")
-    has = f" Available: {fmt_bytes(b.ram_available)} RAM, {fmt_bytes(b.swap_free)} free swap"
+    swap = f"{fmt_bytes(b.swap_free)} free swap" if b.swap_free else "no swap"
+    has = f" Available: {fmt_bytes(b.ram_available)} RAM, {swap}"
     has += f", {fmt_bytes(b.cgroup_headroom)} under the cgroup limit." if b.cgroup_headroom is not None else "."
-    shrunk = ""
-    if (p.max_batch, p.max_context) != (p.requested_max_batch, p.requested_max_context):
-        shrunk = (f" To fit, max_batch is {p.max_batch} (configured {p.requested_max_batch}) and max_context"
-                  f" {p.max_context} (configured {p.requested_max_context}).")
-    return needs + has + shrunk + " " + _verdict_sentence(p)
+    return needs + has + _lowered(p) + " " + _verdict_sentence(p)
+
+
+def _lowered(p: Plan) -> str:
+    changes = [f"{name} {now} (configured {asked})" for name, now, asked in (
+        ("max_batch", p.max_batch, p.requested_max_batch), ("max_context", p.max_context, p.requested_max_context))
+        if now != asked]
+    return f" To fit, {' and '.join(changes)}." if changes else ""
 
 
 def _verdict_sentence(p: Plan) -> str:
@@ -340,7 +366,7 @@ def _verdict_sentence(p: Plan) -> str:
     if m.resident > (b.ram_available if b.ram_available is not None else b.usable):
         return "It does not fit in RAM, and the weights cannot live in swap: every token would read them back from disk."
     if m.load_peak > m.steady:
-        why = " (int8: the float weights are held twice while quantizing)" if p.quantize == "int8" else ""
+        why = " (int8: the loader quantizes a float copy of the model)" if p.quantize == "int8" else ""
         return f"Loading needs more than RAM plus free swap{why}."
     return "Its KV cache and activations do not fit in RAM plus free swap, even at the smallest batch and context."
 
@@ -381,7 +407,8 @@ def _smaller_model(p: Plan, target: int) -> str:
     loading_room = target - m.runtime
     if p.quantize == "int8":
         # Most parameters are Linear weights: 1 byte while serving, float copies while loading.
-        per_param_serving, per_param_loading = 1, INT8_LOAD_FLOAT_COPIES * width + 1
+        per_param_serving = INT8_BYTES_PER_PARAM
+        per_param_loading = (INT8_QUANTIZES_A_COPY + 1) * width + INT8_BYTES_PER_PARAM
     else:
         per_param_serving = per_param_loading = width
     params = min(serving_room / per_param_serving, loading_room / per_param_loading)
