@@ -17,17 +17,20 @@ import socket
 import subprocess
 import threading
 import time
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 WAIT_S = 10.0
+TESTS = Path(__file__).resolve().parent
 
 
 def mosquitto_path() -> str | None:
@@ -260,6 +263,45 @@ def broker(tmp_path):
 def secure_broker(tmp_path):
     """TLS (a throw-away CA in `ca_file`) and a password file with one user, `llmqtt` / `s3cret pw`."""
     yield from _run_broker(tmp_path, users={"llmqtt": "s3cret pw"}, tls=True)
+
+
+# -- the daemon as a process: `python -m llmqtt run --config ...` ------------------------------------------
+
+class DaemonProcess:
+    def __init__(self, workdir: Path, config: dict, env: dict[str, str] | None = None):
+        self.workdir = workdir
+        self.config_path = workdir / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+                    **(env or {})}
+        self.root = f"{config['mqtt'].get('base_topic', 'llmqtt')}/{config['mqtt']['node_id']}"
+        self.process: subprocess.Popen | None = None
+        self.runs = 0
+
+    def start(self, **env: str) -> DaemonProcess:
+        self.runs += 1
+        log = open(self.workdir / f"daemon-{self.runs}.log", "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "llmqtt", "run", "--config", str(self.config_path)],
+                                        env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return self
+
+    def log(self) -> str:
+        return "\n".join((self.workdir / f"daemon-{i}.log").read_text(errors="replace")
+                         for i in range(1, self.runs + 1))
+
+    def kill(self) -> None:
+        self.process.kill()  # SIGKILL: no clean disconnect, no chance to answer
+        self.process.wait(WAIT_S)
+
+    def terminate(self, timeout: float = WAIT_S) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(WAIT_S)
 
 
 # -- an in-process daemon on the test broker ----------------------------------------------------------

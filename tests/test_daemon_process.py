@@ -2,56 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
-from broker import WAIT_S, broker, daemon_config, wait_online  # noqa: F401  (fixtures)
+from broker import WAIT_S, DaemonProcess, daemon_config, wait_online
+from broker import broker  # noqa: F401, F811  (pytest fixtures)
 from fake_engine import write_prompts
 
 pytestmark = pytest.mark.broker
-TESTS = Path(__file__).resolve().parent
-
-
-class DaemonProcess:
-    def __init__(self, workdir: Path, config: dict, env: dict[str, str] | None = None):
-        self.workdir = workdir
-        self.config_path = workdir / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-                    **(env or {})}
-        self.root = f"{config['mqtt'].get('base_topic', 'llmqtt')}/{config['mqtt']['node_id']}"
-        self.process: subprocess.Popen | None = None
-        self.runs = 0
-
-    def start(self, **env: str) -> DaemonProcess:
-        self.runs += 1
-        log = open(self.workdir / f"daemon-{self.runs}.log", "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "llmqtt", "run", "--config", str(self.config_path)],
-                                        env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        return self
-
-    def log(self) -> str:
-        return "\n".join((self.workdir / f"daemon-{i}.log").read_text(errors="replace")
-                         for i in range(1, self.runs + 1))
-
-    def kill(self) -> None:
-        self.process.kill()  # SIGKILL: no clean disconnect, no chance to answer
-        self.process.wait(WAIT_S)
-
-    def terminate(self, timeout: float = WAIT_S) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-    def close(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(WAIT_S)
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from broker import WAIT_S, broker, daemon_config, start_daemon, wait_online  # noqa: F401  (fixtures)
-from test_daemon_process import DaemonProcess
+from broker import DaemonProcess, daemon_config, wait_online
+from broker import broker, start_daemon  # noqa: F401, F811  (pytest fixtures)
 
 from llmqtt.config import ModelConfig
 from llmqtt.tasks import load_tasks

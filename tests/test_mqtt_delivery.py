@@ -5,7 +5,8 @@ from __future__ import annotations
 import collections
 
 import pytest
-from broker import broker, start_daemon, wait_online  # noqa: F401  (fixtures)
+from broker import wait_online
+from broker import broker, start_daemon  # noqa: F401, F811  (pytest fixtures)
 from fake_engine import make_engine
 
 pytestmark = pytest.mark.broker

@@ -6,7 +6,8 @@ import threading
 import uuid
 
 import pytest
-from broker import WAIT_S, broker, start_daemon  # noqa: F401  (fixtures)
+from broker import WAIT_S
+from broker import broker, start_daemon  # noqa: F401, F811  (pytest fixtures)
 from fake_engine import make_engine
 
 pytestmark = pytest.mark.broker

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 import pytest
-from broker import WAIT_S, daemon_config, secure_broker, wait_online  # noqa: F401  (fixtures)
+from broker import daemon_config, wait_online
+from broker import secure_broker  # noqa: F401, F811  (pytest fixtures)
 from fake_engine import make_engine
 
 from llmqtt.config import Config

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from . import __version__
 from .config import Config, load_config
@@ -45,8 +45,8 @@ class _NoSystemd:
 
     idle_wait_s = 5.0
 
-    def _nothing(self, *args, **kwargs) -> bool:
-        return False
+    def _nothing(self, *args, **kwargs) -> None:
+        return None
 
     ready = status = extend_timeout = stopping = start = stop = beat = _nothing
 
@@ -68,7 +68,8 @@ class Daemon:
         self.topics = Topics.from_config(mqtt)
         self.service = Service(
             engine, sessions=SessionStore(runtime.sessions.max_sessions, runtime.sessions.idle_ttl_s),
-            queue_size=runtime.queue_size, max_batch=runtime.max_batch,
+            queue_size=runtime.queue_size,
+            max_batch=min(runtime.max_batch, getattr(engine, "max_batch", runtime.max_batch)),  # planned batch
             default_deadline_ms=runtime.default_deadline_ms, dedup_size=mqtt.dedup_cache_size,
             low_memory=low_memory,  # HOOK(planner): MemoryGuard
             observer=request_log or log_outcome,  # HOOK(logs): one line per request
@@ -116,6 +117,7 @@ class Daemon:
         self._shut_down = True
         log.info("stopping")
         self.notifier.stopping()
+        self.notifier.extend_timeout(self.stop_grace_s + 15)  # the running request, then flush and offline
         self.requests.pause()
         self.availability.stopping()
         if not self.service.stop(self.stop_grace_s):
@@ -152,19 +154,25 @@ def _install_signal_handlers(handler: Callable[[], None]) -> Callable[[], None]:
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = {sig: signal.signal(sig, lambda signum, frame: handler()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    return lambda: [signal.signal(sig, old) for sig, old in previous.items()]
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
 
 
 def log_outcome(job: Job, outcome: Outcome) -> None:
     """The per-request log line (logs.log_request when available)."""
-    status = "ok" if outcome.ok else ("cancelled" if outcome.error.code == "cancelled" else "error")
-    fields = {} if outcome.ok else {"code": outcome.error.code}
+    status = outcome.code if outcome.code in ("ok", "cancelled") else "error"
+    fields: dict[str, Any] = {} if outcome.ok else {"code": outcome.code}
     if outcome.cached:
         fields["cached"] = True
-    if outcome.ok and "tokens" in outcome.result:
-        fields.update(tokens=outcome.result["tokens"], tokens_per_s=outcome.result["tokens_per_s"])
-    elif outcome.ok and "label" in outcome.result:
-        fields["label"] = outcome.result["label"]
+    result = outcome.result or {}
+    if "tokens" in result:
+        fields.update(tokens=result["tokens"], tokens_per_s=result["tokens_per_s"])
+    elif "label" in result:
+        fields["label"] = result["label"]
     try:
         from .logs import log_request
     except ImportError:

@@ -14,15 +14,15 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
-from typing import Callable, Hashable, Protocol
+from typing import Callable, Protocol, Union, cast
 
 from .engine.types import EngineError, GenerationResult, InferenceEngine
 from .sessions import SessionStore
-from .tasks import ClassifyTask
+from .tasks import ClassifyTask, GenerateTask
 
 log = logging.getLogger(__name__)
 
-RequestId = Hashable  # str or int, as the client sent it; echoed back unchanged
+RequestId = Union[str, int]  # as the client sent it; echoed back unchanged
 # Outcomes that say something about the request itself may be replayed to a retry with the same id;
 # transient refusals (busy, expired, low memory, cancelled, internal) must not be.
 _TRANSIENT = frozenset({"busy", "expired", "cancelled", "low_memory", "internal"})
@@ -50,6 +50,11 @@ class Outcome:
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def code(self) -> str:
+        """`ok`, or the error code."""
+        return "ok" if self.error is None else self.error.code
+
 
 class ReplySink(Protocol):
     """Where a job's answer goes (the MQTT layer implements it). Called from the worker thread."""
@@ -75,6 +80,10 @@ class Job:
     @property
     def key(self) -> tuple[str, RequestId]:
         return (self.task, self.id)
+
+    @property
+    def arrived(self) -> float:
+        return cast(float, self.received)  # set by Service.submit before the job goes anywhere
 
 
 class Submitted(enum.Enum):
@@ -284,7 +293,8 @@ class Service:
                                         partial=generation_dict(result)), started)
             return
         if job.session:
-            max_turns = self.engine.tasks[job.task].history.max_turns
+            spec = self.engine.tasks[job.task]
+            max_turns = spec.history.max_turns if isinstance(spec, GenerateTask) else 0
             self.sessions.append(job.task, job.session, job.text, result.text, max_turns)
         self.stats.record_tokens_per_s(result.tokens_per_s)
         self._complete(job, generation_dict(result), started)
@@ -301,7 +311,7 @@ class Service:
         """Answer `expired` (and return True) if the job's deadline passed while it waited."""
         if job.deadline_ms is None:
             return False
-        waited_ms = (self._clock() - job.received) * 1000
+        waited_ms = (self._clock() - job.arrived) * 1000
         if waited_ms <= job.deadline_ms:
             return False
         self._complete(job, Failure("expired", f"deadline of {job.deadline_ms} ms passed after "
@@ -322,11 +332,11 @@ class Service:
         outcome = Outcome(job.task, job.id,
                           result=answer if isinstance(answer, dict) else None,
                           error=answer if isinstance(answer, Failure) else None,
-                          latency_ms=round((now - job.received) * 1000, 1),
-                          queue_ms=round(((started if started is not None else now) - job.received) * 1000, 1))
+                          latency_ms=round((now - job.arrived) * 1000, 1),
+                          queue_ms=round(((started if started is not None else now) - job.arrived) * 1000, 1))
         with self._cond:
             waiting = self._inflight.pop(job.key, [])
-            if outcome.ok or outcome.error.code not in _TRANSIENT:
+            if outcome.code not in _TRANSIENT:
                 self._remember(job.key, outcome)
             silenced = self._silenced
         self.stats.record(outcome)
@@ -385,7 +395,7 @@ class ServiceStats:
                     self._job_ms = 0.8 * self._job_ms + 0.2 * run_ms
             else:
                 self._errors[outcome.task] = self._errors.get(outcome.task, 0) + 1
-                code = outcome.error.code
+                code = outcome.code
                 self._error_codes[code] = self._error_codes.get(code, 0) + 1
 
     def record_tokens_per_s(self, value: float) -> None:

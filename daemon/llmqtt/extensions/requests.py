@@ -62,9 +62,10 @@ class RequestsExtension:
             log.warning("ignored a retained message on %s (requests must not be retained)", message.topic)
             self._ack(message)
             return
-        if not self._track(message):
+        located = self.topics.task_of(message.topic)
+        if located is None or not self._track(message):  # None cannot happen: we subscribed to these
             return
-        base, task = self.topics.task_of(message.topic)
+        base, task = located
         default_topic = self.topics.response(task, base)
         parsed = parse_request(message.payload, task, self.limits, message.response_topic,
                                message.correlation_data)
@@ -102,8 +103,11 @@ class RequestsExtension:
                    for kind in ("request", "cancel"))
 
     def _on_cancel(self, message: Inbound) -> None:
-        _base, task = self.topics.task_of(message.topic)
+        located = self.topics.task_of(message.topic)
         request_id = parse_cancel(message.payload)
+        if located is None:
+            return
+        task = located[1]
         if request_id is None:
             log.warning("ignored a cancel on %s that names no request id", message.topic)
             return
@@ -126,10 +130,10 @@ class RequestsExtension:
         self.transport.ack(request)
 
     def reply_for(self, outcome: Outcome) -> dict:
-        if outcome.ok:
-            return ok_reply(outcome.task, outcome.id, outcome.result, model=self.model_name,
-                            latency_ms=outcome.latency_ms, queue_ms=outcome.queue_ms, node=self.node)
         error = outcome.error
+        if error is None:
+            return ok_reply(outcome.task, outcome.id, outcome.result or {}, model=self.model_name,
+                            latency_ms=outcome.latency_ms, queue_ms=outcome.queue_ms, node=self.node)
         details = {"retry_after_ms": error.retry_after_ms} if error.retry_after_ms is not None else None
         extra = {"result": error.partial} if error.partial is not None else {}
         return error_reply(outcome.task, outcome.id, error.code, error.message, model=self.model_name,

@@ -107,7 +107,7 @@ class MqttTransport:
         sub = _Subscription(topic_filter, match or topic_filter, handler, manual_ack)
         self._subs.append(sub)
         if self.connected.is_set():
-            self._client.subscribe(*self._subscribe_args([sub]))
+            self._client.subscribe(self._subscribe_list([sub]))
 
     def unsubscribe_all(self) -> None:
         """Forget handlers locally; the broker-side subscriptions stay in the persistent session."""
@@ -184,7 +184,7 @@ class MqttTransport:
         log.info("connected to %s:%d (session present: %s)", self.config.host, self.config.port,
                  flags.session_present)
         if self._subs:
-            client.subscribe(*self._subscribe_args(self._subs))
+            client.subscribe(self._subscribe_list(self._subs))
         self.connected.set()
         for listener in list(self._connect_listeners):
             try:
@@ -199,7 +199,7 @@ class MqttTransport:
 
     def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
         props = message.properties
-        inbound = Inbound(topic=message.topic, payload=message.payload, qos=message.qos, mid=message.mid,
+        inbound = Inbound(topic=message.topic, payload=bytes(message.payload), qos=message.qos, mid=message.mid,
                           dup=bool(message.dup), retain=bool(message.retain),
                           response_topic=getattr(props, "ResponseTopic", None) if props else None,
                           correlation_data=getattr(props, "CorrelationData", None) if props else None,
@@ -237,10 +237,10 @@ class MqttTransport:
             except Exception:
                 log.exception("delivery callback failed")
 
-    def _subscribe_args(self, subs: list[_Subscription]) -> tuple[list, ...]:
+    def _subscribe_list(self, subs: list[_Subscription]) -> list:
         if self.v5:
-            return ([(s.topic_filter, SubscribeOptions(qos=1)) for s in subs],)
-        return ([(s.topic_filter, 1) for s in subs],)
+            return [(s.topic_filter, SubscribeOptions(qos=1)) for s in subs]
+        return [(s.topic_filter, 1) for s in subs]
 
 
 def _str(path) -> str | None:
