@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+import yaml
+from broker import broker, daemon_config, wait_online  # noqa: F401  (broker is a fixture)
+from fake_engine import write_prompts
 
 from llmqtt.systemd import Notifier, Watchdog, watchdog_interval_s
 
@@ -252,3 +259,66 @@ def test_stop_ends_the_ping_thread(fake_systemd: FakeSystemd, monkeypatch: pytes
     watchdog.beat()
     assert fake_systemd.receive(timeout=0.3) is None
     assert not any(t.name == "llmqtt-watchdog" for t in threading.enumerate())
+
+
+# ---- the real daemon process, with this socket standing in for systemd -------------------------------------
+
+@pytest.mark.broker
+def test_daemon_process_speaks_to_systemd(broker, fake_systemd: FakeSystemd, tmp_path: Path) -> None:
+    """`llmqtt run` (fake engine): start-up messages, READY, idle and per-token watchdog pings, STOPPING,
+    and the per-request log line."""
+    # `broker` comes first: mosquitto itself sends READY=1 when it finds NOTIFY_SOCKET set.
+    config = daemon_config(broker, write_prompts(tmp_path / "prompts"))
+    config["logging"] = {"level": "INFO", "format": "json"}
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_PID", "JOURNAL_STREAM")}
+    env.update(PYTHONPATH=os.pathsep.join([tests_dir, env.get("PYTHONPATH", "")]), WATCHDOG_USEC="1000000",
+               LLMQTT_FAKE_ENGINE="fake_engine:load_engine", LLMQTT_FAKE_TOKEN_DELAY_S="0.15")
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "llmqtt", "run", "--config", str(config_path)],
+                                   env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        start = fake_systemd.receive_until("READY=1", timeout=60)
+        assert start[0].startswith("EXTEND_TIMEOUT_USEC="), start
+        assert "STATUS=loading model" in start
+        client = broker.client()
+        root = f"llmqtt/{config['mqtt']['node_id']}"
+        wait_online(client, root)
+
+        # Idle: pings go on well past the 1 s interval because the worker's idle wait beats.
+        fake_systemd.receive_until("WATCHDOG=1", count=4, timeout=10)
+
+        # A generation of 20 tokens x 0.15 s = 3 s, three times the interval: per-token beats keep pinging.
+        client.subscribe(f"{root}/response/chat")
+        client.publish(f"{root}/request/chat", {"id": "w1", "text": " ".join(["word"] * 19)})
+        ping_times = pings_until(fake_systemd, lambda: not client.messages.empty(), timeout=30)
+        assert client.expect_json(f"{root}/response/chat")["status"] == "ok"
+        gaps = [b - a for a, b in zip(ping_times, ping_times[1:])]
+        assert len(ping_times) >= 4 and max(gaps) < 1.5, f"watchdog pings stopped mid-generation: {gaps}"
+
+        process.send_signal(signal.SIGTERM)
+        fake_systemd.receive_until("STOPPING=1", timeout=30)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    (request,) = [line for line in lines if line.get("request_id") == "w1"]
+    assert request["task"] == "chat" and request["status"] == "ok" and request["latency_ms"] >= 2000
+
+
+def pings_until(fake_systemd: FakeSystemd, done, timeout: float) -> list[float]:
+    """Arrival times of WATCHDOG=1 until `done()`; fails at the deadline."""
+    deadline = time.monotonic() + timeout
+    times: list[float] = []
+    while not done():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not done within {timeout}s")
+        if fake_systemd.receive(0.05) == "WATCHDOG=1":
+            times.append(time.monotonic())
+    return times

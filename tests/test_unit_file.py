@@ -5,15 +5,16 @@ These run in CI: a missing systemd-analyze, shellcheck or mosquitto is a failure
 
 from __future__ import annotations
 
+import getpass
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from broker import Broker, mosquitto_path
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "llmqtt.service"
@@ -158,7 +159,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing() -> None:
     torch = out.index("/opt/llmqtt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch")
     llmqtt = out.index(f"/opt/llmqtt/venv/bin/pip install {REPO}\\[gguf\\,systemd\\]")
     assert torch < llmqtt, "torch (CPU) must be installed before llmqtt pulls in a default torch"
-    assert f"configs/pi5-4gb.yaml /etc/llmqtt/config.yaml" in out or "keeping existing /etc/llmqtt/config.yaml" in out
+    assert "configs/pi5-4gb.yaml /etc/llmqtt/config.yaml" in out or "keeping existing /etc/llmqtt/config.yaml" in out
     assert f"install -m 0644 {REPO}/systemd/llmqtt.service /etc/systemd/system/llmqtt.service" in out
     assert f"install -m 0644 {REPO}/deploy/mosquitto/acl /etc/mosquitto/llmqtt.acl" in out or \
         "keeping existing /etc/mosquitto/llmqtt.acl" in out
@@ -207,64 +208,34 @@ USERS = ("llmqtt", "homeassistant", "device")
 OBSERVER = "observer"  # test-only user that may read everything: sees what the ACL let through
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class DeploymentBroker(Broker):
+    """tests/broker.py's mosquitto, but configured by deploy/mosquitto/llmqtt.conf + acl, laid out as on Debian
+    (a main file that includes conf.d/), with the paths moved into the test's directory."""
 
-
-class Broker:
-    """mosquitto with deploy/mosquitto/llmqtt.conf + acl in a Debian-like layout, on a loopback port."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.binary = require_tool("mosquitto")
-        self.port = free_port()
-        self.log = tmp_path / "mosquitto.log"
-        self.config = self._write_config(tmp_path)
-        self.process: subprocess.Popen | None = None
-
-    def _write_config(self, tmp_path: Path) -> Path:
-        passwd = tmp_path / "passwd"
+    def __init__(self, executable: str, workdir: Path) -> None:
+        super().__init__(executable, workdir)  # picks the port; its own config is replaced below
+        passwd = workdir / "passwd"
         passwd.write_text("".join(f"{user}:pw-{user}\n" for user in (*USERS, OBSERVER)))
-        subprocess.run([require_tool("mosquitto_passwd"), "-U", str(passwd)], check=True, timeout=30)
-        acl = tmp_path / "llmqtt.acl"
+        subprocess.run(["mosquitto_passwd", "-U", str(passwd)], check=True, capture_output=True, timeout=30)
+        acl = workdir / "llmqtt.acl"
         acl.write_text((MOSQUITTO_DIR / "acl").read_text() + f"\nuser {OBSERVER}\ntopic read #\n")
         snippet = (MOSQUITTO_DIR / "llmqtt.conf").read_text()
         assert "\nlistener 1883\n" in snippet
-        (tmp_path / "conf.d").mkdir()
-        (tmp_path / "conf.d" / "llmqtt.conf").write_text(
-            snippet.replace("\nlistener 1883\n", f"\nlistener {self.port} 127.0.0.1\n")
+        (workdir / "conf.d").mkdir()
+        (workdir / "conf.d" / "llmqtt.conf").write_text(
+            snippet.replace("\nlistener 1883\n", f"\nlistener {self.port} {self.host}\n")
             .replace("/etc/mosquitto/passwd", str(passwd))
             .replace("/etc/mosquitto/llmqtt.acl", str(acl)))
-        main = tmp_path / "mosquitto.conf"  # what Debian's /etc/mosquitto/mosquitto.conf does
-        main.write_text(("user root\n" if os.geteuid() == 0 else "")  # root would switch to user mosquitto
-                        + f"persistence_location {tmp_path}/\nlog_dest stderr\ninclude_dir {tmp_path}/conf.d\n")
-        return main
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=log, stderr=log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"mosquitto exited:\n{self.log.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        pytest.fail(f"mosquitto did not listen on {self.port} within 10 s")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()  # a clean stop writes the persistence file
-            self.process.wait(timeout=10)
-            self.process = None
+        # What Debian's /etc/mosquitto/mosquitto.conf says, with our paths; `user`: see tests/broker.py.
+        self.conf.write_text(f"user {getpass.getuser()}\npersistence_location {workdir / 'data'}/\n"
+                             f"log_dest file {workdir / 'mosquitto.log'}\ninclude_dir {workdir / 'conf.d'}\n")
 
 
 @pytest.fixture()
 def broker(tmp_path: Path):
-    broker = Broker(tmp_path)
+    executable = mosquitto_path() or require_tool("mosquitto")
+    require_tool("mosquitto_passwd")
+    broker = DeploymentBroker(executable, tmp_path / "mosquitto")
     broker.start()
     yield broker
     broker.stop()
@@ -400,8 +371,7 @@ def test_queued_requests_survive_a_broker_restart(broker: Broker, clients) -> No
     daemon.close()  # the board is busy restarting; its session stays on the broker
 
     clients("device").publish("llmqtt/node1/request/summarize", "queued while away")
-    broker.stop()  # persistence true: the session and its queued QoS 1 message go to disk
-    broker.start()
+    broker.restart()  # persistence true: the session and its queued QoS 1 message go to disk and back
 
     daemon = clients("llmqtt", client_id="llmqtt-node1")
     assert daemon.messages.get(timeout=10) == ("llmqtt/node1/request/summarize", b"queued while away")

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from datetime import datetime, timezone
-from typing import Any, Mapping, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
 from .config import LoggingConfig
 
@@ -119,7 +119,7 @@ def stderr_is_journal(stream: TextIO | None = None, environ: Mapping[str, str] |
     return (info.st_dev, info.st_ino) == (device, inode)
 
 
-def _journal_handler_class() -> type[logging.Handler] | None:
+def _journal_handler_class() -> Callable[..., logging.Handler] | None:
     try:
         from systemd.journal import JournalHandler
     except ImportError:
