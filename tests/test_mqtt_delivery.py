@@ -61,3 +61,19 @@ def test_fleet_shares_work_and_answers_each_request_once(start_daemon, broker, t
     client.subscribe("replies/fleet")
     client.publish("test/fleet/request/chat", {"id": "own", "text": "x"}, response_topic="replies/fleet")
     assert client.expect_json("replies/fleet")["id"] == "own"
+
+
+def test_fleet_cancel_reaches_the_member_running_the_request(start_daemon, broker, tmp_path):
+    fleet = {"fleet": {"enabled": True, "topic": "test/fleet2", "group": "g2"}}
+    engines = [make_engine(tmp_path / "prompts") for _ in range(2)]
+    for engine in engines:
+        engine.token_delay_s = 0.05
+    for engine in engines:
+        start_daemon(engine=engine, mqtt=fleet)
+    client = broker.client().subscribe("test/fleet2/response/#")
+    words = " ".join(f"w{i}" for i in range(200))  # ~10 s unless cancelled
+    client.publish("test/fleet2/request/chat", {"id": "long", "text": words, "stream": True})
+    client.expect_json("test/fleet2/response/chat", where=lambda r: r.get("seq") == 0)
+    client.publish("test/fleet2/cancel/chat", "long")
+    final = client.expect_json("test/fleet2/response/chat", where=lambda r: "status" in r, timeout=5)
+    assert final["error"]["code"] == "cancelled"
