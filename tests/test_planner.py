@@ -261,8 +261,15 @@ def test_apply_threads_before_torch_sets_env_only() -> None:
         "apply_threads(p); print('torch' in sys.modules, os.environ['OMP_NUM_THREADS'],"
         " os.environ['MKL_NUM_THREADS'])")
     assert run_python(code) == "False 3 3"
+    # The operator's OMP_NUM_THREADS reaches the plan (config `auto`), so applying the plan keeps it...
+    code = APPLY.format(tests=os.path.dirname(__file__)) + (
+        "from llmqtt.readings import read_system\n"
+        "q = plan(replace(board(), env_threads=read_system().env_threads), qwen25_05b(), ModelConfig(), RuntimeConfig())\n"
+        "apply_threads(q); print(q.threads, os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'])")
+    assert run_python(code, OMP_NUM_THREADS="2") == "2 2 2"
+    # ...but an explicit `runtime.threads` wins over it, also for the libraries torch loads later.
     code = APPLY.format(tests=os.path.dirname(__file__)) + "apply_threads(p); print(os.environ['OMP_NUM_THREADS'])"
-    assert run_python(code, OMP_NUM_THREADS="2") == "2"  # the operator's value stays
+    assert run_python(code, OMP_NUM_THREADS="2") == "3"
 
 
 def test_apply_threads_after_torch_sets_pools_and_tolerates_a_second_call() -> None:

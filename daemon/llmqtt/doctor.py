@@ -211,7 +211,7 @@ def _machine_lines(r: dict[str, Any]) -> list[str]:
         cgroup = f"v{r['cgroup_version']}, memory controller OFF (memory limits cannot apply)"
     else:
         cgroup = (f"v{r['cgroup_version']}, memory limit "
-                  + (fmt_bytes(limit) if isinstance(limit, int) else str(limit or "not found"))
+                  + (fmt_bytes(limit) if isinstance(limit, int) else "none" if limit == "max" else "not found")
                   + (f", using {fmt_bytes(r['cgroup_memory_current'])}" if r["cgroup_memory_current"] is not None else ""))
     temperature = (f"{r['temperature_c']:.1f} °C ({r['temperature_sensor']})" if r["temperature_c"] is not None
                    else "not readable")

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
 from .config import ModelConfig, RuntimeConfig
@@ -99,7 +99,7 @@ def plan_threads(readings: SystemReadings, requested_threads: int | str,
     the MQTT thread, tokenization and the services that share an edge board (mosquitto, Home Assistant)
     responsive, and avoids the OpenMP straggler stall: every parallel op waits for its slowest thread,
     so one core borrowed by another process delays all four. On 1-3 cores a reserved core would cost a
-    third or more of the compute, so all are used. Measure with `llmqtt bench` and set `runtime.threads`.
+    third or more of the compute, so all are used. Measure on the board and set `runtime.threads`.
     """
     if isinstance(requested_threads, int):
         intra = requested_threads
@@ -117,12 +117,14 @@ def plan_threads(readings: SystemReadings, requested_threads: int | str,
 def apply_threads(plan: Plan) -> None:
     """Put the plan's thread counts into effect. Call before importing torch.
 
-    OpenMP/MKL/OpenBLAS read their env vars once, when torch loads them; an operator's own values win.
-    If torch is already imported, its pools are set directly; the inter-op pool can only be sized once,
-    before any parallel work, so a second attempt is ignored.
+    OpenMP/MKL/OpenBLAS read their env vars once, when torch loads them. They are overwritten, not just
+    defaulted: the plan already honours an operator's OMP_NUM_THREADS (plan_threads: config, then env),
+    and a stale value left in place would silently beat `runtime.threads`. If torch is already imported,
+    its pools are set directly; the inter-op pool can only be sized once, before any parallel work, so a
+    second attempt is ignored.
     """
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(name, str(plan.threads))
+        os.environ[name] = str(plan.threads)
     if "torch" not in sys.modules:
         return
     import torch  # already loaded: costs nothing, and keeps torch out of this module's import
@@ -141,7 +143,7 @@ def apply_threads(plan: Plan) -> None:
 class MemoryEstimate:
     """Bytes, each part named. `steady` is what stays while serving; `load_peak` is a moment at start-up."""
 
-    weights: int  # parameters as held in memory (int8 Linear weights at 1 byte, the rest at dtype)
+    weights: int  # parameters as held in memory (int8 Linear weights ~1.4 bytes, the rest at dtype)
     kv_cache: int  # 2 (K and V) x layers x kv_heads x head_dim x context x batch x dtype bytes
     activations: int  # one layer's temporaries for a full batch x context prefill, plus last-token logits
     runtime: int  # the Python process with torch and transformers imported, tokenizer loaded
@@ -149,7 +151,7 @@ class MemoryEstimate:
 
     @property
     def resident(self) -> int:
-        """Touched on every token: if this does not fit in RAM, the weights page through swap each step."""
+        """Read on every token: if this does not fit in RAM, each step pages weights back from disk."""
         return self.weights + self.runtime
 
     @property
@@ -231,7 +233,7 @@ class Plan:
     verdict: Verdict
     explanation: str
     suggestions: tuple[str, ...] = ()
-    notes: tuple[str, ...] = field(default=())  # warnings that do not change the verdict
+    notes: tuple[str, ...] = ()  # warnings that do not change the verdict
 
 
 def low_memory_threshold(readings: SystemReadings, runtime_config: RuntimeConfig) -> int:
@@ -305,7 +307,7 @@ def _fit(facts: ModelFacts, dtype: str, quantize: str, batch: int, context: int,
 
     Only the steady state depends on batch and context; the load peak does not, so it is not chased here.
     """
-    candidates = [(b, min(c, context)) for b, c in _candidates(batch, context)]
+    candidates = _candidates(batch, context)
     for b, c in candidates:
         estimate = estimate_memory(facts, dtype, quantize, c, b)
         if room is None or estimate.steady <= room:
@@ -406,7 +408,8 @@ def _smaller_model(p: Plan, target: int) -> str:
     serving_room = target - m.runtime - m.kv_cache - m.activations
     loading_room = target - m.runtime
     if p.quantize == "int8":
-        # Most parameters are Linear weights: 1 byte while serving, float copies while loading.
+        # Count every parameter as a Linear weight: ~1.4 bytes while serving; while loading, the float
+        # model plus the copy that quantize_dynamic makes (as for a converted checkpoint: conservative).
         per_param_serving = INT8_BYTES_PER_PARAM
         per_param_loading = (INT8_QUANTIZES_A_COPY + 1) * width + INT8_BYTES_PER_PARAM
     else:
