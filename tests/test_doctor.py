@@ -122,3 +122,9 @@ def test_pi_readings_from_a_fake_tree(tmp_path: Path) -> None:
     pi = read_system(tmp_path, machine="aarch64")
     report = build_report(Config(), write_model(tmp_path / "m", tie=False), readings=replace(pi, swap_total=0))
     assert report["readings"]["cpu_model"] == "Cortex-A76" and "no_swap" in codes(report)
+
+
+def test_int8_with_bfloat16_is_fatal(tmp_path: Path) -> None:
+    config = Config.model_validate({"model": {"dtype": "bfloat16", "quantize": "int8"}})
+    report = build_report(config, write_model(tmp_path / "m", tie=False), readings=board(ram_available=7 * GiB))
+    assert codes(report)["int8_needs_float32"] == "fatal" and doctor.is_fatal(report)

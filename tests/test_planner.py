@@ -185,6 +185,15 @@ def test_auto_dtype(arch: str, flags: set[str], expected: str) -> None:
     assert choose_dtype(board(arch=arch, cpu_flags=frozenset(flags)), "auto") == expected
 
 
+def test_int8_needs_float32() -> None:
+    avx512_bf16 = board(arch="x86_64", cpu_flags=frozenset({"avx512_bf16"}), ram_total=16 * GiB, ram_available=15 * GiB)
+    assert choose_dtype(avx512_bf16, "auto") == "bfloat16"
+    assert choose_dtype(avx512_bf16, "auto", "int8") == "float32"
+    assert plan_for(avx512_bf16, quantize="int8").dtype == "float32"
+    p = plan_for(avx512_bf16, quantize="int8", dtype="bfloat16")
+    assert p.notes[0].startswith("quantize: int8 works on float32 models only")
+
+
 def test_explicit_dtype_is_kept_with_a_note() -> None:
     assert choose_dtype(board(), "float16") == "float16"
     p = plan_for(board(ram_total=8 * GiB, ram_available=7 * GiB), dtype="bfloat16")

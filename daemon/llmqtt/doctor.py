@@ -118,14 +118,14 @@ def _plan_data(readings: SystemReadings, facts: ModelFacts | None, config: Confi
         return data
     # Without the model's numbers only the machine-side half of the plan is known.
     threads, interop = plan_threads(readings, config.runtime.threads, config.runtime.interop_threads)
-    dtype = choose_dtype(readings, config.model.dtype)
+    dtype = choose_dtype(readings, config.model.dtype, config.model.quantize)
     return {"threads": threads, "interop_threads": interop, "dtype": dtype, "quantize": config.model.quantize,
             "memory": None, "budget": None, "max_batch": config.runtime.max_batch,
             "max_context": config.model.max_context, "requested_max_batch": config.runtime.max_batch,
             "requested_max_context": config.model.max_context,
             "low_memory_bytes": low_memory_threshold(readings, config.runtime), "verdict": "unknown",
             "explanation": "The model's size is unknown, so the memory fit is not checked.",
-            "suggestions": [], "notes": dtype_notes(readings, dtype)}
+            "suggestions": [], "notes": dtype_notes(readings, dtype, config.model.quantize)}
 
 
 # --------------------------------------------------------------------------- problems
@@ -167,7 +167,8 @@ def _thermal_problems(r: SystemReadings) -> list[Problem]:
 
 
 def plan_problems(plan_data: dict[str, Any]) -> list[Problem]:
-    found = [Problem("dtype_slow", "warning", note) for note in plan_data["notes"]]
+    found = [Problem("int8_needs_float32", "fatal", n) if n.startswith("quantize: int8") else
+             Problem("dtype_slow", "warning", n) for n in plan_data["notes"]]
     verdict = plan_data["verdict"]
     if verdict == "refuse":
         found.append(Problem("model_too_large", "fatal", plan_data["explanation"]))

@@ -57,18 +57,21 @@ class ModelTooLarge(Exception):
 # --------------------------------------------------------------------------- dtype
 
 
-def choose_dtype(readings: SystemReadings, requested: str) -> str:
+def choose_dtype(readings: SystemReadings, requested: str, quantize: str = "none") -> str:
     """The compute dtype: what the config asks for, and for `auto` bf16 only where the CPU has it natively.
 
     transformers 5's own `auto` takes the checkpoint's dtype (usually bf16), which on a CPU without bf16
     instructions (the Pi 5's Cortex-A76, most x86 before Sapphire Rapids / Zen 4) runs ~2x slower than fp32.
+    torch's dynamic int8 quantizes float32 models only, so `auto` with int8 is float32.
     """
     if requested in DTYPE_BYTES:
         return requested
-    return "bfloat16" if readings.native_bf16 else "float32"
+    return "bfloat16" if readings.native_bf16 and quantize != "int8" else "float32"
 
 
-def dtype_notes(readings: SystemReadings, dtype: str) -> list[str]:
+def dtype_notes(readings: SystemReadings, dtype: str, quantize: str = "none") -> list[str]:
+    if quantize == "int8" and dtype != "float32":
+        return [f"quantize: int8 works on float32 models only; the loader refuses {dtype}: set model.dtype: float32"]
     if dtype == "bfloat16" and not readings.native_bf16:
         return ["bfloat16 was requested but this CPU has no native bf16: expect ~2x slower than float32"]
     if dtype == "float16":
@@ -282,8 +285,8 @@ def _candidates(batch: int, context: int) -> list[tuple[int, int]]:
 def plan(readings: SystemReadings, facts: ModelFacts, model_config: ModelConfig,
          runtime_config: RuntimeConfig) -> Plan:
     threads, interop = plan_threads(readings, runtime_config.threads, runtime_config.interop_threads)
-    dtype = choose_dtype(readings, model_config.dtype)
     quantize = model_config.quantize
+    dtype = choose_dtype(readings, model_config.dtype, quantize)
     budget = memory_budget(readings)
     low_memory = low_memory_threshold(readings, runtime_config)
     # Size batch and context so a full batch stays above the MemoryGuard's threshold; otherwise every busy
@@ -296,7 +299,7 @@ def plan(readings: SystemReadings, facts: ModelFacts, model_config: ModelConfig,
                  budget=budget, max_batch=batch, max_context=context,
                  requested_max_batch=runtime_config.max_batch, requested_max_context=model_config.max_context,
                  low_memory_bytes=low_memory, verdict=verdict,
-                 explanation="", notes=tuple(dtype_notes(readings, dtype)))
+                 explanation="", notes=tuple(dtype_notes(readings, dtype, quantize)))
     suggestions = tuple(suggest(draft, facts)) if verdict != "ok" else ()
     return replace(draft, explanation=explain(draft, facts), suggestions=suggestions)
 
