@@ -251,6 +251,7 @@ EOF
 # ---- uninstall ------------------------------------------------------------------------------------------
 
 uninstall_all() {
+    say "removing the service, its unit and $PREFIX"
     if [[ -e $UNIT_PATH ]] && systemd_running; then
         run systemctl disable --now llmqtt.service || true
     fi
@@ -262,10 +263,13 @@ uninstall_all() {
         say "kept $ETC_DIR and the models in /var/cache/llmqtt (--purge removes them)"
         return 0
     fi
+    say "purging config, state, models, the user and the broker settings"
     run rm -rf "$ETC_DIR" /var/lib/llmqtt /var/cache/llmqtt /var/lib/private/llmqtt /var/cache/private/llmqtt
     if [[ -e $MOSQUITTO_PASSWD ]] && grep -q "^$SERVICE_USER:" "$MOSQUITTO_PASSWD"; then
         run mosquitto_passwd -D "$MOSQUITTO_PASSWD" "$SERVICE_USER"
     fi
+    # The password file was ours if nothing else is left in it.
+    if [[ -e $MOSQUITTO_PASSWD && ! -s $MOSQUITTO_PASSWD ]]; then run rm -f "$MOSQUITTO_PASSWD"; fi
     if [[ -e $MOSQUITTO_CONF || -e $MOSQUITTO_ACL ]]; then
         run rm -f "$MOSQUITTO_CONF" "$MOSQUITTO_ACL"
         if systemd_running; then run systemctl try-restart mosquitto.service; fi

@@ -101,7 +101,7 @@ class Notifier:
         return self.notify("STATUS=" + " ".join(text.split()))
 
     def extend_timeout(self, seconds: float) -> bool:
-        """Ask for `seconds` more from now (start-up, or stop): TimeoutStartSec counts from here."""
+        """Move the start-up (or stop) deadline to `seconds` from now, for one slow step at a time."""
         return self.notify(f"EXTEND_TIMEOUT_USEC={max(0, int(seconds * 1_000_000))}")
 
     def stopping(self) -> bool:
