@@ -56,12 +56,12 @@ class Daemon:
 
     def __init__(self, config: Config, engine: InferenceEngine, *, threads: int | None = None,
                  low_memory: Callable[[], bool] | None = None, notifier=None, watchdog=None,
-                 request_log: Callable[[Job, Outcome], None] | None = None, stop_grace_s: float = 20.0):
+                 request_log: Callable[[Job, Outcome], None] | None = None, stop_grace_s: float | None = None):
         self.config = config
         self.engine = engine
         self.notifier = notifier or _NoSystemd()  # HOOK(systemd): llmqtt.systemd.Notifier
         self.watchdog = watchdog or _NoSystemd()  # HOOK(systemd): llmqtt.systemd.Watchdog
-        self.stop_grace_s = stop_grace_s  # wants a config field: runtime.stop_grace_s
+        self.stop_grace_s = stop_grace_s if stop_grace_s is not None else config.runtime.stop_grace_s
         self.stop_requested = threading.Event()
         self.started = time.monotonic()
         runtime, mqtt = config.runtime, config.mqtt
@@ -85,7 +85,6 @@ class Daemon:
                                       threads=threads if threads is not None else getattr(engine, "threads", None),
                                       started=self.started)
         self.extensions: list[Extension] = []
-        self._ready_sent = False
         self._shut_down = False
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -100,9 +99,12 @@ class Daemon:
         # Subscriptions are registered before connecting: a persistent session delivers waiting requests
         # right after CONNACK, and each must find its handler.
         self.extensions = start_all([self.availability, self.requests, self.health])
-        self.transport.add_connect_listener(self._ready_once)
         self.transport.start()
         self.availability.online()
+        # READY once warm, whether or not the broker is up yet: a broker that is down at boot must not make
+        # systemd kill us at TimeoutStartSec and reload the model in a loop; we keep reconnecting instead.
+        self.notifier.ready()
+        self.notifier.status(f"serving {len(self.engine.tasks)} tasks with {self.engine.model_name}")
         self.watchdog.start()
         log.info("serving %d task(s) on %s/request/<task>%s", len(self.engine.tasks), self.topics.root,
                  f" and fleet {self.topics.fleet}" if self.topics.fleet else "")
@@ -141,13 +143,6 @@ class Daemon:
             restore()
         return 0
 
-    def _ready_once(self) -> None:
-        if self._ready_sent:
-            return
-        self._ready_sent = True
-        self.notifier.ready()
-        self.notifier.status(f"serving {len(self.engine.tasks)} tasks with {self.engine.model_name}")
-
 
 def _install_signal_handlers(handler: Callable[[], None]) -> Callable[[], None]:
     """SIGTERM/SIGINT -> handler (main thread only; in-process tests run the daemon in a thread)."""
@@ -185,7 +180,8 @@ def log_outcome(job: Job, outcome: Outcome) -> None:
 
 # -- building the real thing -------------------------------------------------------------------------
 
-def build_engine(config: Config, tasks: dict) -> tuple[InferenceEngine, int | None, Callable[[], bool] | None]:
+def build_engine(config: Config, tasks: dict, progress: Callable[[str, int, int], None] | None = None,
+                 ) -> tuple[InferenceEngine, int | None, Callable[[], bool] | None]:
     """(engine, planned threads, low-memory check). Plans before torch is imported."""
     fake = os.environ.get(FAKE_ENGINE_ENV)
     if fake:
@@ -195,7 +191,7 @@ def build_engine(config: Config, tasks: dict) -> tuple[InferenceEngine, int | No
     from .engine import load_engine
     from .engine.modelstore import resolve_model
 
-    resolved = resolve_model(config.model)
+    resolved = resolve_model(config.model, progress) if progress else resolve_model(config.model)
     # HOOK(planner): threads, dtype, batch and context sized to this machine; refuse what cannot fit.
     from .planner import MemoryGuard, apply_threads, check_fits, plan
     from .readings import live_available_bytes, read_model_facts, read_system
@@ -228,13 +224,31 @@ def main(config_path: Path | None) -> int:
     from .readings import ModelFactsError
 
     try:
-        engine, threads, low_memory = build_engine(config, tasks)
+        engine, threads, low_memory = build_engine(config, tasks, _startup_progress(notifier))
     except (ModelUnavailable, ModelTooLarge, ModelFactsError) as exc:
         log.error("%s", exc)
         return 1
     daemon = Daemon(config, engine, threads=threads, low_memory=low_memory, notifier=notifier,
                     watchdog=watchdog)
     return daemon.run()
+
+
+def _startup_progress(notifier) -> Callable[[str, int, int], None]:
+    """Model fetch/convert progress -> log lines, systemd STATUS, and more start-up time while it moves."""
+    last = {"stage": None, "at": 0.0}
+
+    def report(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if stage == last["stage"] and now - last["at"] < 5:
+            return
+        if stage != last["stage"]:
+            log.info("%s", stage)
+        last.update(stage=stage, at=now)
+        percent = f" ({100 * done // total}%)" if total else ""
+        notifier.status(f"{stage}{percent}")
+        notifier.extend_timeout(300)  # each sign of progress buys five more minutes
+
+    return report
 
 
 def _setup_logging(config: Config) -> None:
