@@ -48,3 +48,13 @@ def test_password_is_read_from_file_and_not_in_the_model(tmp_path):
 def test_topic_root_uses_node_id():
     assert Config.model_validate({"mqtt": {"node_id": "pi5"}}).mqtt.topic_root == "llmqtt/pi5"
     assert Config().mqtt.topic_root.startswith("llmqtt/")
+
+
+def test_environment_variables_expand_in_paths(tmp_path, monkeypatch, repo_root):
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/llmqtt.service")
+    config = load_config(repo_root / "configs" / "pi5-4gb.yaml")
+    assert config.mqtt.password_file == Path("/run/credentials/llmqtt.service/mqtt-password")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    config = load_config(repo_root / "configs" / "pi5-4gb.yaml")  # check-config from a shell still works
+    with pytest.raises(ConfigError, match="mqtt.password_file: .*not set"):
+        config.mqtt.read_password()

@@ -91,8 +91,9 @@ def test_cgroup_without_memory_controller_uses_ram_only() -> None:
 
 
 def test_swap_verdict_when_only_the_transient_part_spills() -> None:
-    # int8 serves in 2.6 GiB at batch 4, but quantizing a float copy peaks at 4 GiB: that part may swap.
-    p = plan_for(board(swap_total=4 * GiB, swap_free=4 * GiB), quantize="int8")
+    # A bf16 checkpoint loaded as fp32 for int8 is an anonymous float copy while quantizing: that may swap.
+    bf16_file = replace(qwen25_05b(), stored_dtype="BF16")
+    p = plan_for(board(swap_total=4 * GiB, swap_free=4 * GiB), bf16_file, quantize="int8")
     assert p.memory.steady <= p.budget.usable < p.memory.load_peak
     assert p.verdict == "swap" and "swap" in p.explanation
     check_fits(p)  # swap passes; the daemon warns
@@ -116,7 +117,7 @@ def test_unknown_memory_does_not_block() -> None:
 
 
 def test_add_swap_suggested_when_it_would_help() -> None:
-    p = plan_for(board(), quantize="int8")
+    p = plan_for(board(), replace(qwen25_05b(), stored_dtype="BF16"), quantize="int8")
     assert p.verdict == "refuse" and "Loading needs more than RAM plus free swap (int8: the loader" in p.explanation
     assert any(s.startswith("add swap of at least") for s in p.suggestions)
 
@@ -150,11 +151,11 @@ def test_int8_load_peak_counts_the_float_copies() -> None:
     fp32_file = qwen25_05b()
     float_weights = fp32_file.param_count * 4
     m = estimate_memory(fp32_file, "float32", "int8", 512, 1)
-    # Stored at fp32 -> mmapped; quantize_dynamic deep-copies it once into anonymous memory.
-    assert m.load_peak == float_weights + m.weights + RUNTIME_BYTES
-    # Stored at bf16 -> converted to an fp32 model in memory, then copied again.
+    # Stored at fp32 -> mmapped, and quantize_dynamic works in place: only the int8 weights are new memory.
+    assert m.load_peak == m.weights + RUNTIME_BYTES
+    # Stored at bf16 -> converted to an fp32 model in anonymous memory first.
     bf16_file = replace(fp32_file, stored_dtype="BF16")
-    assert estimate_memory(bf16_file, "float32", "int8", 512, 1).load_peak == 2 * float_weights + m.weights + RUNTIME_BYTES
+    assert estimate_memory(bf16_file, "float32", "int8", 512, 1).load_peak == float_weights + m.weights + RUNTIME_BYTES
 
 
 def test_judge_edges() -> None:
@@ -174,28 +175,25 @@ def test_low_memory_threshold() -> None:
 # --------------------------------------------------------------------------- dtype and threads
 
 
-@pytest.mark.parametrize("arch, flags, expected", [
-    ("aarch64", {"fp", "asimd"}, "float32"),  # Pi 5: Cortex-A76 has no bf16
-    ("aarch64", {"fp", "asimd", "bf16"}, "bfloat16"),  # Neoverse V1, Graviton 3
-    ("x86_64", {"avx2", "avx512f"}, "float32"),  # AVX-512 alone does not compute bf16
-    ("x86_64", {"avx512f", "avx512_bf16"}, "bfloat16"),  # Zen 4, Cooper Lake
-    ("x86_64", {"amx_bf16", "amx_tile"}, "bfloat16"),  # Sapphire Rapids
+@pytest.mark.parametrize("arch, flags", [
+    ("aarch64", {"fp", "asimd"}),  # Pi 5: Cortex-A76 has no bf16
+    ("aarch64", {"fp", "asimd", "bf16"}),  # Neoverse V1, Graviton 3
+    ("x86_64", {"avx512f", "avx512_bf16"}),  # Zen 4: bf16 measured ~10x slower than fp32 here
 ])
-def test_auto_dtype(arch: str, flags: set[str], expected: str) -> None:
-    assert choose_dtype(board(arch=arch, cpu_flags=frozenset(flags)), "auto") == expected
+def test_auto_dtype_is_float32_everywhere(arch: str, flags: set[str]) -> None:
+    assert choose_dtype("auto") == "float32"
+    assert plan_for(board(arch=arch, cpu_flags=frozenset(flags), ram_total=16 * GiB, ram_available=15 * GiB)).dtype == "float32"
 
 
 def test_int8_needs_float32() -> None:
     avx512_bf16 = board(arch="x86_64", cpu_flags=frozenset({"avx512_bf16"}), ram_total=16 * GiB, ram_available=15 * GiB)
-    assert choose_dtype(avx512_bf16, "auto") == "bfloat16"
-    assert choose_dtype(avx512_bf16, "auto", "int8") == "float32"
     assert plan_for(avx512_bf16, quantize="int8").dtype == "float32"
     p = plan_for(avx512_bf16, quantize="int8", dtype="bfloat16")
     assert p.notes[0].startswith("quantize: int8 works on float32 models only")
 
 
 def test_explicit_dtype_is_kept_with_a_note() -> None:
-    assert choose_dtype(board(), "float16") == "float16"
+    assert choose_dtype("float16") == "float16"
     p = plan_for(board(ram_total=8 * GiB, ram_available=7 * GiB), dtype="bfloat16")
     assert p.dtype == "bfloat16" and "no native bf16" in p.notes[0]
 

@@ -281,8 +281,31 @@ def test_engine_crash_is_internal_and_worker_survives(engine, service):
     assert sink.wait().ok
 
 
+class AlwaysLow:
+    """A MemoryGuard stand-in that always reports low memory."""
+
+    def allow_generation(self) -> bool:
+        return False
+
+    def batch_limit(self, max_batch: int) -> int:
+        return max(1, max_batch // 2)
+
+
+def test_low_memory_halves_classification_batches(engine):
+    svc = make_service(engine, max_batch=4, memory=AlwaysLow())
+    sinks = []
+    for i in range(4):
+        j, s = job("sentiment", i, "great")
+        svc.submit(j)
+        sinks.append(s)
+    svc.start()
+    assert all(s.wait().ok for s in sinks)
+    svc.stop(5)
+    assert engine.batches == [("sentiment", 2), ("sentiment", 2)]
+
+
 def test_low_memory_refuses_generation(engine):
-    svc = make_service(engine, low_memory=lambda: True)
+    svc = make_service(engine, memory=AlwaysLow())
     svc.start()
     j, sink = job("chat", 1, "hello")
     svc.submit(j)

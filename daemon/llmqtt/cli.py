@@ -51,7 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     model = command("model", _model, "manage models: `llmqtt model fetch demo`, `llmqtt model where`")
     model.add_argument("action", choices=["fetch", "where"])
     model.add_argument("name", nargs="?", help="model to fetch (default: the configured one)")
+    bench = command("bench", _bench, "measure accuracy and speed on this machine; writes JSON, Markdown and a plot")
+    bench.add_argument("--quick", action="store_true", help="small samples (a few minutes)")
+    bench.add_argument("--out", type=Path, help="output directory (default: ./bench-out)")
     return parser
+
+
+def _bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(_config(args), args.quick, args.out)
 
 
 def _config(args) -> Config:

@@ -116,6 +116,9 @@ class MqttConfig(_Section):
     def read_password(self) -> str | None:
         if self.password_file is None:
             return None
+        if "$" in str(self.password_file):
+            raise ConfigError(f"mqtt.password_file: {self.password_file} names an environment variable that is "
+                              "not set (under systemd, CREDENTIALS_DIRECTORY comes with LoadCredential=)")
         try:
             return self.password_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
@@ -188,16 +191,26 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
-    def fix(p: Path | None) -> Path | None:
-        return p if p is None or p.is_absolute() else base / p
+    """Expand `${VAR}` (e.g. systemd's ${CREDENTIALS_DIRECTORY}) and make relative paths relative to `base`."""
 
-    config.prompts = [fix(p) for p in config.prompts]
-    config.model.cache_dir = fix(config.model.cache_dir)
+    def fix(p: Path | None, field: str) -> Path | None:
+        if p is None:
+            return None
+        expanded = os.path.expandvars(str(p))
+        if "$" in expanded:  # unset here (e.g. check-config from a shell); read_password() says so if used
+            return Path(expanded)
+        path = Path(expanded).expanduser()
+        return path if path.is_absolute() else base / path
+
+    config.prompts = [fix(p, "prompts") for p in config.prompts]
+    config.model.cache_dir = fix(config.model.cache_dir, "model.cache_dir")
     name = config.model.name
-    if name.startswith(("./", "../")) or name.endswith(".gguf") and not os.path.isabs(name):
-        config.model.name = str(base / name)
-    config.mqtt.password_file = fix(config.mqtt.password_file)
+    if name.startswith(("./", "../", "~", "$")) or name.endswith(".gguf"):
+        config.model.name = str(fix(Path(name), "model.name"))
+    config.mqtt.password_file = fix(config.mqtt.password_file, "mqtt.password_file")
     if config.mqtt.tls:
         tls = config.mqtt.tls
-        tls.ca_file, tls.cert_file, tls.key_file = fix(tls.ca_file), fix(tls.cert_file), fix(tls.key_file)
+        tls.ca_file = fix(tls.ca_file, "mqtt.tls.ca_file")
+        tls.cert_file = fix(tls.cert_file, "mqtt.tls.cert_file")
+        tls.key_file = fix(tls.key_file, "mqtt.tls.key_file")
     return config

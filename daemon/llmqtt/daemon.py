@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import __version__
 from .config import Config, load_config
@@ -32,6 +32,9 @@ from .mqtt.transport import MqttTransport
 from .service import Job, Outcome, Service
 from .sessions import SessionStore
 from .tasks import load_tasks
+
+if TYPE_CHECKING:
+    from .planner import MemoryGuard
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ class Daemon:
     """Builds the object graph in the constructor; nothing runs or connects until `start()`."""
 
     def __init__(self, config: Config, engine: InferenceEngine, *, threads: int | None = None,
-                 low_memory: Callable[[], bool] | None = None, notifier=None, watchdog=None,
+                 memory: MemoryGuard | None = None, notifier=None, watchdog=None,
                  request_log: Callable[[Job, Outcome], None] | None = None, stop_grace_s: float | None = None):
         self.config = config
         self.engine = engine
@@ -71,7 +74,7 @@ class Daemon:
             queue_size=runtime.queue_size,
             max_batch=min(runtime.max_batch, getattr(engine, "max_batch", runtime.max_batch)),  # planned batch
             default_deadline_ms=runtime.default_deadline_ms, dedup_size=mqtt.dedup_cache_size,
-            low_memory=low_memory,  # HOOK(planner): MemoryGuard
+            memory=memory,  # HOOK(planner): MemoryGuard
             observer=request_log or log_outcome,  # HOOK(logs): one line per request
             heartbeat=self.watchdog.beat, idle_wait_s=self.watchdog.idle_wait_s)
         self.transport = MqttTransport(mqtt, password=mqtt.read_password())
@@ -83,7 +86,7 @@ class Daemon:
                                           model_name=engine.model_name, node=mqtt.node)
         self.health = HealthExtension(self.transport, self.topics, self.service, mqtt.health_interval_s,
                                       threads=threads if threads is not None else getattr(engine, "threads", None),
-                                      started=self.started)
+                                      started=self.started, memory_state=memory.state if memory else None)
         self.extensions: list[Extension] = []
         self._shut_down = False
 
@@ -181,7 +184,7 @@ def log_outcome(job: Job, outcome: Outcome) -> None:
 # -- building the real thing -------------------------------------------------------------------------
 
 def build_engine(config: Config, tasks: dict, progress: Callable[[str, int, int], None] | None = None,
-                 ) -> tuple[InferenceEngine, int | None, Callable[[], bool] | None]:
+                 ) -> tuple[InferenceEngine, int | None, MemoryGuard | None]:
     """(engine, planned threads, low-memory check). Plans before torch is imported."""
     fake = os.environ.get(FAKE_ENGINE_ENV)
     if fake:
@@ -205,10 +208,9 @@ def build_engine(config: Config, tasks: dict, progress: Callable[[str, int, int]
     apply_threads(p)
     log.info("plan: %d threads, %s%s, batch %d, context %d tokens", p.threads, p.dtype,
              "" if p.quantize == "none" else f"+{p.quantize}", p.max_batch, p.max_context)
-    model_config = config.model.model_copy(update={"max_context": p.max_context})
+    model_config = config.model.model_copy(update={"max_context": p.max_context, "dtype": p.dtype})
     engine = load_engine(model_config, tasks, max_batch=p.max_batch, resolved=resolved)
-    guard = MemoryGuard(p.low_memory_bytes, live_available_bytes)
-    return engine, p.threads, lambda: not guard.allow_generation()
+    return engine, p.threads, MemoryGuard(p.low_memory_bytes, live_available_bytes)
 
 
 def main(config_path: Path | None) -> int:
@@ -224,11 +226,11 @@ def main(config_path: Path | None) -> int:
     from .readings import ModelFactsError
 
     try:
-        engine, threads, low_memory = build_engine(config, tasks, _startup_progress(notifier))
+        engine, threads, memory = build_engine(config, tasks, _startup_progress(notifier))
     except (ModelUnavailable, ModelTooLarge, ModelFactsError) as exc:
         log.error("%s", exc)
         return 1
-    daemon = Daemon(config, engine, threads=threads, low_memory=low_memory, notifier=notifier,
+    daemon = Daemon(config, engine, threads=threads, memory=memory, notifier=notifier,
                     watchdog=watchdog)
     return daemon.run()
 

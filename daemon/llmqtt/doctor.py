@@ -118,7 +118,7 @@ def _plan_data(readings: SystemReadings, facts: ModelFacts | None, config: Confi
         return data
     # Without the model's numbers only the machine-side half of the plan is known.
     threads, interop = plan_threads(readings, config.runtime.threads, config.runtime.interop_threads)
-    dtype = choose_dtype(readings, config.model.dtype, config.model.quantize)
+    dtype = choose_dtype(config.model.dtype)
     return {"threads": threads, "interop_threads": interop, "dtype": dtype, "quantize": config.model.quantize,
             "memory": None, "budget": None, "max_batch": config.runtime.max_batch,
             "max_context": config.model.max_context, "requested_max_batch": config.runtime.max_batch,

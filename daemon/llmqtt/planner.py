@@ -34,7 +34,7 @@ MIN_PLANNED_CONTEXT = 512
 # engine/loader.py quantizes with torch's quantize_dynamic(inplace=False), which first deep-copies the
 # float model into anonymous memory (measured on the demo model: 3.6 GiB peak anonymous memory for a
 # model that serves in 1.5 GiB; in place it peaks at 1.2 GiB). Set to False if the loader goes in place.
-INT8_QUANTIZES_A_COPY = True
+INT8_QUANTIZES_A_COPY = False
 
 # Bytes per Linear parameter after dynamic int8 quantization: 1 for the int8 values plus the backend's
 # packed copy and scales (measured with fbgemm on x86: 666 MiB for the demo model's 494M Linear params).
@@ -57,16 +57,15 @@ class ModelTooLarge(Exception):
 # --------------------------------------------------------------------------- dtype
 
 
-def choose_dtype(readings: SystemReadings, requested: str, quantize: str = "none") -> str:
-    """The compute dtype: what the config asks for, and for `auto` bf16 only where the CPU has it natively.
+def choose_dtype(requested: str) -> str:
+    """The compute dtype: what the config asks for; `auto` is float32, chosen explicitly.
 
     transformers 5's own `auto` takes the checkpoint's dtype (usually bf16), which on a CPU without bf16
-    instructions (the Pi 5's Cortex-A76, most x86 before Sapphire Rapids / Zen 4) runs ~2x slower than fp32.
-    torch's dynamic int8 quantizes float32 models only, so `auto` with int8 is float32.
+    instructions (the Pi 5's Cortex-A76) runs ~2x slower than fp32. Even with native bf16 (this project's
+    AVX512-BF16 x86 test machine, torch 2.13) we measured bf16 ~10x slower than fp32 for the 0.5B demo
+    model, so bf16 is opt-in where someone has measured it to pay off. torch's dynamic int8 needs float32.
     """
-    if requested in DTYPE_BYTES:
-        return requested
-    return "bfloat16" if readings.native_bf16 and quantize != "int8" else "float32"
+    return "float32" if requested == "auto" else requested
 
 
 def dtype_notes(readings: SystemReadings, dtype: str, quantize: str = "none") -> list[str]:
@@ -286,7 +285,7 @@ def plan(readings: SystemReadings, facts: ModelFacts, model_config: ModelConfig,
          runtime_config: RuntimeConfig) -> Plan:
     threads, interop = plan_threads(readings, runtime_config.threads, runtime_config.interop_threads)
     quantize = model_config.quantize
-    dtype = choose_dtype(readings, model_config.dtype, quantize)
+    dtype = choose_dtype(model_config.dtype)
     budget = memory_budget(readings)
     low_memory = low_memory_threshold(readings, runtime_config)
     # Size batch and context so a full batch stays above the MemoryGuard's threshold; otherwise every busy

@@ -18,6 +18,7 @@ from typing import Callable, Protocol, Union, cast
 
 from .engine.types import EngineError, GenerationResult, InferenceEngine
 from .sessions import SessionStore
+from .stats import ServiceStats
 from .tasks import ClassifyTask, GenerateTask
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,14 @@ RequestId = Union[str, int]  # as the client sent it; echoed back unchanged
 # Outcomes that say something about the request itself may be replayed to a retry with the same id;
 # transient refusals (busy, expired, low memory, cancelled, internal) must not be.
 _TRANSIENT = frozenset({"busy", "expired", "cancelled", "low_memory", "internal"})
+
+
+class MemoryPressure(Protocol):
+    """What the service asks of the planner's MemoryGuard while serving."""
+
+    def allow_generation(self) -> bool: ...
+
+    def batch_limit(self, max_batch: int) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,7 @@ class Submitted(enum.Enum):
 class Service:
     def __init__(self, engine: InferenceEngine, *, sessions: SessionStore, queue_size: int = 64,
                  max_batch: int = 16, default_deadline_ms: int | None = None, dedup_size: int = 512,
-                 low_memory: Callable[[], bool] | None = None,
+                 memory: MemoryPressure | None = None,
                  observer: Callable[[Job, Outcome], None] | None = None,
                  heartbeat: Callable[[], None] | None = None, idle_wait_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic):
@@ -107,7 +116,7 @@ class Service:
         self._max_batch = max_batch
         self._default_deadline_ms = default_deadline_ms
         self._dedup_size = dedup_size
-        self._low_memory = low_memory  # HOOK(planner): MemoryGuard; True = refuse new generation work
+        self._memory = memory  # HOOK(planner): MemoryGuard; smaller batches and no generation when low
         self._observer = observer  # HOOK(logs): per-request log line
         # HOOK(systemd): Watchdog.beat — called per job, per generated piece and per idle wait, so a hung
         # inference stops the beats while an idle daemon keeps them going.
@@ -242,7 +251,8 @@ class Service:
                 return None
             if self._classify_q:
                 task = self._classify_q[0].task
-                batch = [j for j in self._classify_q if j.task == task][: self._max_batch]
+                limit = self._memory.batch_limit(self._max_batch) if self._memory else self._max_batch
+                batch = [j for j in self._classify_q if j.task == task][:limit]
                 for job in batch:
                     self._classify_q.remove(job)
             else:
@@ -273,7 +283,7 @@ class Service:
         if self._expire(job):
             return
         started = self._clock()
-        if self._low_memory is not None and self._low_memory():
+        if self._memory is not None and not self._memory.allow_generation():
             self._complete(job, Failure("low_memory", "not enough free memory to generate now"), started)
             return
         history = self.sessions.history(job.task, job.session) if job.session else []
@@ -369,62 +379,3 @@ def generation_dict(result: GenerationResult) -> dict:
     return {"text": result.text, "finish_reason": result.finish_reason, "tokens": result.new_tokens,
             "prompt_tokens": result.prompt_tokens, "tokens_per_s": round(result.tokens_per_s, 2),
             "history_turns": result.history_turns_used}
-
-
-class ServiceStats:
-    """Counters and recent latencies for the health topic; cheap to update from the worker thread."""
-
-    _SAMPLES = 256
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._ok: dict[str, int] = {}
-        self._errors: dict[str, int] = {}
-        self._error_codes: dict[str, int] = {}
-        self._latency: dict[str, deque[float]] = {}
-        self._tokens_per_s: deque[float] = deque(maxlen=32)
-        self._job_ms = 500.0  # running mean of one job's run time, seeds the `busy` retry hint
-
-    def record(self, outcome: Outcome) -> None:
-        with self._lock:
-            if outcome.ok:
-                self._ok[outcome.task] = self._ok.get(outcome.task, 0) + 1
-                self._latency.setdefault(outcome.task, deque(maxlen=self._SAMPLES)).append(outcome.latency_ms)
-                run_ms = max(0.0, outcome.latency_ms - outcome.queue_ms)
-                if not outcome.cached:
-                    self._job_ms = 0.8 * self._job_ms + 0.2 * run_ms
-            else:
-                self._errors[outcome.task] = self._errors.get(outcome.task, 0) + 1
-                code = outcome.code
-                self._error_codes[code] = self._error_codes.get(code, 0) + 1
-
-    def record_tokens_per_s(self, value: float) -> None:
-        if value > 0:
-            with self._lock:
-                self._tokens_per_s.append(value)
-
-    def retry_after_ms(self, depth: int) -> int:
-        """A hint for a refused client: roughly how long the queue ahead of it takes to drain."""
-        with self._lock:
-            return int(min(60_000, max(100, (depth + 1) * self._job_ms)))
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            tasks = sorted({*self._ok, *self._errors})
-            per_task = {task: {"ok": self._ok.get(task, 0), "error": self._errors.get(task, 0),
-                               **_percentiles(self._latency.get(task, ()))} for task in tasks}
-            tps = sum(self._tokens_per_s) / len(self._tokens_per_s) if self._tokens_per_s else None
-            return {"ok": sum(self._ok.values()), "error": sum(self._errors.values()),
-                    "errors_by_code": dict(self._error_codes), "tasks": per_task,
-                    "tokens_per_s": round(tps, 2) if tps is not None else None}
-
-
-def _percentiles(samples) -> dict:
-    ordered = sorted(samples)
-    if not ordered:
-        return {"p50_ms": None, "p95_ms": None}
-
-    def rank(q: float) -> float:  # nearest-rank percentile
-        return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
-
-    return {"p50_ms": rank(0.50), "p95_ms": rank(0.95)}

@@ -8,18 +8,9 @@ from __future__ import annotations
 from typing import Mapping
 
 from ..config import ModelConfig
+from ..planner import choose_dtype
 from ..tasks import ClassifyTask, GenerateTask
 from .modelstore import Progress, ResolvedModel, _no_progress, resolve_model
-
-
-def resolve_dtype(requested: str) -> str:
-    """`auto` -> float32.
-
-    transformers 5's own `auto` takes the checkpoint's dtype (often bf16). On CPUs without native bf16
-    (Raspberry Pi 5) that is ~2x slower, and even on an AVX512-BF16 x86 server we measured torch 2.13's bf16
-    path ~10x slower than fp32 for this model size (docs/bench). So bf16 is opt-in (`model.dtype: bfloat16`).
-    """
-    return "float32" if requested == "auto" else requested
 
 
 def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | GenerateTask], max_batch: int = 16,
@@ -30,6 +21,6 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
 
     resolved = resolved or resolve_model(config, progress)
     progress(f"loading {resolved.display_name}", 0, 0)
-    loaded = load(resolved.path, resolve_dtype(config.dtype), config.quantize)
+    loaded = load(resolved.path, choose_dtype(config.dtype), config.quantize)
     progress("preparing task prompts", 0, 0)
     return Engine(loaded, tasks, resolved.display_name, resolved.match_name, config.max_context, max_batch)

@@ -48,7 +48,8 @@ def read_machine(process: psutil.Process) -> MachineReadings:
 
 
 def build_health(machine: MachineReadings, service_stats: dict, *, queue_depth: int, sessions: int,
-                 uptime_s: float, model: str, dtype: str, threads: int | None) -> dict:
+                 uptime_s: float, model: str, dtype: str, threads: int | None,
+                 memory_state: str | None = None) -> dict:
     def mb(value: int | None) -> float | None:
         return None if value is None else round(value / MiB, 1)
 
@@ -61,6 +62,7 @@ def build_health(machine: MachineReadings, service_stats: dict, *, queue_depth: 
                    "available_mb": mb(machine.ram_available), "total_mb": mb(machine.ram_total)},
         "swap": {"used_mb": mb(used(machine.swap_total, machine.swap_free)), "free_mb": mb(machine.swap_free)},
         "rss_mb": mb(machine.rss),
+        "memory_state": memory_state,  # "low": batches halved and generation refused until memory recovers
         "temperature_c": None if machine.temperature_c is None else round(machine.temperature_c, 1),
         "queue_depth": queue_depth,
         "sessions": sessions,
@@ -82,13 +84,15 @@ class HealthExtension:
 
     def __init__(self, transport: MqttTransport, topics: Topics, service: Service, interval_s: float,
                  threads: int | None, started: float,
-                 read: Callable[[], MachineReadings] | None = None):
+                 read: Callable[[], MachineReadings] | None = None,
+                 memory_state: Callable[[], str] | None = None):
         self.transport = transport
         self.topics = topics
         self.service = service
         self.interval_s = interval_s
         self.threads = threads
         self.started = started  # time.monotonic() when the daemon started
+        self.memory_state = memory_state  # MemoryGuard.state, when the planner runs
         self._read = read or (lambda: read_machine(self._process))
         self._process = psutil.Process()
         self._stop = threading.Event()
@@ -112,7 +116,8 @@ class HealthExtension:
         engine = self.service.engine
         return build_health(self._read(), self.service.stats.snapshot(), queue_depth=self.service.queue_depth(),
                             sessions=len(self.service.sessions), uptime_s=time.monotonic() - self.started,
-                            model=engine.model_name, dtype=engine.dtype, threads=self.threads)
+                            model=engine.model_name, dtype=engine.dtype, threads=self.threads,
+                            memory_state=self.memory_state() if self.memory_state else None)
 
     def _run(self) -> None:
         while True:
