@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from needs import missing
 
 from llmqtt import logs
 from llmqtt.config import LoggingConfig
@@ -33,9 +34,7 @@ def restore_root_logger():
 
 def journal_handler_available() -> None:
     if logs._journal_handler_class() is None:
-        if os.environ.get("CI"):
-            pytest.fail("systemd-python is not installed (CI must `pip install systemd-python`)")
-        pytest.skip("systemd-python is not installed")
+        missing("systemd-python")
 
 
 def our_handlers() -> list[logging.Handler]:

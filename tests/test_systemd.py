@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from needs import missing
 import yaml
 from broker import broker, daemon_config, wait_online  # noqa: F401  (broker is a fixture)
 from fake_engine import write_prompts
@@ -30,9 +31,7 @@ def require_backend(backend: str) -> None:
     try:
         import systemd.daemon  # noqa: F401
     except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("systemd-python is not installed (CI must `pip install systemd-python`)")
-        pytest.skip("systemd-python is not installed")
+        missing("systemd-python")
 
 
 class FakeSystemd:
