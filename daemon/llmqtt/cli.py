@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     model = command("model", _model, "manage models: `llmqtt model fetch demo`, `llmqtt model where`")
     model.add_argument("action", choices=["fetch", "where"])
     model.add_argument("name", nargs="?", help="model to fetch (default: the configured one)")
+    ha = command("ha", _ha, "Home Assistant: `llmqtt ha remove` clears this board's discovery configs and sensor "
+                            "states from the broker (stop the daemon first)")
+    ha.add_argument("action", choices=["remove"])
     bench = command("bench", _bench, "measure accuracy and speed on this machine; writes JSON, Markdown and a plot")
     bench.add_argument("--quick", action="store_true", help="small samples (a few minutes)")
     bench.add_argument("--out", type=Path, help="output directory (default: ./bench-out)")
@@ -111,6 +114,21 @@ def _model(args) -> int:
         print(f"llmqtt: {exc}", file=sys.stderr)
         return 1
     print(f"{resolved.display_name} is ready at {resolved.path}")
+    return 0
+
+
+def _ha(args) -> int:
+    from .extensions.homeassistant import remove_discovery
+
+    config = _config(args)
+    try:
+        cleared = remove_discovery(config, load_tasks(config.prompt_dirs()))
+    except ConnectionError as exc:
+        print(f"llmqtt: {exc}", file=sys.stderr)
+        return 1
+    for topic in cleared:
+        print(f"cleared {topic}")
+    print(f"removed {len(cleared)} retained Home Assistant topics of node {config.mqtt.node}")
     return 0
 
 

@@ -1,0 +1,26 @@
+"""`llmqtt bench`: accuracy and speed of the loaded model on this machine, written as JSON + Markdown + plot.
+
+Modules: data (the labelled sample), accuracy, seeds (the generate-and-parse baseline), speed (sentiment
+a/b/c), chat (first token, decode, bandwidth bound), startup (subprocess timings), llamacpp (optional
+peer), report (targets, Markdown, plot), runner (the order of it all). Import is light: torch loads on run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+DEFAULT_OUT = Path("bench-out")
+
+
+def main(config, quick: bool = False, out: Path | None = None) -> int:
+    from . import report, runner
+
+    sizes = runner.QUICK if quick else runner.FULL
+    result = runner.run(config, sizes)
+    paths = report.write(result, out or DEFAULT_OUT)
+    for t in report.targets(result):
+        mark = "n/a " if t["met"] is None else ("met " if t["met"] else "MISS")
+        print(f"[{mark}] {t['target']}: {report._fmt_target(t)} (goal {t['goal']})", file=sys.stderr)
+    print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}")
+    return 0

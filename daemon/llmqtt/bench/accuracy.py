@@ -1,0 +1,68 @@
+"""Accuracy of a classify task on labelled rows, with a confusion matrix."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .data import Row
+
+CHUNK = 16  # rows handed to engine.classify at a time: the engine's batch size, and a tick of the bar
+
+
+@dataclass
+class Scored:
+    """What a classifier said about labelled rows: predicted labels (None = unparseable) and margins."""
+
+    labels: list[str]  # the task's label names, in order
+    gold: list[str] = field(default_factory=list)
+    predicted: list[str | None] = field(default_factory=list)
+    margin: list[float] = field(default_factory=list)  # log p(first label) - log p(second), when known
+
+    def summary(self) -> dict:
+        n = len(self.gold)
+        right = sum(p == g for p, g in zip(self.predicted, self.gold))
+        return {"n": n, "accuracy": right / n if n else 0.0, "confusion": self.confusion(),
+                "unparsed": sum(p is None for p in self.predicted)}
+
+    def confusion(self) -> dict[str, dict[str, int]]:
+        """gold label -> predicted label (or "none") -> count."""
+        columns = [*self.labels, "none"]
+        table = {g: {p: 0 for p in columns} for g in self.labels}
+        for g, p in zip(self.gold, self.predicted):
+            table[g][p if p is not None else "none"] += 1
+        return table
+
+
+def classify_rows(engine, task: str, rows: Sequence[Row], tick: Callable[[int], None] = lambda n: None) -> Scored:
+    """The classification path (prefix cache + label logits), batched like the daemon does."""
+    labels = list(engine.tasks[task].labels)
+    scored = Scored(labels)
+    for start in range(0, len(rows), CHUNK):
+        chunk = rows[start:start + CHUNK]
+        for row, result in zip(chunk, engine.classify(task, [r.text for r in chunk])):
+            scored.gold.append(row.label)
+            scored.predicted.append(result.label)
+            scored.margin.append(_log_ratio(result.scores, labels))
+        tick(len(chunk))
+    return scored
+
+
+def _log_ratio(scores: dict[str, float], labels: list[str]) -> float:
+    first, second = (max(scores[name], 1e-12) for name in labels[:2])
+    return math.log(first) - math.log(second)
+
+
+def best_offset(scored: Scored, grid: Sequence[float] = tuple(x / 4 for x in range(-16, 17))) -> tuple[float, float]:
+    """(offset, accuracy): the logit offset added to the first label that is most accurate on these rows.
+
+    Only for two-label tasks; meant for the dev split, never the test split.
+    """
+    first, second = scored.labels[:2]
+
+    def accuracy(offset: float) -> float:
+        hits = sum((first if m + offset > 0 else second) == g for m, g in zip(scored.margin, scored.gold))
+        return hits / len(scored.gold)
+
+    return max(((o, accuracy(o)) for o in grid), key=lambda pair: (pair[1], -abs(pair[0])))

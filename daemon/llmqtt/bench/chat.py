@@ -1,0 +1,88 @@
+"""Chat speed: first token with the cached system prompt vs recomputing it, decode tokens/s, and the
+memory-bandwidth bound on decode measured on this machine in the same run.
+
+Decode of one token reads every weight once, so tokens/s can be no more than
+bandwidth / (bytes of weights read per token); the ratio says how close the loop gets.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+from transformers import DynamicCache
+
+from ..engine.generate import ChatGenerator
+from ..tasks import GenerateTask
+
+Tick = Callable[[int], None]
+TTFT_PROMPT = "What should I check first when the living room lights stop responding?"
+DECODE_PROMPT = "Explain in detail how a heat pump warms a house in winter."
+
+
+def chat_speed(engine, task: GenerateTask, reps: int, decode_tokens: int, tick: Tick) -> dict:
+    gen = ChatGenerator(engine.loaded.model, engine.loaded.tokenizer, task, 2048)
+    cached = [first_token_s(gen, TTFT_PROMPT, use_prefix=True) for _ in range(reps)]
+    recomputed = [first_token_s(gen, TTFT_PROMPT, use_prefix=False) for _ in range(reps)]
+    tick(1)
+    decodes = [decode_rate(gen, decode_tokens) for _ in range(reps)]
+    tick(1)
+    best = max(decodes, key=lambda d: d["tokens_per_s"])
+    cached_ms, recomputed_ms = 1000 * statistics.median(cached), 1000 * statistics.median(recomputed)
+    return {"prefix_tokens": gen.prefix.length, "rest_tokens": len(gen.prompt_ids(TTFT_PROMPT, [], 1)[0]),
+            "first_token_cached_ms": cached_ms, "first_token_recomputed_ms": recomputed_ms,
+            "first_token_speedup": recomputed_ms / cached_ms if cached_ms else None,
+            "decode_tokens_per_s": best["tokens_per_s"], "decode_new_tokens": best["new_tokens"],
+            "decode_runs_tokens_per_s": [d["tokens_per_s"] for d in decodes]}
+
+
+def first_token_s(gen: ChatGenerator, text: str, use_prefix: bool) -> float:
+    """Seconds from the text to the first (greedy) token: tokenize, prefill, pick.
+
+    With the prefix only the user's turn runs; without it the very same ids run from an empty cache.
+    """
+    start = time.perf_counter()
+    rest = gen.prompt_ids(text, [], 1)[0]
+    if use_prefix:
+        logits = gen.forward(torch.tensor([rest]), gen.prefix.cache(1), gen.prefix.length)
+    else:
+        logits = gen.forward(torch.tensor([gen.prefix.ids + rest]), DynamicCache(), 0)
+    int(torch.argmax(logits))
+    return time.perf_counter() - start
+
+
+def decode_rate(gen: ChatGenerator, max_new_tokens: int) -> dict:
+    """Greedy (temperature 0) so every run decodes the same tokens; the engine's own loop and timing."""
+    settings = gen.task.generation.model_copy(update={"temperature": 0.0})
+    stream = gen.stream(DECODE_PROMPT, settings=settings, max_new_tokens=max_new_tokens)
+    for _ in stream:
+        pass
+    return {"tokens_per_s": stream.result.tokens_per_s, "new_tokens": stream.result.new_tokens}
+
+
+def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of reading a tensor far larger than the caches (best of `repeats` sums)."""
+    data = torch.ones(nbytes // 4, dtype=torch.float32)
+    data.sum()  # touch every page once before timing
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
+def bytes_per_token(model: torch.nn.Module, weight_bytes: int) -> int:
+    """Weight bytes one decode step reads: all of them, except an input embedding table that is not also
+    the output head (a lookup reads one row of it, not the table)."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = isinstance(getattr(head, "weight", None), torch.Tensor) and head.weight.data_ptr() == embedding.data_ptr()
+    return weight_bytes if tied else weight_bytes - embedding.numel() * embedding.element_size()
+
+
+def bandwidth_bound(model: torch.nn.Module, weight_bytes: int, bandwidth: float) -> dict:
+    per_token = bytes_per_token(model, weight_bytes)
+    return {"bytes_per_token": per_token, "bound_tokens_per_s": bandwidth / per_token}

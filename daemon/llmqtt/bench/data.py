@@ -1,0 +1,60 @@
+"""The labelled sentiment sample: a fixed, seeded draw from ../shared/data, split into dev and test.
+
+The sample is copied into `bench/data/` once (`python -m llmqtt.bench.data`), so the benchmark reads the
+same rows on every machine. Prompts are tuned on `dev` only; accuracy is reported on `test`, which is
+disjoint from it (every row gets exactly one split).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+SEED = 20250101
+SOURCES = {"en": "sentiment-en-uci.jsonl", "zh": "sentiment-zh-reviews-dev.jsonl"}
+N_DEV, N_TEST = 300, 600  # per language
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    text: str
+    label: str
+    split: str  # "dev" | "test"
+
+
+def repo_data_dir() -> Path:
+    """`bench/data/` of the repository this package is installed from (editable install)."""
+    return Path(__file__).resolve().parents[3] / "bench" / "data"
+
+
+def load_rows(path: Path, split: str | None = None, limit: int | None = None) -> list[Row]:
+    """Rows of one sample file in file order (already shuffled), optionally one split and the first `limit`."""
+    rows = [Row(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if split is not None:
+        rows = [r for r in rows if r.split == split]
+    return rows[:limit] if limit is not None else rows
+
+
+def draw(source: Path, seed: int = SEED, n_dev: int = N_DEV, n_test: int = N_TEST) -> list[Row]:
+    """Shuffle the source with `seed`; the first n_dev rows are dev, the next n_test are test."""
+    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    random.Random(seed).shuffle(rows)
+    picked = rows[: n_dev + n_test]
+    return [Row(str(r["id"]), r["text"], r["label"], "dev" if i < n_dev else "test") for i, r in enumerate(picked)]
+
+
+def write_sample(source_dir: Path, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for lang, name in SOURCES.items():
+        rows = draw(source_dir / name)
+        lines = [json.dumps(r.__dict__, ensure_ascii=False) for r in rows]
+        (out_dir / f"sentiment-{lang}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_sample(Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data"), repo_data_dir())

@@ -1,0 +1,229 @@
+"""result dict -> result.json, report.md and bench.png; and the targets the issue set, met or missed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+PLOT = "bench.png"
+PATHS = [("seeds_way", "(a) seeds' way: full prompt + generate + parse"),
+         ("classify_one", "(b) classification path, one message"),
+         ("burst", "(c) burst through the queue, batched")]
+
+
+def _get(result: dict, *keys):
+    """result[k1][k2]... or None when any step is missing (a section that was skipped or failed)."""
+    for key in keys:
+        if not isinstance(result, dict) or key not in result:
+            return None
+        result = result[key]
+    return result
+
+
+def _div(a, b):
+    return a / b if a is not None and b else None
+
+
+# (name, goal text, value getter, is the goal met for this value)
+TARGETS: list[tuple[str, str, Callable[[dict], float | None], Callable[[float], bool]]] = [
+    ("sentiment accuracy, English", ">= 92 %", lambda r: _get(r, "accuracy", "sentiment", "en", "accuracy"), lambda v: v >= 0.92),
+    ("sentiment accuracy, Chinese", ">= 90 %", lambda r: _get(r, "accuracy", "sentiment", "zh", "accuracy"), lambda v: v >= 0.90),
+    ("classification path vs seeds' way, per message (b/a)", ">= 5x",
+     lambda r: _get(r, "variants", "fp32", "sentiment", "b_over_a"), lambda v: v >= 5),
+    ("burst of 64 vs seeds' throughput (c/a)", ">= 8x",
+     lambda r: _get(r, "variants", "fp32", "sentiment", "c_over_a"), lambda v: v >= 8),
+    ("chat first token, cached vs recomputed prompt", ">= 3x",
+     lambda r: _get(r, "variants", "fp32", "chat", "first_token_speedup"), lambda v: v >= 3),
+    ("decode vs memory-bandwidth bound", ">= 60 %",
+     lambda r: _get(r, "variants", "fp32", "chat", "decode_pct_of_bound"), lambda v: v >= 60),
+    ("peak RSS / weights' bytes (ready, fp32)", "<= 1.3x",
+     lambda r: _div(_get(r, "startup", "ready_fp32", "peak_rss_bytes"), _get(r, "startup", "ready_fp32", "weight_bytes")),
+     lambda v: v <= 1.3),
+    ("time to ready / bare from_pretrained (fp32)", "<= 2x",
+     lambda r: _div(_get(r, "startup", "ready_fp32", "seconds"), _get(r, "startup", "bare", "seconds")),
+     lambda v: v <= 2),
+]
+
+
+def targets(result: dict) -> list[dict]:
+    out = []
+    for name, goal, value_of, met in TARGETS:
+        value = value_of(result)
+        out.append({"target": name, "goal": goal, "value": value, "met": None if value is None else bool(met(value))})
+    return out
+
+
+def write(result: dict, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {**result, "targets": targets(result)}
+    paths = {"json": out_dir / "result.json", "markdown": out_dir / "report.md", "plot": out_dir / PLOT}
+    paths["json"].write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    plot(result, paths["plot"])
+    paths["markdown"].write_text(markdown(result), encoding="utf-8")
+    return paths
+
+
+# -- Markdown ---------------------------------------------------------------------------------------
+
+def markdown(r: dict) -> str:
+    m = r["meta"]
+    parts = [f"# llmqtt bench ({m['mode']})\n",
+             f"Model **{m['model']}**, fp32 and int8 (dynamic, Linear layers). Machine: {m['cpu']}, {m['cores']} cores "
+             f"(torch threads {m['torch_threads']}), {_gb(m['ram_bytes'])} RAM; Python {m['python']}, torch "
+             f"{m['torch']}, transformers {m['transformers']}; {m['date']}; run took {m.get('elapsed_s', 0) / 60:.1f} min.\n",
+             "All ratios are from this one run on this machine; absolute numbers move with machine load.\n",
+             _targets_md(r), _accuracy_md(r), _sentiment_md(r), _chat_md(r), _startup_md(r), _llama_md(r),
+             f"![latency and throughput]({PLOT})\n"]
+    return "\n".join(p for p in parts if p)
+
+
+def _targets_md(r: dict) -> str:
+    lines = ["## Targets\n", "| target | goal | this run | met |", "|---|---|---|---|"]
+    for t in r["targets"]:
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        value = _fmt_target(t)
+        lines.append(f"| {t['target']} | {t['goal']} | {value} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt_target(t: dict) -> str:
+    v = t["value"]
+    if v is None:
+        return "not measured"
+    return f"{100 * v:.1f} %" if "accuracy" in t["target"] else (f"{v:.1f} %" if "%" in t["goal"] else f"{v:.2f}x")
+
+
+def _accuracy_md(r: dict) -> str:
+    d = r["meta"]["data"]
+    lines = ["## Accuracy\n", f"Test split of the seeded sample in `{d['dir']}` (seed {d['seed']}; {d['split']}). "
+             "Prompts were tuned on the dev split only. fp32, classification path.\n"]
+    for task, per_lang in r.get("accuracy", {}).items():
+        if "skipped" in per_lang:
+            lines.append(f"- `{task}`: {per_lang['skipped']}\n")
+            continue
+        for lang, s in per_lang.items():
+            lines.append(f"**{task} / {lang}**: {100 * s['accuracy']:.1f} % of {s['n']}\n")
+            lines.append(_confusion_md(s["confusion"]))
+    return "\n".join(lines) + "\n"
+
+
+def _confusion_md(confusion: dict) -> str:
+    columns = [c for c in next(iter(confusion.values())) if c != "none" or any(row["none"] for row in confusion.values())]
+    lines = ["| gold \\ predicted | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for gold, row in confusion.items():
+        lines.append(f"| {gold} | " + " | ".join(str(row[c]) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _sentiment_md(r: dict) -> str:
+    lines = ["## Sentiment speed\n", "(a) and (b) run the same rows one at a time (first rows of each language's "
+             "test split), so their accuracies compare; (c) submits a burst to `service.Service` at once.\n",
+             "| weights | path | n | p50 ms | p95 ms | msg/s | accuracy |", "|---|---|---|---|---|---|---|"]
+    ratios = []
+    for name, v in r.get("variants", {}).items():
+        s = v.get("sentiment")
+        if not s:
+            continue
+        for key, label in PATHS:
+            p = s[key]
+            acc = f"{100 * p['accuracy']:.1f} %" if "accuracy" in p else "-"
+            lines.append(f"| {name} | {label} | {p['n']} | {_n(p['p50_ms'], 0)} | {_n(p['p95_ms'], 0)} | "
+                         f"{_n(p['per_s'], 2)} | {acc} |")
+        ratios.append(f"- {name}: b/a = **{_n(s['b_over_a'], 1)}x** throughput (p50 latency a/b {_n(s['p50_a_over_b'], 1)}x), "
+                      f"c/a = **{_n(s['c_over_a'], 1)}x** (burst batch {s['burst']['batch']}, errors {s['burst']['errors']})")
+    return "\n".join(lines + [""] + ratios) + "\n"
+
+
+def _chat_md(r: dict) -> str:
+    bw = r.get("bandwidth_bytes_per_s")
+    lines = ["## Chat speed\n", f"Memory bandwidth measured in this run (best of 5 sums of a "
+             f"{_gb(r['meta']['sizes']['bandwidth_bytes'])} tensor): "
+             f"**{_n(bw and bw / 1e9, 1)} GB/s**. Bound = bandwidth / weight bytes read per token.\n",
+             "| weights | prefix tok | user tok | first token cached ms | recomputed ms | speed-up | decode tok/s | "
+             "bound tok/s | of bound |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, v in r.get("variants", {}).items():
+        c, b = v.get("chat"), v.get("bound", {})
+        if not c:
+            continue
+        lines.append(f"| {name} | {c['prefix_tokens']} | {c['rest_tokens']} | {_n(c['first_token_cached_ms'], 0)} | "
+                     f"{_n(c['first_token_recomputed_ms'], 0)} | {_n(c['first_token_speedup'], 2)}x | "
+                     f"{_n(c['decode_tokens_per_s'], 2)} | {_n(b.get('tokens_per_s'), 2)} | "
+                     f"{_n(c.get('decode_pct_of_bound'), 0)} % |")
+    return "\n".join(lines) + "\n"
+
+
+def _startup_md(r: dict) -> str:
+    s = r.get("startup", {})
+    if s.get("skipped"):
+        return ""
+    lines = ["## Start-up and memory\n", "Each row is a fresh subprocess; the clock starts after the imports. "
+             "Peak RSS includes torch's own (RSS after imports shown).\n",
+             "| what | seconds | load | prefix caches | warm-up | weights | peak RSS | peak / weights | RSS after imports | "
+             "(peak - imports) / weights |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in s.items():
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error']} |||||||")
+            continue
+        lines.append(f"| {name} | {row['seconds']:.1f} | {_n(row.get('load_s'), 1)} | {_n(row.get('prefix_s'), 1)} | "
+                     f"{_n(row.get('warmup_s'), 1)} | {_gb(row['weight_bytes'])} | {_gb(row['peak_rss_bytes'])} | "
+                     f"{row['peak_rss_bytes'] / row['weight_bytes']:.2f}x | {_gb(row['rss_after_imports_bytes'])} | "
+                     f"{(row['peak_rss_bytes'] - row['rss_after_imports_bytes']) / row['weight_bytes']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def _llama_md(r: dict) -> str:
+    row = r.get("llama_cpp", {})
+    if not row.get("available"):
+        return f"## llama.cpp peer\n\nNot run: {row.get('reason', 'unknown')}.\n"
+    a = row["seeds_way"]
+    return ("## llama.cpp peer\n\n| path | p50 ms | p95 ms | msg/s | accuracy | decode tok/s |\n|---|---|---|---|---|---|\n"
+            f"| {row['gguf']}, seeds' way | {_n(a['p50_ms'], 0)} | {_n(a['p95_ms'], 0)} | {_n(a['per_s'], 2)} | "
+            f"{100 * a['accuracy']:.1f} % | {_n(row['decode_tokens_per_s'], 2)} |\n")
+
+
+def _n(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB"
+
+
+# -- Plot -------------------------------------------------------------------------------------------
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a board or in CI
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    boxes, names, rates = [], [], {}
+    for variant, v in r.get("variants", {}).items():
+        s = v.get("sentiment")
+        if not s:
+            continue
+        for key, _ in PATHS:
+            if s[key].get("samples_ms"):
+                boxes.append(s[key]["samples_ms"])
+                names.append(f"{key.replace('_', ' ')}\n{variant}")
+        rates[variant] = [s[key]["per_s"] or 0 for key, _ in PATHS]
+    if boxes:
+        left.boxplot(boxes, showfliers=True)
+        left.set_xticks(range(1, len(names) + 1), names, fontsize=7)
+    left.set_yscale("log")
+    left.set_ylabel("latency per message, ms (log)")
+    left.set_title("sentiment latency (burst: incl. queueing)")
+    width = 0.8 / max(1, len(rates))
+    for i, (variant, values) in enumerate(rates.items()):
+        right.bar([x + i * width for x in range(len(PATHS))], values, width, label=variant)
+    right.set_xticks([x + width * (len(rates) - 1) / 2 for x in range(len(PATHS))],
+                     ["(a) seeds' way", "(b) one message", "(c) burst, batched"])
+    right.set_yscale("log")
+    right.set_ylabel("messages / s (log)")
+    right.set_title("sentiment throughput")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,198 @@
+"""`llmqtt bench`: every section in one run, one model, one machine; writes result.json + report.md + plot.
+
+Order matters on a small board: the fp32 engine runs accuracy, sentiment speed and chat, and is dropped
+before the int8 one is built; the start-up children run last, alone.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..config import Config
+from ..tasks import ClassifyTask, GenerateTask, load_tasks
+from . import chat, data, llamacpp, speed, startup
+from .accuracy import classify_rows
+
+
+@dataclass(frozen=True)
+class Sizes:
+    name: str
+    accuracy_rows: int  # per language, from the test split
+    compare_rows: int  # per language: seeds' way vs classification path on the same rows (fp32)
+    int8_compare_rows: int  # the same with int8 weights
+    burst: int  # messages submitted at once to the queue
+    chat_reps: int
+    decode_tokens: int
+    startup: bool  # measure start-up in subprocesses
+    bandwidth_bytes: int = 1 << 30  # the tensor read to measure memory bandwidth: far beyond the caches
+
+
+FULL = Sizes("full", accuracy_rows=500, compare_rows=24, int8_compare_rows=8, burst=64, chat_reps=3,
+             decode_tokens=64, startup=True)
+QUICK = Sizes("quick", accuracy_rows=100, compare_rows=4, int8_compare_rows=2, burst=64, chat_reps=2,
+              decode_tokens=24, startup=True)
+MINI = Sizes("mini", accuracy_rows=4, compare_rows=2, int8_compare_rows=1, burst=8, chat_reps=1,
+             decode_tokens=4, startup=True, bandwidth_bytes=1 << 26)  # for tests, with the tiny model
+
+# Labelled data per classify task: language -> file in bench/data. Tasks not listed have none.
+DATASETS = {"sentiment": {"en": "sentiment-en.jsonl", "zh": "sentiment-zh.jsonl"}}
+SPEED_TASK = "sentiment"
+CHAT_TASK = "chat"
+
+
+def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from ..engine.modelstore import resolve_model
+
+    data_dir = data_dir or data.repo_data_dir()
+    tasks = load_tasks(config.prompt_dirs())
+    resolved = resolve_model(config.model)
+    rows = {task: {lang: data.load_rows(data_dir / name, "test", sizes.accuracy_rows) for lang, name in files.items()}
+            for task, files in DATASETS.items() if task in tasks}
+    started = time.perf_counter()
+    with tqdm(total=_work_units(sizes, rows), unit="step", disable=not show_progress, smoothing=0) as bar:
+        tick = bar.update
+        result = {"meta": machine() | {"model": resolved.display_name, "mode": sizes.name, "sizes": asdict(sizes),
+                                       "data": data_note(data_dir)}}
+        bar.set_description("accuracy fp32")
+        engine = _engine(resolved, tasks, "none")
+        result["accuracy"] = accuracy_section(engine, tasks, rows, tick)
+        result["variants"] = {"fp32": variant_section(engine, tasks, rows, sizes, sizes.compare_rows, bar)}
+        del engine
+        gc.collect()
+        bar.set_description("int8")
+        engine = _engine(resolved, tasks, "int8")
+        result["variants"]["int8"] = variant_section(engine, tasks, rows, sizes, sizes.int8_compare_rows, bar)
+        del engine
+        gc.collect()
+        bar.set_description("memory bandwidth")
+        result["bandwidth_bytes_per_s"] = chat.memory_bandwidth(sizes.bandwidth_bytes)
+        for variant in result["variants"].values():
+            _add_bound(variant, result["bandwidth_bytes_per_s"])
+        bar.set_description("start-up (subprocesses)")
+        result["startup"] = startup_section(resolved, config, sizes, tick)
+        bar.set_description("llama.cpp")
+        result["llama_cpp"] = llama_section(resolved, config, tasks, rows, sizes)
+        tick(1)
+    result["meta"]["elapsed_s"] = time.perf_counter() - started
+    return result
+
+
+def _engine(resolved, tasks: dict, quantize: str):
+    from ..engine.engine import Engine
+    from ..engine.loader import load
+
+    wanted = {n: t for n, t in tasks.items() if n in DATASETS or n in (SPEED_TASK, CHAT_TASK)}
+    loaded = load(resolved.path, "float32", quantize)
+    return Engine(loaded, wanted, resolved.display_name, resolved.match_name)
+
+
+def accuracy_section(engine, tasks: dict, rows: dict, tick) -> dict:
+    out: dict = {}
+    for name, task in tasks.items():
+        if not isinstance(task, ClassifyTask):
+            continue
+        if name not in rows:
+            out[name] = {"skipped": "no labelled data"}
+            continue
+        out[name] = {lang: classify_rows(engine, name, task_rows, tick).summary()
+                     for lang, task_rows in rows[name].items()}
+    return out
+
+
+def variant_section(engine, tasks: dict, rows: dict, sizes: Sizes, compare_rows: int, bar) -> dict:
+    """Sentiment speed (a, b, c) and chat speed for one loaded engine (fp32 or int8)."""
+    out: dict = {"dtype": engine.dtype, "weight_bytes": engine.loaded.weight_bytes}
+    if SPEED_TASK in rows:
+        bar.set_description(f"sentiment speed {engine.dtype}")
+        by_lang = rows[SPEED_TASK].values()
+        sample = [r for lang_rows in by_lang for r in lang_rows[:compare_rows]]
+        burst_texts = _interleave([[r.text for r in lang_rows] for lang_rows in by_lang], sizes.burst)
+        out["sentiment"] = speed.sentiment_speed(engine, SPEED_TASK, sample, burst_texts, bar.update)
+    if isinstance(tasks.get(CHAT_TASK), GenerateTask):
+        bar.set_description(f"chat speed {engine.dtype}")
+        out["chat"] = chat.chat_speed(engine, engine.tasks[CHAT_TASK], sizes.chat_reps, sizes.decode_tokens,
+                                      bar.update)
+    out["_bytes_per_token"] = chat.bytes_per_token(engine.loaded.model, engine.loaded.weight_bytes)
+    return out
+
+
+def _add_bound(variant: dict, bandwidth: float) -> None:
+    per_token = variant.pop("_bytes_per_token")
+    variant["bound"] = {"bytes_per_token": per_token, "tokens_per_s": bandwidth / per_token}
+    if "chat" in variant:
+        variant["chat"]["decode_pct_of_bound"] = 100 * variant["chat"]["decode_tokens_per_s"] / variant["bound"]["tokens_per_s"]
+
+
+def startup_section(resolved, config: Config, sizes: Sizes, tick) -> dict:
+    if not sizes.startup:
+        return {"skipped": True}
+    dirs, match = config.prompt_dirs(), resolved.match_name
+    out = {"bare": startup.measure("bare", resolved.path, dirs, match)}
+    tick(1)
+    out["ready_fp32"] = startup.measure("ready", resolved.path, dirs, match, "none")
+    tick(1)
+    out["ready_int8"] = startup.measure("ready", resolved.path, dirs, match, "int8")
+    tick(1)
+    return out
+
+
+def llama_section(resolved, config: Config, tasks: dict, rows: dict, sizes: Sizes) -> dict:
+    if SPEED_TASK not in rows:
+        return {"available": False, "reason": "no labelled sentiment data"}
+    sample = [r for lang_rows in rows[SPEED_TASK].values() for r in lang_rows[:sizes.compare_rows]]
+    task = tasks[SPEED_TASK].for_model(resolved.match_name)
+    return llamacpp.peer_row(gguf_file(resolved, config), task, sample, sizes.decode_tokens)
+
+
+def gguf_file(resolved, config: Config) -> Path | None:
+    """The GGUF the model came from: the configured file, or the demo model's, which sits beside its copy."""
+    if config.model.name.endswith(".gguf"):
+        return Path(config.model.name)
+    return next(iter(sorted(resolved.path.parent.glob("*.gguf"))), None) if config.model.name == "demo" else None
+
+
+def _interleave(lists: list[list[str]], n: int) -> list[str]:
+    """Round-robin over languages until n texts (repeating if the rows are fewer)."""
+    flat = [x for group in zip(*lists) for x in group] or [x for group in lists for x in group]
+    return [flat[i % len(flat)] for i in range(n)] if flat else []
+
+
+def _work_units(sizes: Sizes, rows: dict) -> int:
+    accuracy = sum(len(r) for per_lang in rows.values() for r in per_lang.values())
+    langs = len(rows.get(SPEED_TASK, {}))
+    per_variant = lambda n: 2 * n * langs + (sizes.burst if langs else 0) + 2  # noqa: E731
+    return accuracy + per_variant(sizes.compare_rows) + per_variant(sizes.int8_compare_rows) + 3 * sizes.startup + 1
+
+
+def machine() -> dict:
+    import psutil
+    import torch
+    import transformers
+
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "ram_bytes": psutil.virtual_memory().total, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "platform": platform.platform()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def data_note(data_dir: Path) -> dict:
+    return {"dir": "bench/data", "seed": data.SEED, "split": f"per language: first {data.N_DEV} shuffled rows dev, "
+            f"next {data.N_TEST} test; accuracy is on the first N rows of test", "files": dict(DATASETS)}

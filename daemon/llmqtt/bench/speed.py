@@ -1,0 +1,83 @@
+"""Sentiment speed: (a) the seeds' way, (b) llmqtt's path one message at a time, (c) a burst via the queue.
+
+(a) and (b) run on the same rows, so their accuracies compare too. (c) goes through `service.Service`
+exactly as MQTT requests do: 64 jobs submitted at once, batched by the worker thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Sequence
+
+from ..service import Job, Outcome, Service
+from ..sessions import SessionStore
+from .accuracy import Scored
+from .data import Row
+from .seeds import SeedsWay
+from .timing import latency_stats, ratio, timed
+
+Tick = Callable[[int], None]
+
+
+def sentiment_speed(engine, task: str, rows: Sequence[Row], burst_texts: Sequence[str], tick: Tick) -> dict:
+    labels = list(engine.tasks[task].labels)
+    seeds = SeedsWay(engine.loaded.model, engine.loaded.tokenizer, engine.tasks[task])
+    a_s, a_out = timed(lambda r: seeds.classify(r.text)[0], rows, tick)
+    b_s, b_out = timed(lambda r: engine.classify(task, [r.text])[0].label, rows, tick)
+    a = {**latency_stats(a_s), **_accuracy(labels, rows, a_out), "samples_ms": _ms(a_s)}
+    b = {**latency_stats(b_s), **_accuracy(labels, rows, b_out), "samples_ms": _ms(b_s)}
+    c = burst(engine, task, burst_texts)
+    tick(len(burst_texts))
+    return {"seeds_way": a, "classify_one": b, "burst": c,
+            "b_over_a": ratio(b["per_s"], a["per_s"]), "c_over_a": ratio(c["per_s"], a["per_s"]),
+            "p50_a_over_b": ratio(a["p50_ms"], b["p50_ms"])}
+
+
+def burst(engine, task: str, texts: Sequence[str]) -> dict:
+    """Submit every text at once to a real Service; wall time until the last answer."""
+    sink = _Collector(len(texts))
+    service = Service(engine, sessions=SessionStore(1, 60.0), queue_size=max(64, len(texts)),
+                      max_batch=engine.max_batch)
+    service.start()
+    try:
+        start = time.perf_counter()
+        for i, text in enumerate(texts):
+            service.submit(Job(task=task, id=i, text=text, sink=sink))
+        sink.done.wait()
+        wall = time.perf_counter() - start
+    finally:
+        service.stop(timeout=60.0)
+    latencies = [o.latency_ms / 1000 for o in sink.outcomes]
+    stats = latency_stats(latencies, wall_s=wall)
+    return {**stats, "wall_s": wall, "batch": engine.max_batch, "errors": sum(not o.ok for o in sink.outcomes),
+            "samples_ms": _ms(latencies)}
+
+
+class _Collector:
+    """A ReplySink for many jobs: keeps outcomes, sets `done` at the n-th."""
+
+    def __init__(self, n: int):
+        self.n, self.outcomes, self.done = n, [], threading.Event()
+        self._lock = threading.Lock()
+        if n == 0:
+            self.done.set()
+
+    def chunk(self, seq: int, delta: str) -> None:
+        pass
+
+    def finish(self, outcome: Outcome) -> None:
+        with self._lock:
+            self.outcomes.append(outcome)
+            if len(self.outcomes) >= self.n:
+                self.done.set()
+
+
+def _accuracy(labels: list[str], rows: Sequence[Row], predicted: list) -> dict:
+    scored = Scored(labels, [r.label for r in rows], list(predicted))
+    summary = scored.summary()
+    return {"accuracy": summary["accuracy"], "unparsed": summary["unparsed"], "confusion": summary["confusion"]}
+
+
+def _ms(seconds: list[float]) -> list[float]:
+    return [round(1000 * s, 2) for s in seconds]

@@ -1,0 +1,65 @@
+"""Start-up time and peak memory, each measured in a fresh subprocess so nothing else is in its RSS.
+
+`bare`:  AutoModelForCausalLM.from_pretrained at fp32, nothing else (the floor).
+`ready`: what `llmqtt run` does before it serves: load (+ int8), every task's prefix cache, warm-up.
+
+The clock starts after the imports (torch and transformers cost the same to both); the RSS after the
+imports is reported too, so the model's own share is visible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def measure(mode: str, model_dir: Path, prompt_dirs: list[Path], match_name: str, quantize: str = "none",
+            timeout: float = 900) -> dict:
+    """Run this module in a child process and return what it printed."""
+    cmd = [sys.executable, "-m", "llmqtt.bench.startup", mode, str(model_dir),
+           os.pathsep.join(map(str, prompt_dirs)), match_name, quantize]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        return {"mode": mode, "quantize": quantize, "error": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quantize: str) -> dict:
+    import psutil
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..engine.engine import Engine
+    from ..engine.loader import _bytes_in_memory, load
+    from ..tasks import load_tasks
+
+    tasks = load_tasks([Path(p) for p in prompt_dirs.split(os.pathsep)])
+    after_imports = psutil.Process().memory_info().rss
+    phases: dict[str, float] = {}
+    start = time.perf_counter()
+    if mode == "bare":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        weight_bytes = _bytes_in_memory(model)
+    else:
+        loaded = load(model_dir, "float32", quantize)
+        phases["load_s"] = time.perf_counter() - start
+        engine = Engine(loaded, tasks, match_name, match_name)
+        phases["prefix_s"] = time.perf_counter() - start - phases["load_s"]
+        engine.warmup()
+        phases["warmup_s"] = time.perf_counter() - start - phases["load_s"] - phases["prefix_s"]
+        weight_bytes = loaded.weight_bytes
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"mode": mode, "quantize": quantize, "seconds": seconds, **phases, "weight_bytes": weight_bytes,
+            "peak_rss_bytes": peak, "rss_after_imports_bytes": after_imports,
+            "rss_now_bytes": psutil.Process().memory_info().rss}
+
+
+if __name__ == "__main__":
+    mode, model, prompts, match, quant = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    print(json.dumps(_child(mode, model, prompts, match, quant)))

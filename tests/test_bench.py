@@ -1,0 +1,98 @@
+"""`llmqtt bench` end to end in a mini mode on the tiny random model: well-formed JSON and Markdown.
+
+No timing assertions: the numbers of a random 2-layer model on a shared machine mean nothing; what is
+checked is that every section runs and lands in the report. The real figures live in docs/bench/.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmqtt.bench.seeds import parse_label
+
+LABELS = {"positive": ["positive"], "negative": ["negative"]}
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("positive", "positive"),
+    (" Negative.", "negative"),
+    ("The sentiment is positive", "positive"),
+    ("negative, not positive", "negative"),  # the first label word said wins
+    ("nonnegative", None),  # whole words only
+    ("I cannot tell", None),
+    ("", None),
+])
+def test_parse_label(answer, expected):
+    assert parse_label(answer, LABELS) == expected
+
+
+def test_parse_label_several_words_and_chinese():
+    labels = {"positive": ["positive", "正面"], "negative": ["negative", "负面"]}
+    assert parse_label("这条评论是负面的", labels) == "negative"
+    assert parse_label("正面", labels) == "positive"
+
+
+def test_data_sample_is_split_disjoint(repo_root):
+    from llmqtt.bench.data import load_rows
+
+    for lang in ("en", "zh"):
+        path = repo_root / "bench" / "data" / f"sentiment-{lang}.jsonl"
+        dev, test = load_rows(path, "dev"), load_rows(path, "test")
+        assert len(test) >= 500 and dev
+        assert not {r.id for r in dev} & {r.id for r in test}
+        assert {r.label for r in test} == {"positive", "negative"}
+
+
+@pytest.fixture(scope="module")
+def mini_result(tiny_model_dir):
+    from llmqtt.bench import runner
+    from llmqtt.config import Config
+
+    config = Config.model_validate({"model": {"name": str(tiny_model_dir), "auto_fetch": False}})
+    return runner.run(config, runner.MINI, show_progress=False)
+
+
+def test_mini_bench_covers_every_section(mini_result):
+    r = mini_result
+    assert r["meta"]["mode"] == "mini" and r["meta"]["torch"]
+    en = r["accuracy"]["sentiment"]["en"]
+    assert en["n"] == 4 and 0.0 <= en["accuracy"] <= 1.0
+    assert sum(sum(row.values()) for row in en["confusion"].values()) == 4
+    assert r["accuracy"]["emotion"] == {"skipped": "no labelled data"}
+    for variant, rows in (("fp32", 4), ("int8", 2)):  # MINI: 2 and 1 rows per language
+        v = r["variants"][variant]
+        s = v["sentiment"]
+        assert s["seeds_way"]["n"] == s["classify_one"]["n"] == rows
+        assert s["burst"]["n"] == 8 and s["burst"]["errors"] == 0
+        assert s["b_over_a"] > 0 and s["c_over_a"] > 0
+        assert v["chat"]["prefix_tokens"] > 0 and v["chat"]["first_token_speedup"] > 0
+        assert v["bound"]["tokens_per_s"] > 0
+    assert r["variants"]["int8"]["weight_bytes"] < r["variants"]["fp32"]["weight_bytes"]
+    for key in ("bare", "ready_fp32", "ready_int8"):
+        assert "error" not in r["startup"][key], r["startup"][key]
+        assert r["startup"][key]["peak_rss_bytes"] > r["startup"][key]["rss_after_imports_bytes"] > 0
+    assert r["llama_cpp"]["available"] in (True, False)
+
+
+def test_mini_bench_writes_json_markdown_and_plot(mini_result, tmp_path):
+    from llmqtt.bench import report
+
+    paths = report.write(mini_result, tmp_path)
+    data = json.loads(paths["json"].read_text(encoding="utf-8"))
+    assert len(data["targets"]) == len(report.TARGETS)
+    assert all(t["met"] in (True, False) for t in data["targets"])  # every target was measured
+    md = paths["markdown"].read_text(encoding="utf-8")
+    for heading in ("## Targets", "## Accuracy", "## Sentiment speed", "## Chat speed", "## Start-up and memory",
+                    "## llama.cpp peer", "bench.png"):
+        assert heading in md
+    assert "None" not in md  # no unformatted values
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_has_bench_command():
+    from llmqtt.cli import _parser
+
+    args = _parser().parse_args(["bench", "--quick", "--out", "x"])
+    assert args.quick and str(args.out) == "x"
