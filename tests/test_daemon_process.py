@@ -6,7 +6,6 @@ import signal
 
 import pytest
 from broker import WAIT_S, DaemonProcess, daemon_config, wait_online
-from broker import broker  # noqa: F401, F811  (pytest fixtures)
 from fake_engine import write_prompts
 
 pytestmark = pytest.mark.broker

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from broker import DaemonProcess, daemon_config, wait_online
-from broker import broker  # noqa: F401  (pytest fixture)
 
 pytestmark = [pytest.mark.real_model, pytest.mark.broker, pytest.mark.slow]
 

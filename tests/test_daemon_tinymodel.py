@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from broker import DaemonProcess, daemon_config, wait_online
-from broker import broker, start_daemon  # noqa: F401, F811  (pytest fixtures)
 
 from llmqtt.config import ModelConfig
 from llmqtt.tasks import load_tasks

@@ -157,7 +157,7 @@ def test_history_is_trimmed_oldest_first_and_the_message_is_kept(loaded):
     text = loaded.tokenizer.decode(rest)
     assert 0 < kept < 6
     assert "the newest message" in text
-    assert f"question number 5" in text  # newest turns survive
+    assert "question number 5" in text  # newest turns survive
     assert "question number 0" not in text  # oldest go first
     bare, _, _ = gen.prompt_ids("the newest message", [], 12)
     assert len(rest) - len(bare) <= 60

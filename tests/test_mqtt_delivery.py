@@ -6,7 +6,6 @@ import collections
 
 import pytest
 from broker import wait_online
-from broker import broker, start_daemon  # noqa: F401, F811  (pytest fixtures)
 from fake_engine import make_engine
 
 pytestmark = pytest.mark.broker

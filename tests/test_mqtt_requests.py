@@ -7,7 +7,6 @@ import uuid
 
 import pytest
 from broker import WAIT_S
-from broker import broker, start_daemon  # noqa: F401, F811  (pytest fixtures)
 from fake_engine import make_engine
 
 pytestmark = pytest.mark.broker

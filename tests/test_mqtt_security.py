@@ -6,7 +6,6 @@ import logging
 
 import pytest
 from broker import daemon_config, wait_online
-from broker import secure_broker  # noqa: F401, F811  (pytest fixtures)
 from fake_engine import make_engine
 
 from llmqtt.config import Config

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from needs import missing
 import yaml
-from broker import broker, daemon_config, wait_online  # noqa: F401  (broker is a fixture)
+from broker import daemon_config, wait_online
 from fake_engine import write_prompts
 
 from llmqtt.systemd import Notifier, Watchdog, watchdog_interval_s

@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 
 from llmqtt.tasks import ClassifyTask, GenerateTask, TaskFileError, load_task_file, load_tasks, parse_task
