@@ -126,10 +126,13 @@ class MqttConfig(_Section):
 
 
 class HomeAssistantConfig(_Section):
+    # MQTT discovery: the board, its tasks and its health show up in Home Assistant (docs/homeassistant.md).
     enabled: bool = True
-    discovery_prefix: str = "homeassistant"
+    discovery_prefix: str = Field(default="homeassistant", pattern=r"^[^+#]+$")
     # Also show results of requests that did not come from Home Assistant in its sensors.
     update_from_all_requests: bool = False
+    # Shown by Home Assistant as the discovery origin's support link; none by default.
+    support_url: str | None = None
 
 
 class LoggingConfig(_Section):

@@ -25,6 +25,7 @@ from .engine.types import InferenceEngine
 from .extensions.availability import AvailabilityExtension
 from .extensions.base import Extension, start_all, stop_all
 from .extensions.health import HealthExtension
+from .extensions.homeassistant import HomeAssistantExtension
 from .extensions.requests import RequestsExtension
 from .mqtt.messages import Limits
 from .mqtt.topics import Topics
@@ -69,13 +70,14 @@ class Daemon:
         self.started = time.monotonic()
         runtime, mqtt = config.runtime, config.mqtt
         self.topics = Topics.from_config(mqtt)
+        observers: list[Callable[[Job, Outcome], None]] = [request_log or log_outcome]  # HOOK(logs)
         self.service = Service(
             engine, sessions=SessionStore(runtime.sessions.max_sessions, runtime.sessions.idle_ttl_s),
             queue_size=runtime.queue_size,
             max_batch=min(runtime.max_batch, getattr(engine, "max_batch", runtime.max_batch)),  # planned batch
             default_deadline_ms=runtime.default_deadline_ms, dedup_size=mqtt.dedup_cache_size,
             memory=memory,  # HOOK(planner): MemoryGuard
-            observer=request_log or log_outcome,  # HOOK(logs): one line per request
+            observer=_fan_out(observers),  # the request log line, then Home Assistant's sensors
             heartbeat=self.watchdog.beat, idle_wait_s=self.watchdog.idle_wait_s)
         self.transport = MqttTransport(mqtt, password=mqtt.read_password())
         self.availability = AvailabilityExtension(self.transport, self.topics, {
@@ -87,6 +89,12 @@ class Daemon:
         self.health = HealthExtension(self.transport, self.topics, self.service, mqtt.health_interval_s,
                                       threads=threads if threads is not None else getattr(engine, "threads", None),
                                       started=self.started, memory_state=memory.state if memory else None)
+        self.homeassistant: HomeAssistantExtension | None = None
+        if config.homeassistant.enabled:
+            self.homeassistant = HomeAssistantExtension(
+                self.transport, self.topics, config.homeassistant, engine.tasks, node=mqtt.node,
+                model=engine.model_name, version=__version__)
+            observers.append(self.homeassistant.observe)
         self.extensions: list[Extension] = []
         self._shut_down = False
 
@@ -101,7 +109,8 @@ class Daemon:
         self.service.start()
         # Subscriptions are registered before connecting: a persistent session delivers waiting requests
         # right after CONNACK, and each must find its handler.
-        self.extensions = start_all([self.availability, self.requests, self.health])
+        self.extensions = start_all([self.availability, self.requests, self.health,
+                                     *([self.homeassistant] if self.homeassistant else [])])
         self.transport.start()
         self.availability.online()
         # READY once warm, whether or not the broker is up yet: a broker that is down at boot must not make
@@ -158,6 +167,18 @@ def _install_signal_handlers(handler: Callable[[], None]) -> Callable[[], None]:
             signal.signal(sig, old)
 
     return restore
+
+
+def _fan_out(observers: list[Callable[[Job, Outcome], None]]) -> Callable[[Job, Outcome], None]:
+    """One service observer that calls each of `observers` in turn; one failing does not starve the next."""
+    def observe(job: Job, outcome: Outcome) -> None:
+        for observer in observers:
+            try:
+                observer(job, outcome)
+            except Exception:
+                log.exception("request observer %s failed", getattr(observer, "__qualname__", observer))
+
+    return observe
 
 
 def log_outcome(job: Job, outcome: Outcome) -> None:
