@@ -344,6 +344,25 @@ def test_devices_read_answers_but_not_other_requests_or_discovery(clients) -> No
 
 
 @pytest.mark.broker
+def test_home_assistant_reads_result_states_and_the_daemon_reads_back_its_discovery(clients) -> None:
+    daemon, device, home_assistant = clients("llmqtt"), clients("device"), clients("homeassistant")
+    home_assistant.subscribe("llmqtt/+/ha/#")
+    home_assistant.subscribe("homeassistant/sensor/#")
+    daemon.subscribe("homeassistant/sensor/#")  # to clear configs of removed tasks at start
+    for topic in ("llmqtt/+/ha/#", "homeassistant/#", "llmqtt/node1/status"):
+        device.subscribe(topic)
+
+    daemon.publish("llmqtt/node1/ha/sentiment/state", "{}")
+    daemon.publish("homeassistant/sensor/llmqtt_node1/sentiment/config", "{}")
+    daemon.publish("llmqtt/node1/status", "online")  # sentinel: every user may read status
+
+    assert home_assistant.received_before("homeassistant/sensor/llmqtt_node1/sentiment/config") == [
+        "llmqtt/node1/ha/sentiment/state"]
+    assert daemon.messages.get(timeout=10)[0] == "homeassistant/sensor/llmqtt_node1/sentiment/config"
+    assert device.received_before("llmqtt/node1/status") == []  # neither HA states nor discovery
+
+
+@pytest.mark.broker
 def test_each_user_publishes_only_where_its_acl_allows(clients) -> None:
     daemon, device, home_assistant, observer = (clients(u) for u in ("llmqtt", "device", "homeassistant",
                                                                       OBSERVER))
