@@ -61,7 +61,7 @@ def test_mini_bench_covers_every_section(mini_result):
     assert en["n"] == 4 and 0.0 <= en["accuracy"] <= 1.0
     assert sum(sum(row.values()) for row in en["confusion"].values()) == 4
     assert r["accuracy"]["emotion"] == {"skipped": "no labelled data"}
-    for variant, rows in (("fp32", 4), ("int8", 2)):  # MINI: 2 and 1 rows per language
+    for variant, rows in (("fp32", 4), ("int8", 2), ("bf16", 2)):  # MINI: 2 and 1 rows per language
         v = r["variants"][variant]
         s = v["sentiment"]
         assert s["seeds_way"]["n"] == s["classify_one"]["n"] == rows

@@ -69,7 +69,8 @@ def write(result: dict, out_dir: Path) -> dict[str, Path]:
 def markdown(r: dict) -> str:
     m = r["meta"]
     parts = [f"# llmqtt bench ({m['mode']})\n",
-             f"Model **{m['model']}**, fp32 and int8 (dynamic, Linear layers). Machine: {m['cpu']}, {m['cores']} cores "
+             f"Model **{m['model']}**: fp32 (reference), int8 (`model.quantize: int8`, dynamic, Linear layers) and "
+             f"bf16 (`model.dtype: bfloat16`). Machine: {m['cpu']}, {m['cores']} cores "
              f"(torch threads {m['torch_threads']}), {_gb(m['ram_bytes'])} RAM; Python {m['python']}, torch "
              f"{m['torch']}, transformers {m['transformers']}; {m['date']}; run took {m.get('elapsed_s', 0) / 60:.1f} min.\n",
              "All ratios are from this one run on this machine; absolute numbers move with machine load.\n",

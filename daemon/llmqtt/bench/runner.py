@@ -1,7 +1,7 @@
 """`llmqtt bench`: every section in one run, one model, one machine; writes result.json + report.md + plot.
 
-Order matters on a small board: the fp32 engine runs accuracy, sentiment speed and chat, and is dropped
-before the int8 one is built; the start-up children run last, alone.
+Order matters on a small board: one engine at a time (fp32: accuracy, sentiment speed, chat; then int8
+and bf16: speed and chat), each dropped before the next is built; the start-up children run last, alone.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Sizes:
     name: str
     accuracy_rows: int  # per language, from the test split
     compare_rows: int  # per language: seeds' way vs classification path on the same rows (fp32)
-    int8_compare_rows: int  # the same with int8 weights
+    other_compare_rows: int  # the same for the int8 and bf16 variants
     burst: int  # messages submitted at once to the queue
     chat_reps: int
     decode_tokens: int
@@ -33,12 +33,16 @@ class Sizes:
     bandwidth_bytes: int = 1 << 30  # the tensor read to measure memory bandwidth: far beyond the caches
 
 
-FULL = Sizes("full", accuracy_rows=500, compare_rows=24, int8_compare_rows=8, burst=64, chat_reps=3,
+FULL = Sizes("full", accuracy_rows=500, compare_rows=24, other_compare_rows=8, burst=64, chat_reps=3,
              decode_tokens=64, startup=True)
-QUICK = Sizes("quick", accuracy_rows=100, compare_rows=4, int8_compare_rows=2, burst=64, chat_reps=2,
-              decode_tokens=24, startup=True)
-MINI = Sizes("mini", accuracy_rows=4, compare_rows=2, int8_compare_rows=1, burst=8, chat_reps=1,
+QUICK = Sizes("quick", accuracy_rows=100, compare_rows=3, other_compare_rows=2, burst=64, chat_reps=1,
+              decode_tokens=16, startup=True)
+MINI = Sizes("mini", accuracy_rows=4, compare_rows=2, other_compare_rows=1, burst=8, chat_reps=1,
              decode_tokens=4, startup=True, bandwidth_bytes=1 << 26)  # for tests, with the tiny model
+
+# name -> (compute dtype, quantize). fp32 is the reference (accuracy runs on it); int8 is the config option;
+# bf16 is there because CPUs with native bf16 (AVX512-BF16, AMX) run its matmuls several times faster.
+VARIANTS = {"fp32": ("float32", "none"), "int8": ("float32", "int8"), "bf16": ("bfloat16", "none")}
 
 # Labelled data per classify task: language -> file in bench/data. Tasks not listed have none.
 DATASETS = {"sentiment": {"en": "sentiment-en.jsonl", "zh": "sentiment-zh.jsonl"}}
@@ -61,17 +65,17 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
         tick = bar.update
         result = {"meta": machine() | {"model": resolved.display_name, "mode": sizes.name, "sizes": asdict(sizes),
                                        "data": data_note(data_dir)}}
-        bar.set_description("accuracy fp32")
-        engine = _engine(resolved, tasks, "none")
-        result["accuracy"] = accuracy_section(engine, tasks, rows, tick)
-        result["variants"] = {"fp32": variant_section(engine, tasks, rows, sizes, sizes.compare_rows, bar)}
-        del engine
-        gc.collect()
-        bar.set_description("int8")
-        engine = _engine(resolved, tasks, "int8")
-        result["variants"]["int8"] = variant_section(engine, tasks, rows, sizes, sizes.int8_compare_rows, bar)
-        del engine
-        gc.collect()
+        result["variants"] = {}
+        for name, (dtype, quantize) in VARIANTS.items():
+            bar.set_description(f"loading {name}")
+            engine = _engine(resolved, tasks, dtype, quantize)
+            if name == "fp32":
+                bar.set_description("accuracy fp32")
+                result["accuracy"] = accuracy_section(engine, tasks, rows, tick)
+            compare = sizes.compare_rows if name == "fp32" else sizes.other_compare_rows
+            result["variants"][name] = variant_section(engine, tasks, rows, sizes, compare, bar)
+            del engine  # one model in memory at a time
+            gc.collect()
         bar.set_description("memory bandwidth")
         result["bandwidth_bytes_per_s"] = chat.memory_bandwidth(sizes.bandwidth_bytes)
         for variant in result["variants"].values():
@@ -85,12 +89,12 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
     return result
 
 
-def _engine(resolved, tasks: dict, quantize: str):
+def _engine(resolved, tasks: dict, dtype: str, quantize: str):
     from ..engine.engine import Engine
     from ..engine.loader import load
 
     wanted = {n: t for n, t in tasks.items() if n in DATASETS or n in (SPEED_TASK, CHAT_TASK)}
-    loaded = load(resolved.path, "float32", quantize)
+    loaded = load(resolved.path, dtype, quantize)
     return Engine(loaded, wanted, resolved.display_name, resolved.match_name)
 
 
@@ -169,7 +173,8 @@ def _work_units(sizes: Sizes, rows: dict) -> int:
     accuracy = sum(len(r) for per_lang in rows.values() for r in per_lang.values())
     langs = len(rows.get(SPEED_TASK, {}))
     per_variant = lambda n: 2 * n * langs + (sizes.burst if langs else 0) + 2  # noqa: E731
-    return accuracy + per_variant(sizes.compare_rows) + per_variant(sizes.int8_compare_rows) + 3 * sizes.startup + 1
+    others = (len(VARIANTS) - 1) * per_variant(sizes.other_compare_rows)
+    return accuracy + per_variant(sizes.compare_rows) + others + 3 * sizes.startup + 1
 
 
 def machine() -> dict:
