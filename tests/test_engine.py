@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from llmqtt.engine.classify import LabelScorer, TaskNotServable
+from llmqtt.engine.classify import MAX_PADDING, LabelScorer, TaskNotServable, length_chunks
 from llmqtt.engine.engine import Engine
 from llmqtt.engine.generate import ChatGenerator, _pairs
 from llmqtt.engine.loader import load
@@ -61,6 +61,18 @@ def test_batch_equals_one_by_one_with_padding(engine):
         assert alone.label == result.label
         for label in alone.scores:
             assert alone.scores[label] == pytest.approx(result.scores[label], abs=1e-5)
+
+
+def test_chunks_group_similar_lengths_and_bound_padding():
+    lengths = [50, 8, 9, 52, 10, 200, 8]
+    chunks = length_chunks(lengths, max_batch=3)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))  # every row exactly once
+    for chunk in chunks:
+        assert len(chunk) <= 3
+        real = sum(lengths[i] for i in chunk)
+        assert max(lengths[i] for i in chunk) * len(chunk) <= MAX_PADDING * real
+    assert [[lengths[i] for i in c] for c in chunks] == [[8, 8, 9], [10], [50, 52], [200]]
+    assert length_chunks([], 4) == []
 
 
 def test_scores_are_a_distribution_over_labels(engine):

@@ -46,11 +46,8 @@ class LabelScorer:
 
     def score(self, texts: list[str], max_batch: int = 16) -> list[Classification]:
         rows = [self.rest_ids(t) for t in texts]
-        # Sort by length so each chunk pads little; results go back in the caller's order.
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         results: list[Classification | None] = [None] * len(rows)
-        for start in range(0, len(order), max_batch):
-            chunk = order[start:start + max_batch]
+        for chunk in length_chunks([len(r) for r in rows], max_batch):
             for i, result in zip(chunk, self._score_rows([rows[i] for i in chunk])):
                 results[i] = result
         return results  # type: ignore[return-value]
@@ -87,6 +84,29 @@ class LabelScorer:
             best = max(range(len(p)), key=p.__getitem__)
             results.append(Classification(self.label_names[best], p[best], dict(zip(self.label_names, p))))
         return results
+
+
+MAX_PADDING = 1.25  # padded tokens per real token a chunk may compute
+
+
+def length_chunks(lengths: list[int], max_batch: int) -> list[list[int]]:
+    """Indices grouped for batched forwards: shortest first, a new chunk whenever the next (longer) row
+    would make the chunk compute more than MAX_PADDING x its real tokens, or hold more than max_batch rows.
+
+    On a CPU one forward of a few dozen tokens is already compute-bound, so batching pays only through
+    fewer calls; padding a short text to a long one's length costs more than it saves.
+    """
+    chunks: list[list[int]] = []
+    chunk: list[int] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        padded = lengths[i] * (len(chunk) + 1)  # sorted ascending: row i is the chunk's longest
+        if chunk and (len(chunk) == max_batch or padded > MAX_PADDING * (real + lengths[i])):
+            chunks.append(chunk)
+            chunk, real = [], 0
+        chunk.append(i)
+        real += lengths[i]
+    return chunks + [chunk] if chunk else chunks
 
 
 def few_shot_messages(task: ClassifyTask) -> list[dict]:
