@@ -70,7 +70,7 @@ def test_mini_bench_covers_every_section(mini_result):
         assert v["chat"]["prefix_tokens"] > 0 and v["chat"]["first_token_speedup"] > 0
         assert v["bound"]["tokens_per_s"] > 0
     assert r["variants"]["int8"]["weight_bytes"] < r["variants"]["fp32"]["weight_bytes"]
-    for key in ("bare", "ready_fp32", "ready_int8"):
+    for key in ("bare", "bare_forward", "ready_fp32", "ready_int8"):
         assert "error" not in r["startup"][key], r["startup"][key]
         assert r["startup"][key]["peak_rss_bytes"] > r["startup"][key]["rss_after_imports_bytes"] > 0
     assert r["llama_cpp"]["available"] in (True, False)
@@ -96,3 +96,24 @@ def test_cli_has_bench_command():
 
     args = _parser().parse_args(["bench", "--quick", "--out", "x"])
     assert args.quick and str(args.out) == "x"
+
+
+def test_refused_text_counts_as_no_label_and_wrong():
+    from llmqtt.bench.accuracy import classify_rows
+    from llmqtt.bench.data import Row
+    from llmqtt.engine.types import Classification, TextTooLong
+
+    class LongTextRefusingEngine:
+        tasks = {"s": type("Task", (), {"labels": {"positive": ["positive"], "negative": ["negative"]}})()}
+
+        def classify(self, task, texts):
+            if any(len(t) > 10 for t in texts):
+                raise TextTooLong("too long")
+            return [Classification("positive", 0.9, {"positive": 0.9, "negative": 0.1}) for _ in texts]
+
+    rows = [Row("1", "short", "positive", "test"), Row("2", "x" * 20, "positive", "test"),
+            Row("3", "ok", "negative", "test")]
+    summary = classify_rows(LongTextRefusingEngine(), "s", rows).summary()
+    assert summary["n"] == 3 and summary["no_label"] == 1
+    assert summary["confusion"]["positive"] == {"positive": 1, "negative": 0, "none": 1}
+    assert summary["accuracy"] == 1 / 3

@@ -21,6 +21,6 @@ def main(config, quick: bool = False, out: Path | None = None) -> int:
     paths = report.write(result, out or DEFAULT_OUT)
     for t in report.targets(result):
         mark = "n/a " if t["met"] is None else ("met " if t["met"] else "MISS")
-        print(f"[{mark}] {t['target']}: {report._fmt_target(t)} (goal {t['goal']})", file=sys.stderr)
+        print(f"[{mark}] {t['target']}: {report.fmt_target(t)} (goal {t['goal']})", file=sys.stderr)
     print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}")
     return 0

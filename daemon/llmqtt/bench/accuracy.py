@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from ..engine.types import EngineError
 from .data import Row
 
 CHUNK = 16  # rows handed to engine.classify at a time: the engine's batch size, and a tick of the bar
@@ -24,7 +25,7 @@ class Scored:
         n = len(self.gold)
         right = sum(p == g for p, g in zip(self.predicted, self.gold))
         return {"n": n, "accuracy": right / n if n else 0.0, "confusion": self.confusion(),
-                "unparsed": sum(p is None for p in self.predicted)}
+                "no_label": sum(p is None for p in self.predicted)}  # refused or unparseable: counted wrong
 
     def confusion(self) -> dict[str, dict[str, int]]:
         """gold label -> predicted label (or "none") -> count."""
@@ -41,12 +42,23 @@ def classify_rows(engine, task: str, rows: Sequence[Row], tick: Callable[[int], 
     scored = Scored(labels)
     for start in range(0, len(rows), CHUNK):
         chunk = rows[start:start + CHUNK]
-        for row, result in zip(chunk, engine.classify(task, [r.text for r in chunk])):
+        for row, result in zip(chunk, _classify_chunk(engine, task, chunk)):
             scored.gold.append(row.label)
-            scored.predicted.append(result.label)
-            scored.margin.append(_log_ratio(result.scores, labels))
+            scored.predicted.append(result.label if result else None)
+            scored.margin.append(_log_ratio(result.scores, labels) if result else 0.0)
         tick(len(chunk))
     return scored
+
+
+def _classify_chunk(engine, task: str, chunk: Sequence[Row]) -> list:
+    """Results in order; a text the engine refuses (e.g. too long for the context) counts as no label,
+    i.e. wrong, as the daemon would answer it with an error. Its batch-mates are retried one by one."""
+    try:
+        return engine.classify(task, [r.text for r in chunk])
+    except EngineError:
+        if len(chunk) == 1:
+            return [None]
+        return [result for row in chunk for result in _classify_chunk(engine, task, [row])]
 
 
 def _log_ratio(scores: dict[str, float], labels: list[str]) -> float:

@@ -82,7 +82,3 @@ def bytes_per_token(model: torch.nn.Module, weight_bytes: int) -> int:
     tied = isinstance(getattr(head, "weight", None), torch.Tensor) and head.weight.data_ptr() == embedding.data_ptr()
     return weight_bytes if tied else weight_bytes - embedding.numel() * embedding.element_size()
 
-
-def bandwidth_bound(model: torch.nn.Module, weight_bytes: int, bandwidth: float) -> dict:
-    per_token = bytes_per_token(model, weight_bytes)
-    return {"bytes_per_token": per_token, "bound_tokens_per_s": bandwidth / per_token}

@@ -20,6 +20,11 @@ from . import chat, data, llamacpp, speed, startup
 from .accuracy import classify_rows
 
 
+# name -> (compute dtype, quantize). fp32 is the reference (accuracy runs on it); int8 is the config option;
+# bf16 is there because CPUs with native bf16 (AVX512-BF16, AMX) run its matmuls several times faster.
+VARIANTS = {"fp32": ("float32", "none"), "int8": ("float32", "int8"), "bf16": ("bfloat16", "none")}
+
+
 @dataclass(frozen=True)
 class Sizes:
     name: str
@@ -31,18 +36,15 @@ class Sizes:
     decode_tokens: int
     startup: bool  # measure start-up in subprocesses
     bandwidth_bytes: int = 1 << 30  # the tensor read to measure memory bandwidth: far beyond the caches
+    variants: tuple[str, ...] = tuple(VARIANTS)  # fp32 first: accuracy runs on it
 
 
 FULL = Sizes("full", accuracy_rows=500, compare_rows=24, other_compare_rows=8, burst=64, chat_reps=3,
              decode_tokens=64, startup=True)
-QUICK = Sizes("quick", accuracy_rows=100, compare_rows=3, other_compare_rows=2, burst=64, chat_reps=1,
-              decode_tokens=16, startup=True)
+QUICK = Sizes("quick", accuracy_rows=100, compare_rows=3, other_compare_rows=2, burst=32, chat_reps=1,
+              decode_tokens=16, startup=True, variants=("fp32", "int8"))
 MINI = Sizes("mini", accuracy_rows=4, compare_rows=2, other_compare_rows=1, burst=8, chat_reps=1,
              decode_tokens=4, startup=True, bandwidth_bytes=1 << 26)  # for tests, with the tiny model
-
-# name -> (compute dtype, quantize). fp32 is the reference (accuracy runs on it); int8 is the config option;
-# bf16 is there because CPUs with native bf16 (AVX512-BF16, AMX) run its matmuls several times faster.
-VARIANTS = {"fp32": ("float32", "none"), "int8": ("float32", "int8"), "bf16": ("bfloat16", "none")}
 
 # Labelled data per classify task: language -> file in bench/data. Tasks not listed have none.
 DATASETS = {"sentiment": {"en": "sentiment-en.jsonl", "zh": "sentiment-zh.jsonl"}}
@@ -66,7 +68,8 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
         result = {"meta": machine() | {"model": resolved.display_name, "mode": sizes.name, "sizes": asdict(sizes),
                                        "data": data_note(data_dir)}}
         result["variants"] = {}
-        for name, (dtype, quantize) in VARIANTS.items():
+        for name in sizes.variants:
+            dtype, quantize = VARIANTS[name]
             bar.set_description(f"loading {name}")
             engine = _engine(resolved, tasks, dtype, quantize)
             if name == "fp32":
@@ -139,7 +142,7 @@ def startup_section(resolved, config: Config, sizes: Sizes, tick) -> dict:
     if not sizes.startup:
         return {"skipped": True}
     dirs, match = config.prompt_dirs(), resolved.match_name
-    out = {"bare": startup.measure("bare", resolved.path, dirs, match)}
+    out = {mode: startup.measure(mode, resolved.path, dirs, match) for mode in ("bare", "bare_forward")}
     tick(1)
     out["ready_fp32"] = startup.measure("ready", resolved.path, dirs, match, "none")
     tick(1)
@@ -173,7 +176,7 @@ def _work_units(sizes: Sizes, rows: dict) -> int:
     accuracy = sum(len(r) for per_lang in rows.values() for r in per_lang.values())
     langs = len(rows.get(SPEED_TASK, {}))
     per_variant = lambda n: 2 * n * langs + (sizes.burst if langs else 0) + 2  # noqa: E731
-    others = (len(VARIANTS) - 1) * per_variant(sizes.other_compare_rows)
+    others = (len(sizes.variants) - 1) * per_variant(sizes.other_compare_rows)
     return accuracy + per_variant(sizes.compare_rows) + others + 3 * sizes.startup + 1
 
 

@@ -10,6 +10,8 @@ import threading
 import time
 from typing import Callable, Sequence
 
+from ..engine.prompt import encode
+from ..engine.types import EngineError
 from ..service import Job, Outcome, Service
 from ..sessions import SessionStore
 from .accuracy import Scored
@@ -24,7 +26,7 @@ def sentiment_speed(engine, task: str, rows: Sequence[Row], burst_texts: Sequenc
     labels = list(engine.tasks[task].labels)
     seeds = SeedsWay(engine.loaded.model, engine.loaded.tokenizer, engine.tasks[task])
     a_s, a_out = timed(lambda r: seeds.classify(r.text)[0], rows, tick)
-    b_s, b_out = timed(lambda r: engine.classify(task, [r.text])[0].label, rows, tick)
+    b_s, b_out = timed(lambda r: _label_or_none(engine, task, r.text), rows, tick)
     a = {**latency_stats(a_s), **_accuracy(labels, rows, a_out), "samples_ms": _ms(a_s)}
     b = {**latency_stats(b_s), **_accuracy(labels, rows, b_out), "samples_ms": _ms(b_s)}
     c = burst(engine, task, burst_texts)
@@ -32,6 +34,13 @@ def sentiment_speed(engine, task: str, rows: Sequence[Row], burst_texts: Sequenc
     return {"seeds_way": a, "classify_one": b, "burst": c,
             "b_over_a": ratio(b["per_s"], a["per_s"]), "c_over_a": ratio(c["per_s"], a["per_s"]),
             "p50_a_over_b": ratio(a["p50_ms"], b["p50_ms"])}
+
+
+def _label_or_none(engine, task: str, text: str) -> str | None:
+    try:
+        return engine.classify(task, [text])[0].label
+    except EngineError:  # refused (too long): no label, counted wrong
+        return None
 
 
 def burst(engine, task: str, texts: Sequence[str]) -> dict:
@@ -51,7 +60,19 @@ def burst(engine, task: str, texts: Sequence[str]) -> dict:
     latencies = [o.latency_ms / 1000 for o in sink.outcomes]
     stats = latency_stats(latencies, wall_s=wall)
     return {**stats, "wall_s": wall, "batch": engine.max_batch, "errors": sum(not o.ok for o in sink.outcomes),
-            "samples_ms": _ms(latencies)}
+            **padding(engine, task, texts), "samples_ms": _ms(latencies)}
+
+
+def padding(engine, task: str, texts: Sequence[str]) -> dict:
+    """Text tokens vs tokens computed when the queue batches in arrival order and each batch is right-padded
+    to its longest text (what the burst above ran), and if batches were formed by length instead."""
+    lengths = [len(encode(engine.loaded.tokenizer, engine.tasks[task].render_user(t))) for t in texts]
+    size = engine.max_batch
+
+    def padded(order: list[int]) -> int:
+        return sum(max(order[i:i + size]) * len(order[i:i + size]) for i in range(0, len(order), size))
+
+    return {"text_tokens": sum(lengths), "padded_tokens": padded(lengths), "padded_tokens_by_length": padded(sorted(lengths))}
 
 
 class _Collector:
@@ -76,7 +97,7 @@ class _Collector:
 def _accuracy(labels: list[str], rows: Sequence[Row], predicted: list) -> dict:
     scored = Scored(labels, [r.label for r in rows], list(predicted))
     summary = scored.summary()
-    return {"accuracy": summary["accuracy"], "unparsed": summary["unparsed"], "confusion": summary["confusion"]}
+    return {"accuracy": summary["accuracy"], "no_label": summary["no_label"], "confusion": summary["confusion"]}
 
 
 def _ms(seconds: list[float]) -> list[float]:

@@ -1,6 +1,8 @@
 """Start-up time and peak memory, each measured in a fresh subprocess so nothing else is in its RSS.
 
-`bare`:  AutoModelForCausalLM.from_pretrained at fp32, nothing else (the floor).
+`bare`:  AutoModelForCausalLM.from_pretrained at fp32, nothing else (the floor). transformers maps the
+         safetensors file, so this does not yet read the weights: see its peak RSS.
+`bare_forward`: the same plus one token through the model, which pages every weight in.
 `ready`: what `llmqtt run` does before it serves: load (+ int8), every task's prefix cache, warm-up.
 
 The clock starts after the imports (torch and transformers cost the same to both); the RSS after the
@@ -42,9 +44,12 @@ def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quanti
     after_imports = psutil.Process().memory_info().rss
     phases: dict[str, float] = {}
     start = time.perf_counter()
-    if mode == "bare":
+    if mode in ("bare", "bare_forward"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         weight_bytes = _bytes_in_memory(model)
+        if mode == "bare_forward":  # one token through the model: every weight page read in from the file
+            with torch.inference_mode():
+                model(torch.tensor([[0]]))
     else:
         loaded = load(model_dir, "float32", quantize)
         phases["load_s"] = time.perf_counter() - start
@@ -54,10 +59,22 @@ def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quanti
         phases["warmup_s"] = time.perf_counter() - start - phases["load_s"] - phases["prefix_s"]
         weight_bytes = loaded.weight_bytes
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = peak_rss_bytes()
     return {"mode": mode, "quantize": quantize, "seconds": seconds, **phases, "weight_bytes": weight_bytes,
             "peak_rss_bytes": peak, "rss_after_imports_bytes": after_imports,
             "rss_now_bytes": psutil.Process().memory_info().rss}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS. VmHWM, not getrusage: Linux carries the parent's high-water mark across
+    fork+exec into ru_maxrss, so a child of a big process would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, a fallback elsewhere
 
 
 if __name__ == "__main__":
