@@ -67,10 +67,11 @@ def _why(target: str, r: dict) -> str:
                     "fragments whose label belongs to the whole review; see docs/accuracy.md")
         if "burst" in target:
             b = r["variants"]["fp32"]["sentiment"]["burst"]
-            return (f"batches form in arrival order and are right-padded to their longest text: {b['padded_tokens']} "
-                    f"tokens computed for {b['text_tokens']} text tokens ({b['padded_tokens'] / b['text_tokens']:.1f}x; "
-                    f"by length: {b['padded_tokens_by_length'] / b['text_tokens']:.1f}x); one forward is already "
-                    "compute-bound on CPU, so batching gains little and padding costs")
+            one = r["variants"]["fp32"]["sentiment"]["classify_one"]
+            return (f"one forward is already compute-bound on CPU, so a batch costs about its tokens: the burst ran "
+                    f"{b['per_s']:.2f} msg/s vs {one['per_s']:.2f} one at a time, computing {b['padded_tokens']} "
+                    f"tokens (with padding) for {b['text_tokens']} text tokens; c/a can only reach about b/a times the "
+                    "gain of larger matrix products")
         if "first token" in target:
             c = r["variants"]["fp32"]["chat"]
             ceiling = (c["prefix_tokens"] + c["rest_tokens"]) / c["rest_tokens"]

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
+from ..engine.classify import length_chunks
 from ..engine.prompt import encode
 from ..engine.types import EngineError
 from ..service import Job, Outcome, Service
@@ -64,15 +65,17 @@ def burst(engine, task: str, texts: Sequence[str]) -> dict:
 
 
 def padding(engine, task: str, texts: Sequence[str]) -> dict:
-    """Text tokens vs tokens computed when the queue batches in arrival order and each batch is right-padded
-    to its longest text (what the burst above ran), and if batches were formed by length instead."""
+    """Text tokens vs tokens the forwards compute (right padding) for the burst above: the queue hands the
+    engine batches of max_batch in arrival order, and the engine groups each batch into chunks
+    (`classify.length_chunks`); `by_length` is the same if the whole burst were grouped at once."""
     lengths = [len(encode(engine.loaded.tokenizer, engine.tasks[task].render_user(t))) for t in texts]
     size = engine.max_batch
 
-    def padded(order: list[int]) -> int:
-        return sum(max(order[i:i + size]) * len(order[i:i + size]) for i in range(0, len(order), size))
+    def padded(batch: list[int]) -> int:
+        return sum(max(batch[i] for i in chunk) * len(chunk) for chunk in length_chunks(batch, size))
 
-    return {"text_tokens": sum(lengths), "padded_tokens": padded(lengths), "padded_tokens_by_length": padded(sorted(lengths))}
+    arrival = sum(padded(lengths[i:i + size]) for i in range(0, len(lengths), size))
+    return {"text_tokens": sum(lengths), "padded_tokens": arrival, "padded_tokens_by_length": padded(lengths)}
 
 
 class _Collector:
