@@ -6,7 +6,7 @@ import threading
 import uuid
 
 import pytest
-from broker import WAIT_S
+from polling import wait_until
 from fake_engine import make_engine
 
 pytestmark = pytest.mark.broker
@@ -189,10 +189,3 @@ def test_retained_requests_are_ignored(start_daemon, broker):
     client.publish(f"llmqtt/{node}/request/sentiment", b"", retain=True)  # clear it
 
 
-def wait_until(condition, timeout: float = WAIT_S) -> None:
-    pause = threading.Event()
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        pause.wait(0.01)
-    raise AssertionError("condition not met in time")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from polling import wait_until
 from fake_engine import make_engine
 
 from llmqtt.service import Job, Outcome, Service, Submitted
@@ -40,15 +41,6 @@ class Clock:
 @pytest.fixture
 def engine(tmp_path):
     return make_engine(tmp_path / "prompts")
-
-
-def wait_for(condition, timeout: float = WAIT) -> None:
-    pause = threading.Event()
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        pause.wait(0.01)
-    raise AssertionError("condition not met in time")
 
 
 def make_service(engine, **kwargs) -> Service:
@@ -123,7 +115,7 @@ def test_full_queue_is_answered_busy_at_once_with_a_retry_hint(engine):
     # busy is transient: the same id is accepted once there is room
     svc.start()
     j2, sink2 = job("sentiment", "late")
-    wait_for(lambda: svc.queue_depth() == 0)
+    wait_until(lambda: svc.queue_depth() == 0)
     assert svc.submit(j2) is Submitted.QUEUED
     assert sink2.wait().ok
     svc.stop(5)
@@ -331,7 +323,7 @@ def test_stop_gives_up_on_a_stuck_job_and_drops_its_answer(engine):
     svc.start()
     j, sink = job("chat", 1, "a b c")
     svc.submit(j)
-    wait_for(lambda: engine.histories)  # the worker is inside generate()
+    wait_until(lambda: engine.histories)  # the worker is inside generate()
     assert svc.stop(0.2) is False
     engine.gate.set()
     svc._worker.join(WAIT)
