@@ -215,7 +215,7 @@ def build_engine(config: Config, tasks: dict, progress: Callable[[str, int, int]
     from .engine import load_engine
     from .engine.modelstore import resolve_model
 
-    resolved = resolve_model(config.model, progress) if progress else resolve_model(config.model)
+    resolved = resolve_model(config.model, progress)
     # HOOK(planner): threads, dtype, batch and context sized to this machine; refuse what cannot fit.
     from .planner import MemoryGuard, apply_threads, check_fits, plan
     from .readings import live_available_bytes, read_model_facts, read_system

@@ -39,13 +39,6 @@ class Engine:
                  cancel: threading.Event | None = None, max_new_tokens: int | None = None) -> Generation:
         return self._generator(task).stream(text, history, cancel, max_new_tokens)
 
-    def validate(self, task: str, text: str) -> None:
-        """Raise the EngineError a request with this text would get, without running the model."""
-        if self.kind(task) == "classify":
-            self._scorer(task).rest_ids(text)
-        else:
-            self._generator(task).guard.check(text)
-
     def kind(self, task: str) -> str:
         if task not in self.tasks:
             raise UnknownTask(f"no task named {task!r} (tasks: {', '.join(sorted(self.tasks))})")

@@ -106,8 +106,9 @@ def locate_model(config: ModelConfig) -> Path | None:
     return _hub_snapshot(name, local_only=True)
 
 
-def resolve_model(config: ModelConfig, progress: Progress = _no_progress) -> ResolvedModel:
+def resolve_model(config: ModelConfig, progress: Progress | None = None) -> ResolvedModel:
     """A ready Hugging Face directory for the configured model, fetching/converting it when allowed."""
+    progress = progress or _no_progress
     name = config.name
     cache = cache_dir_for(config)
     if name == "demo":
