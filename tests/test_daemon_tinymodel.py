@@ -36,11 +36,11 @@ def tiny_prompts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir, tiny_prompts):
+def tiny_engine(tiny_model_dir, tiny_prompts, tmp_path_factory):
     from llmqtt.engine import load_engine
 
-    return load_engine(ModelConfig(name=str(tiny_model_dir), dtype="float32"), load_tasks([tiny_prompts]),
-                       max_batch=4)
+    config = ModelConfig(name=str(tiny_model_dir), dtype="float32", cache_dir=tmp_path_factory.mktemp("cache"))
+    return load_engine(config, load_tasks([tiny_prompts]), max_batch=4)
 
 
 def read_stream(client, topic: str, request_id: str) -> tuple[list[str], dict]:

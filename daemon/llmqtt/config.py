@@ -26,7 +26,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     # `demo`, a Hugging Face id (`Qwen/Qwen2.5-0.5B-Instruct`), a local directory, or a local `.gguf` file.
     name: str = "demo"
-    # `auto`: bf16 only where the CPU computes it natively (avx512_bf16/amx), else fp32.
+    # `auto` is float32 (bf16 measured mixed on CPUs: docs/bench); ask for bfloat16 explicitly.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # `int8`: dynamic int8 weights for Linear layers (torch's own quantization); smaller and often faster.
     quantize: Literal["none", "int8"] = "none"
@@ -36,6 +36,9 @@ class ModelConfig(_Section):
     max_context: int = Field(default=2048, ge=128, le=131072)
     # Fetch the demo model / hub models automatically on first use.
     auto_fetch: bool = True
+    # Keep each task's prompt prefix (system prompt + examples, as KV cache) in cache_dir, so a restart
+    # loads it instead of recomputing it. Keyed by model files, dtype and prompt: never stale.
+    prefix_cache: bool = True
 
 
 class SessionConfig(_Section):

@@ -10,7 +10,7 @@ from typing import Mapping
 from ..config import ModelConfig
 from ..planner import choose_dtype
 from ..tasks import ClassifyTask, GenerateTask
-from .modelstore import Progress, ResolvedModel, _no_progress, resolve_model
+from .modelstore import Progress, ResolvedModel, _no_progress, cache_dir_for, resolve_model
 
 
 def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | GenerateTask], max_batch: int = 16,
@@ -18,9 +18,14 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
     """Resolve (fetch/convert if needed), load and prepare the model for `tasks`; returns an `Engine`."""
     from .engine import Engine
     from .loader import load
+    from .prefixstore import PrefixStore, model_fingerprint
 
     resolved = resolved or resolve_model(config, progress)
     progress(f"loading {resolved.display_name}", 0, 0)
-    loaded = load(resolved.path, choose_dtype(config.dtype), config.quantize)
+    dtype = choose_dtype(config.dtype)
+    loaded = load(resolved.path, dtype, config.quantize)
+    store = None
+    if config.prefix_cache:
+        store = PrefixStore(cache_dir_for(config) / "prefix-kv", model_fingerprint(resolved.path, dtype, config.quantize))
     progress("preparing task prompts", 0, 0)
-    return Engine(loaded, tasks, resolved.display_name, resolved.match_name, config.max_context, max_batch)
+    return Engine(loaded, tasks, resolved.display_name, resolved.match_name, config.max_context, max_batch, store)

@@ -12,6 +12,7 @@ import torch
 
 from ..tasks import ClassifyTask
 from .kvprefix import KVPrefix
+from .prefixstore import PrefixStore
 from .prompt import ControlTokenGuard, encode, split_at_user_text
 from .types import Classification, TextTooLong
 
@@ -21,12 +22,12 @@ class TaskNotServable(ValueError):
 
 
 class LabelScorer:
-    def __init__(self, model, tokenizer, task: ClassifyTask, max_context: int):
+    def __init__(self, model, tokenizer, task: ClassifyTask, max_context: int, store: PrefixStore | None = None):
         self.model, self.tokenizer, self.task, self.max_context = model, tokenizer, task, max_context
         self.guard = ControlTokenGuard(tokenizer)
         split = split_at_user_text(tokenizer, few_shot_messages(task))
         self.after_text = split.after_text
-        self.prefix = KVPrefix(model, encode(tokenizer, split.prefix))
+        self.prefix = KVPrefix(model, encode(tokenizer, split.prefix), store)
         self.label_names = list(task.labels)
         self.label_tokens = label_first_tokens(tokenizer, task)  # one list of token ids per label
         flat = [t for tokens in self.label_tokens for t in tokens]

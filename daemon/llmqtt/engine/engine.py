@@ -9,6 +9,7 @@ from ..tasks import ClassifyTask, GenerateTask
 from .classify import LabelScorer
 from .generate import ChatGenerator, Generation
 from .loader import LoadedModel
+from .prefixstore import PrefixStore
 from .types import Classification, Turn, UnknownTask, WrongTaskKind
 
 Task = ClassifyTask | GenerateTask
@@ -18,7 +19,7 @@ class Engine:
     """Implements `types.InferenceEngine`. Builds every task's cached prefix at construction."""
 
     def __init__(self, loaded: LoadedModel, tasks: Mapping[str, Task], model_name: str, match_name: str,
-                 max_context: int = 2048, max_batch: int = 16):
+                 max_context: int = 2048, max_batch: int = 16, prefix_store: PrefixStore | None = None):
         self.loaded = loaded
         self.model_name = model_name
         self.dtype = loaded.dtype if loaded.quantize == "none" else f"{loaded.dtype}+{loaded.quantize}"
@@ -28,9 +29,9 @@ class Engine:
         self._generators: dict[str, ChatGenerator] = {}
         for name, task in self.tasks.items():
             if isinstance(task, ClassifyTask):
-                self._scorers[name] = LabelScorer(loaded.model, loaded.tokenizer, task, max_context)
+                self._scorers[name] = LabelScorer(loaded.model, loaded.tokenizer, task, max_context, prefix_store)
             else:
-                self._generators[name] = ChatGenerator(loaded.model, loaded.tokenizer, task, max_context)
+                self._generators[name] = ChatGenerator(loaded.model, loaded.tokenizer, task, max_context, prefix_store)
 
     def classify(self, task: str, texts: Sequence[str]) -> list[Classification]:
         return self._scorer(task).score(list(texts), self.max_batch)

@@ -15,6 +15,7 @@ import torch
 
 from ..tasks import GenerateTask, GenerationSettings
 from .kvprefix import KVPrefix
+from .prefixstore import PrefixStore
 from .prompt import ControlTokenGuard, encode, render, split_at_user_text
 from .types import GenerationResult, TextTooLong, Turn
 
@@ -22,12 +23,12 @@ MIN_ANSWER_TOKENS = 16  # a prompt that leaves less room than this for the answe
 
 
 class ChatGenerator:
-    def __init__(self, model, tokenizer, task: GenerateTask, max_context: int):
+    def __init__(self, model, tokenizer, task: GenerateTask, max_context: int, store: PrefixStore | None = None):
         self.model, self.tokenizer, self.task, self.max_context = model, tokenizer, task, max_context
         self.guard = ControlTokenGuard(tokenizer)
         self.system = [{"role": "system", "content": task.system}]
         self.prefix_text = split_at_user_text(tokenizer, self.system).prefix
-        self.prefix = KVPrefix(model, encode(tokenizer, self.prefix_text))
+        self.prefix = KVPrefix(model, encode(tokenizer, self.prefix_text), store)
         self.stop_ids = _stop_token_ids(model, tokenizer)
 
     def stream(self, text: str, history: Sequence[Turn] = (), cancel: threading.Event | None = None,

@@ -5,13 +5,19 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from .prefixstore import Layers, PrefixStore
+
 
 class KVPrefix:
-    def __init__(self, model: torch.nn.Module, ids: list[int]):
+    def __init__(self, model: torch.nn.Module, ids: list[int], store: PrefixStore | None = None):
         self.ids = ids
-        with torch.inference_mode():
-            out = model.base_model(torch.tensor([ids]), use_cache=True)  # ids: [1, P]
-        self._layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        layers = store.load(ids) if store else None
+        self.from_disk = layers is not None
+        if layers is None:
+            layers = _run(model, ids)
+            if store:
+                store.save(ids, layers)
+        self._layers = layers
 
     @property
     def length(self) -> int:
@@ -27,3 +33,9 @@ class KVPrefix:
         for i, (keys, values) in enumerate(self._layers):  # keys: [1, kv_heads, P, head_dim]
             cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), i)
         return cache
+
+
+def _run(model: torch.nn.Module, ids: list[int]) -> Layers:
+    with torch.inference_mode():
+        out = model.base_model(torch.tensor([ids]), use_cache=True)  # ids: [1, P]
+    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
