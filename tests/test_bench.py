@@ -70,9 +70,12 @@ def test_mini_bench_covers_every_section(mini_result):
         assert v["chat"]["prefix_tokens"] > 0 and v["chat"]["first_token_speedup"] > 0
         assert v["bound"]["tokens_per_s"] > 0
     assert r["variants"]["int8"]["weight_bytes"] < r["variants"]["fp32"]["weight_bytes"]
-    for key in ("bare", "bare_forward", "ready_fp32", "ready_int8"):
+    for key in ("bare", "bare_forward", "first_start_fp32", "ready_fp32", "first_start_int8", "ready_int8"):
         assert "error" not in r["startup"][key], r["startup"][key]
         assert r["startup"][key]["peak_rss_bytes"] > r["startup"][key]["rss_after_imports_bytes"] > 0
+    for name in ("fp32", "int8"):  # the first start computes every prefix, the restart reads every one
+        first, restart = r["startup"][f"first_start_{name}"], r["startup"][f"ready_{name}"]
+        assert (first["prefixes_from_disk"], restart["prefixes_from_disk"]) == (0, restart["tasks"]) and first["tasks"] > 1
     assert r["llama_cpp"]["available"] in (True, False)
 
 

@@ -3,7 +3,9 @@
 `bare`:  AutoModelForCausalLM.from_pretrained at fp32, nothing else (the floor). transformers maps the
          safetensors file, so this does not yet read the weights: see its peak RSS.
 `bare_forward`: the same plus one token through the model, which pages every weight in.
-`ready`: what `llmqtt run` does before it serves: load (+ int8), every task's prefix cache, warm-up.
+`ready`: what `llmqtt run` does before it serves: load (+ int8), every task's prefix cache, warm-up. Run
+         twice on one empty prefix store: the first start computes and stores the prefixes, a restart (every
+         start after the first, until the model or a prompt changes) reads them.
 
 The clock starts after the imports (torch and transformers cost the same to both); the RSS after the
 imports is reported too, so the model's own share is visible.
@@ -21,23 +23,25 @@ from pathlib import Path
 
 
 def measure(mode: str, model_dir: Path, prompt_dirs: list[Path], match_name: str, quantize: str = "none",
-            timeout: float = 900) -> dict:
-    """Run this module in a child process and return what it printed."""
+            cache_dir: Path | None = None, timeout: float = 900) -> dict:
+    """Run this module in a child process and return what it printed. `cache_dir` holds the prefix store."""
     cmd = [sys.executable, "-m", "llmqtt.bench.startup", mode, str(model_dir),
-           os.pathsep.join(map(str, prompt_dirs)), match_name, quantize]
+           os.pathsep.join(map(str, prompt_dirs)), match_name, quantize, str(cache_dir or "")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         return {"mode": mode, "quantize": quantize, "error": done.stderr.strip().splitlines()[-1:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quantize: str) -> dict:
+def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quantize: str, cache_dir: str) -> dict:
     import psutil
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..engine.engine import Engine
-    from ..engine.loader import _bytes_in_memory, load
+    from ..config import ModelConfig
+    from ..engine import load_engine
+    from ..engine.loader import _bytes_in_memory
+    from ..engine.modelstore import ResolvedModel
     from ..tasks import load_tasks
 
     tasks = load_tasks([Path(p) for p in prompt_dirs.split(os.pathsep)])
@@ -50,14 +54,19 @@ def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quanti
         if mode == "bare_forward":  # one token through the model: every weight page read in from the file
             with torch.inference_mode():
                 model(torch.tensor([[0]]))
-    else:
-        loaded = load(model_dir, "float32", quantize)
-        phases["load_s"] = time.perf_counter() - start
-        engine = Engine(loaded, tasks, match_name, match_name)
-        phases["prefix_s"] = time.perf_counter() - start - phases["load_s"]
+    else:  # exactly what `llmqtt run` calls; its progress stages mark the phases
+        marks: dict[str, float] = {}
+        config = ModelConfig(name=str(model_dir), dtype="float32", quantize=quantize,
+                             cache_dir=Path(cache_dir) if cache_dir else None, prefix_cache=bool(cache_dir))
+        engine = load_engine(config, tasks, resolved=ResolvedModel(model_dir, match_name, match_name),
+                             progress=lambda stage, done, total: marks.setdefault(stage.split()[0], time.perf_counter()))
+        built = time.perf_counter()
+        phases["load_s"] = marks["preparing"] - start
+        phases["prefix_s"] = built - marks["preparing"]
+        phases["tasks"], phases["prefixes_from_disk"] = len(tasks), engine.prefixes_from_disk()
         engine.warmup()
-        phases["warmup_s"] = time.perf_counter() - start - phases["load_s"] - phases["prefix_s"]
-        weight_bytes = loaded.weight_bytes
+        phases["warmup_s"] = time.perf_counter() - built
+        weight_bytes = engine.loaded.weight_bytes
     seconds = time.perf_counter() - start
     peak = peak_rss_bytes()
     return {"mode": mode, "quantize": quantize, "seconds": seconds, **phases, "weight_bytes": weight_bytes,
@@ -78,5 +87,4 @@ def peak_rss_bytes() -> int:
 
 
 if __name__ == "__main__":
-    mode, model, prompts, match, quant = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-    print(json.dumps(_child(mode, model, prompts, match, quant)))
+    print(json.dumps(_child(sys.argv[1], Path(sys.argv[2]), *sys.argv[3:7])))

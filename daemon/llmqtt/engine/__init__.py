@@ -5,12 +5,15 @@ Import `llmqtt.engine.types` for the result types without paying for the torch i
 
 from __future__ import annotations
 
+import logging
 from typing import Mapping
 
 from ..config import ModelConfig
 from ..planner import choose_dtype
 from ..tasks import ClassifyTask, GenerateTask
 from .modelstore import Progress, ResolvedModel, _no_progress, cache_dir_for, resolve_model
+
+log = logging.getLogger(__name__)
 
 
 def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | GenerateTask], max_batch: int = 16,
@@ -28,4 +31,7 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
     if config.prefix_cache:
         store = PrefixStore(cache_dir_for(config) / "prefix-kv", model_fingerprint(resolved.path, dtype, config.quantize))
     progress("preparing task prompts", 0, 0)
-    return Engine(loaded, tasks, resolved.display_name, resolved.match_name, config.max_context, max_batch, store)
+    engine = Engine(loaded, tasks, resolved.display_name, resolved.match_name, config.max_context, max_batch, store)
+    if store:
+        log.info("task prompt caches: %d of %d read from %s", engine.prefixes_from_disk(), len(tasks), store.directory)
+    return engine

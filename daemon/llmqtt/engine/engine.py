@@ -53,6 +53,10 @@ class Engine:
             for _ in self.generate(name, "Hi", max_new_tokens=2):
                 pass
 
+    def prefixes_from_disk(self) -> int:
+        """How many tasks' prefix caches came from the prefix store rather than a forward pass."""
+        return sum(p.prefix.from_disk for p in [*self._scorers.values(), *self._generators.values()])
+
     def _scorer(self, task: str) -> LabelScorer:
         if self.kind(task) != "classify":
             raise WrongTaskKind(f"task {task!r} is a {self.kind(task)} task, not classify")
