@@ -200,5 +200,19 @@ def test_per_model_overrides_apply(loaded):
     assert engine.generate("chat", "Hello").result is not None
 
 
-def test_warmup_runs_every_task(engine):
-    engine.warmup()
+def test_warmup_runs_every_weight_once_per_kind(loaded):
+    tasks = {"a": parse_task(SENTIMENT, "t", "a"), "b": parse_task(SENTIMENT, "t", "b"), "chat": parse_task(CHAT, "t", "chat")}
+    engine = Engine(loaded, tasks, "tiny", "tiny", max_context=512)
+    leaves = [m for m in loaded.model.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
+    called: set[int] = set()
+    hooks = [m.register_forward_hook(lambda module, *_: called.add(id(module))) for m in leaves]
+    scored: list[str] = []
+    classify = engine.classify
+    engine.classify = lambda task, texts: scored.append(task) or classify(task, texts)
+    try:
+        engine.warmup()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert scored == ["a"]  # one classify pass, not one per classify task
+    assert called == {id(m) for m in leaves}  # every weight, the output head included, was read
