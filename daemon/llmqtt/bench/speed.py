@@ -47,7 +47,8 @@ def _label_or_none(engine, task: str, text: str) -> str | None:
 def burst(engine, task: str, texts: Sequence[str]) -> dict:
     """Submit every text at once to a real Service; wall time until the last answer."""
     sink = _Collector(len(texts))
-    service = Service(engine, sessions=SessionStore(1, 60.0), queue_size=max(64, len(texts)),
+    calls = _Recorder(engine)
+    service = Service(calls, sessions=SessionStore(1, 60.0), queue_size=max(64, len(texts)),
                       max_batch=engine.max_batch)
     service.start()
     try:
@@ -61,21 +62,36 @@ def burst(engine, task: str, texts: Sequence[str]) -> dict:
     latencies = [o.latency_ms / 1000 for o in sink.outcomes]
     stats = latency_stats(latencies, wall_s=wall)
     return {**stats, "wall_s": wall, "batch": engine.max_batch, "errors": sum(not o.ok for o in sink.outcomes),
-            **padding(engine, task, texts), "samples_ms": _ms(latencies)}
+            "engine_calls": len(calls.batches), **padding(engine, task, texts, calls.batches),
+            "samples_ms": _ms(latencies)}
 
 
-def padding(engine, task: str, texts: Sequence[str]) -> dict:
-    """Text tokens vs tokens the forwards compute (right padding) for the burst above: the queue hands the
-    engine batches of max_batch in arrival order, and the engine groups each batch into chunks
-    (`classify.length_chunks`); `by_length` is the same if the whole burst were grouped at once."""
-    lengths = [len(encode(engine.loaded.tokenizer, engine.tasks[task].render_user(t))) for t in texts]
-    size = engine.max_batch
+def padding(engine, task: str, texts: Sequence[str], batches: list[list[str]]) -> dict:
+    """Text tokens vs tokens the forwards computed (right padding) for the batches the queue handed the
+    engine, each grouped into chunks by `classify.length_chunks` as the engine does."""
+    def tokens(text: str) -> int:
+        return len(encode(engine.loaded.tokenizer, engine.tasks[task].render_user(text)))
 
     def padded(batch: list[int]) -> int:
-        return sum(max(batch[i] for i in chunk) * len(chunk) for chunk in length_chunks(batch, size))
+        return sum(max(batch[i] for i in chunk) * len(chunk) for chunk in length_chunks(batch, engine.max_batch))
 
-    arrival = sum(padded(lengths[i:i + size]) for i in range(0, len(lengths), size))
-    return {"text_tokens": sum(lengths), "padded_tokens": arrival, "padded_tokens_by_length": padded(lengths)}
+    chunks = [length_chunks([tokens(t) for t in b], engine.max_batch) for b in batches]
+    return {"text_tokens": sum(tokens(t) for t in texts), "forward_calls": sum(len(c) for c in chunks),
+            "padded_tokens": sum(padded([tokens(t) for t in b]) for b in batches)}
+
+
+class _Recorder:
+    """The engine, with the texts of every classify call noted."""
+
+    def __init__(self, engine):
+        self._engine, self.batches = engine, []
+
+    def classify(self, task: str, texts: Sequence[str]):
+        self.batches.append(list(texts))
+        return self._engine.classify(task, texts)
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
 
 
 class _Collector:
