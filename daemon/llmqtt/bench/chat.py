@@ -74,6 +74,21 @@ def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return nbytes / best
 
 
+def gemv_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s at which one fp32 matrix-vector product (torch's F.linear, as decode runs it) reads a weight
+    matrix of `nbytes` shaped like an output head (rows of 896): the kernel's own ceiling for decode."""
+    cols = 896
+    weight = torch.ones(nbytes // 4 // cols, cols, dtype=torch.float32)
+    x = torch.ones(1, cols)
+    torch.nn.functional.linear(x, weight)  # touch every page once before timing
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, weight)
+        best = min(best, time.perf_counter() - start)
+    return weight.numel() * 4 / best
+
+
 def bytes_per_token(model: torch.nn.Module, weight_bytes: int) -> int:
     """Weight bytes one decode step reads: all of them, except an input embedding table that is not also
     the output head (a lookup reads one row of it, not the table)."""

@@ -82,6 +82,7 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
             gc.collect()
         bar.set_description("memory bandwidth")
         result["bandwidth_bytes_per_s"] = chat.memory_bandwidth(sizes.bandwidth_bytes)
+        result["gemv_bytes_per_s"] = chat.gemv_bandwidth(sizes.bandwidth_bytes)
         for variant in result["variants"].values():
             _add_bound(variant, result["bandwidth_bytes_per_s"])
         bar.set_description("start-up (subprocesses)")

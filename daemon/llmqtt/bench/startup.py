@@ -71,7 +71,23 @@ def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quanti
     peak = peak_rss_bytes()
     return {"mode": mode, "quantize": quantize, "seconds": seconds, **phases, "weight_bytes": weight_bytes,
             "peak_rss_bytes": peak, "rss_after_imports_bytes": after_imports,
-            "rss_now_bytes": psutil.Process().memory_info().rss}
+            "rss_now_bytes": psutil.Process().memory_info().rss, **rss_split_bytes()}
+
+
+def rss_split_bytes() -> dict:
+    """RSS now, split into anonymous memory (the process's own) and file-backed pages (here: the mapped
+    checkpoint). File pages are clean: the kernel drops them under pressure instead of swapping or killing,
+    so the anonymous part is what must fit in RAM."""
+    fields = {"RssAnon": "rss_anon_bytes", "RssFile": "rss_file_bytes"}
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":")[0]
+            if key in fields:
+                out[fields[key]] = int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return out
 
 
 def peak_rss_bytes() -> int:
