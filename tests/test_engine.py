@@ -200,19 +200,31 @@ def test_per_model_overrides_apply(loaded):
     assert engine.generate("chat", "Hello").result is not None
 
 
-def test_warmup_runs_every_weight_once_per_kind(loaded):
-    tasks = {"a": parse_task(SENTIMENT, "t", "a"), "b": parse_task(SENTIMENT, "t", "b"), "chat": parse_task(CHAT, "t", "chat")}
-    engine = Engine(loaded, tasks, "tiny", "tiny", max_context=512)
+def test_loader_first_pass_reads_every_weight(loaded):
+    from llmqtt.engine.loader import _one_token_through
+
     leaves = [m for m in loaded.model.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
     called: set[int] = set()
     hooks = [m.register_forward_hook(lambda module, *_: called.add(id(module))) for m in leaves]
-    scored: list[str] = []
-    classify = engine.classify
-    engine.classify = lambda task, texts: scored.append(task) or classify(task, texts)
     try:
-        engine.warmup()
+        _one_token_through(loaded.model)
     finally:
         for h in hooks:
             h.remove()
-    assert scored == ["a"]  # one classify pass, not one per classify task
     assert called == {id(m) for m in leaves}  # every weight, the output head included, was read
+
+
+def test_warmup_is_one_small_request(loaded):
+    tasks = {"a": parse_task(SENTIMENT, "t", "a"), "b": parse_task(SENTIMENT, "t", "b"), "chat": parse_task(CHAT, "t", "chat")}
+    engine = Engine(loaded, tasks, "tiny", "tiny", max_context=512)
+    calls: list[str] = []
+    classify, generate = engine.classify, engine.generate
+    engine.classify = lambda task, texts: calls.append(task) or classify(task, texts)
+    engine.generate = lambda task, *a, **k: calls.append(task) or generate(task, *a, **k)
+    engine.warmup()
+    assert calls == ["a"]
+    chat_only = Engine(loaded, {"chat": tasks["chat"]}, "tiny", "tiny", max_context=512)
+    chat_generate = chat_only.generate
+    chat_only.generate = lambda task, *a, **k: calls.append(task) or chat_generate(task, *a, **k)
+    chat_only.warmup()
+    assert calls == ["a", "chat"]

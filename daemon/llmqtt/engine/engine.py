@@ -46,16 +46,16 @@ class Engine:
         return self.tasks[task].kind
 
     def warmup(self) -> None:
-        """One small pass per kind of task, so the first real request is as fast as the ones after it.
+        """One small request through the serving path, so a broken task fails at start, not at a request.
 
-        Per kind, not per task: what the first call pays for (weights paged in from the checkpoint file,
-        first-call set-up of each operator) belongs to the model; a task only adds its cached prefix.
-        Generation reads the whole output head, so between them the two passes touch every weight.
+        The loader has already run one token through the whole model, so every weight is read and the
+        decode shapes are set up; one classification (or, without classify tasks, one generated token)
+        adds the prefix-cache path. Timed: the first call costs the same as the ones after it.
         """
-        for name in list(self._scorers)[:1]:
-            self.classify(name, ["warm-up"])
-        for name in list(self._generators)[:1]:
-            for _ in self.generate(name, "Hi", max_new_tokens=1):
+        if self._scorers:
+            self.classify(next(iter(self._scorers)), ["warm-up"])
+        elif self._generators:
+            for _ in self.generate(next(iter(self._generators)), "Hi", max_new_tokens=1):
                 pass
 
     def prefixes_from_disk(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +30,26 @@ class LoadedModel:
 def load(path: Path, dtype: str, quantize: str = "none") -> LoadedModel:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} (resolve `auto` first), not {dtype!r}")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    # Always pass dtype: transformers 5 would otherwise pick the checkpoint's (often bf16), which is ~2x
-    # slower than fp32 on CPUs without native bf16 such as the Raspberry Pi 5.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
-    model.requires_grad_(False)
-    if quantize == "int8":
-        model = _int8_linear(model, dtype)
+    # The tokenizer (pure Python and JSON, ~1 s for Qwen's) loads on a second thread meanwhile: the model's
+    # load and first pass spend much of their time in torch, outside the GIL.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        tokenizer_loading = pool.submit(AutoTokenizer.from_pretrained, path)
+        # Always pass dtype: transformers 5 would otherwise pick the checkpoint's (often bf16), which is ~2x
+        # slower than fp32 on CPUs without native bf16 such as the Raspberry Pi 5.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+        model.requires_grad_(False)
+        if quantize == "int8":
+            model = _int8_linear(model, dtype)  # reads every weight
+        else:
+            _one_token_through(model)  # the checkpoint is memory-mapped: read its pages now, not at a request
+        tokenizer = tokenizer_loading.result()
     return LoadedModel(model, tokenizer, dtype, quantize, _bytes_in_memory(model))
+
+
+def _one_token_through(model: torch.nn.Module) -> None:
+    """Every weight a request reads, read once (the input embedding only for one row, as requests do)."""
+    with torch.inference_mode():
+        model(torch.zeros((1, 1), dtype=torch.long))
 
 
 def _int8_linear(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
