@@ -70,6 +70,9 @@ def test_mini_bench_covers_every_section(mini_result):
         assert v["chat"]["prefix_tokens"] > 0 and v["chat"]["first_token_speedup"] > 0
         assert v["bound"]["tokens_per_s"] > 0
     assert r["variants"]["int8"]["weight_bytes"] < r["variants"]["fp32"]["weight_bytes"]
+    assert r["variants"]["fp32"]["fast_decode"]["state"] == "ready"  # measured with the kernels a daemon serves with
+    assert "fast_decode" not in r["variants"]["int8"]
+    assert r["startup"]["ready_fp32"]["fast_decode"] == "ready" and "fast_decode" not in r["startup"]["ready_int8"]
     for key in ("bare", "bare_forward", "first_start_fp32", "ready_fp32", "first_start_int8", "ready_int8"):
         assert "error" not in r["startup"][key], r["startup"][key]
         assert r["startup"][key]["peak_rss_bytes"] > r["startup"][key]["rss_after_imports_bytes"] > 0

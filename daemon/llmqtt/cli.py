@@ -143,7 +143,9 @@ def _ask(args) -> int:
         print(f"llmqtt: no task named {args.task!r} (tasks: {', '.join(sorted(tasks))})", file=sys.stderr)
         return 2
     try:
-        engine = load_engine(config.model, {args.task: tasks[args.task]}, progress=_ProgressBar())
+        # One answer and exit: compiling decode kernels in the background would only cost CPU.
+        model = config.model.model_copy(update={"fast_decode": False})
+        engine = load_engine(model, {args.task: tasks[args.task]}, progress=_ProgressBar())
     except ModelUnavailable as exc:
         print(f"llmqtt: {exc}", file=sys.stderr)
         return 1

@@ -39,6 +39,9 @@ class ModelConfig(_Section):
     # Keep each task's prompt prefix (system prompt + examples, as KV cache) in cache_dir, so a restart
     # loads it instead of recomputing it. Keyed by model files, dtype and prompt: never stale.
     prefix_cache: bool = True
+    # float32 without int8: decode's matrix-vector products through kernels compiled after start (needs a C
+    # compiler, e.g. gcc); until they are ready, or if compiling fails, torch's own kernels (same results).
+    fast_decode: bool = True
 
 
 class SessionConfig(_Section):

@@ -83,6 +83,9 @@ def _why(target: str, r: dict) -> str:
                     f"for the shipped {c['prefix_tokens']}-token chat prefix")
         if "decode" in target:
             gemv, bw = r["gemv_bytes_per_s"], r["bandwidth_bytes_per_s"]
+            if r["variants"]["fp32"].get("fast_decode", {}).get("state") == "ready":
+                return ("with the compiled decode kernels the matrix-vector products read near the bandwidth; the "
+                        "rest of each step (attention over the growing KV cache, norms, the Python loop) is the gap")
             return (f"torch's fp32 matrix-vector product reads a weight matrix at {gemv / 1e9:.1f} GB/s here, "
                     f"{100 * gemv / bw:.0f} % of the {bw / 1e9:.1f} GB/s a plain sum reads, so decode with these kernels "
                     f"cannot pass about {100 * gemv / bw:.0f} % of the bound; the loop, attention and the growing KV "
@@ -201,14 +204,18 @@ def _chat_md(r: dict) -> str:
              f"{_gb(r['meta']['sizes']['bandwidth_bytes'])} tensor): "
              f"**{_n(bw and bw / 1e9, 1)} GB/s**; one fp32 matrix-vector product (F.linear, 1 row) over a matrix of the "
              f"same size: **{_n(r.get('gemv_bytes_per_s') and r['gemv_bytes_per_s'] / 1e9, 1)} GB/s**. "
-             "Bound = bandwidth / weight bytes read per token.\n",
-             "| weights | prefix tok | user tok | first token cached ms | recomputed ms | speed-up | decode tok/s | "
-             "bound tok/s | of bound |", "|---|---|---|---|---|---|---|---|---|"]
+             "Bound = bandwidth / weight bytes read per token. Decode kernels: `compiled` = `model.fast_decode` "
+             "(default for fp32: one-row products through a compiled multiply-and-sum, engine/fastdecode.py), "
+             "`torch` = torch's own (int8, bf16).\n",
+             "| weights | decode kernels | prefix tok | user tok | first token cached ms | recomputed ms | speed-up | "
+             "decode tok/s | bound tok/s | of bound |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in r.get("variants", {}).items():
         c, b = v.get("chat"), v.get("bound", {})
         if not c:
             continue
-        lines.append(f"| {name} | {c['prefix_tokens']} | {c['rest_tokens']} | {_n(c['first_token_cached_ms'], 0)} | "
+        kernels = v.get("fast_decode", {}).get("state")
+        kernels = "compiled" if kernels == "ready" else f"torch ({kernels})" if kernels else "torch"
+        lines.append(f"| {name} | {kernels} | {c['prefix_tokens']} | {c['rest_tokens']} | {_n(c['first_token_cached_ms'], 0)} | "
                      f"{_n(c['first_token_recomputed_ms'], 0)} | {_n(c['first_token_speedup'], 2)}x | "
                      f"{_n(c['decode_tokens_per_s'], 2)} | {_n(b.get('tokens_per_s'), 2)} | "
                      f"{_n(c.get('decode_pct_of_bound'), 0)} % |")
@@ -224,12 +231,14 @@ def _startup_md(r: dict) -> str:
              "reading it; `bare_forward` adds one token through the model, which pages the weights in. "
              "`first_start_*` is the first start with these prompts (every task's prefix computed and stored in the "
              "prompt cache); `ready_*` is every later start (prefixes read from disk).\n",
-             "`anonymous` is the RSS once ready that is the process's own memory; the rest are clean pages of the "
+             "`fast decode from`: when the compiled decode kernels (built in the background after ready) took "
+             "over; peak RSS includes them. `anonymous` is the RSS once ready that is the process's own memory; "
+             "the rest are clean pages of the "
              "mapped checkpoint, which the kernel drops under memory pressure (int8 keeps the fp32 file mapped "
              "after quantizing, so its RSS looks far larger than what it needs).\n",
              "| what | seconds | load | prefix caches | warm-up | weights | peak RSS | peak / weights | RSS after imports | "
-             "(peak - imports) / weights | RSS ready | anonymous | anonymous / weights |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(peak - imports) / weights | RSS ready | anonymous | anonymous / weights | fast decode from |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in s.items():
         if "error" in row:
             lines.append(f"| {name} | failed: {row['error']} |||||||")
@@ -239,8 +248,17 @@ def _startup_md(r: dict) -> str:
                      f"{row['peak_rss_bytes'] / row['weight_bytes']:.2f}x | {_gb(row['rss_after_imports_bytes'])} | "
                      f"{(row['peak_rss_bytes'] - row['rss_after_imports_bytes']) / row['weight_bytes']:.2f}x | "
                      f"{_gb(row['rss_now_bytes'])} | {_gb(row.get('rss_anon_bytes'))} | "
-                     f"{_x(_div(row.get('rss_anon_bytes'), row['weight_bytes']))} |")
+                     f"{_x(_div(row.get('rss_anon_bytes'), row['weight_bytes']))} | "
+                     f"{_fast_decode_from(row)} |")
     return "\n".join(lines) + "\n"
+
+
+def _fast_decode_from(row: dict) -> str:
+    """When the compiled decode kernels took over (seconds from the start), or why they did not."""
+    state = row.get("fast_decode")
+    if state is None:
+        return "-"
+    return f"{row['fast_decode_ready_s']:.1f} s" if state == "ready" else state
 
 
 def _llama_md(r: dict) -> str:

@@ -72,7 +72,7 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
         for name in sizes.variants:
             dtype, quantize = VARIANTS[name]
             bar.set_description(f"loading {name}")
-            engine = _engine(resolved, tasks, dtype, quantize)
+            engine = _engine(resolved, config, tasks, dtype, quantize)
             if name == "fp32":
                 bar.set_description("accuracy fp32")
                 result["accuracy"] = accuracy_section(engine, tasks, rows, tick)
@@ -94,13 +94,13 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
     return result
 
 
-def _engine(resolved, tasks: dict, dtype: str, quantize: str):
-    from ..engine.engine import Engine
-    from ..engine.loader import load
+def _engine(resolved, config: Config, tasks: dict, dtype: str, quantize: str):
+    """Loaded as `llmqtt run` loads it (load_engine: prompt cache, fast decode kernels), at this variant."""
+    from ..engine import load_engine
 
     wanted = {n: t for n, t in tasks.items() if n in DATASETS or n in (SPEED_TASK, CHAT_TASK)}
-    loaded = load(resolved.path, dtype, quantize)
-    return Engine(loaded, wanted, resolved.display_name, resolved.match_name)
+    model = config.model.model_copy(update={"dtype": dtype, "quantize": quantize})
+    return load_engine(model, wanted, resolved=resolved)
 
 
 def accuracy_section(engine, tasks: dict, rows: dict, tick) -> dict:
@@ -119,6 +119,10 @@ def accuracy_section(engine, tasks: dict, rows: dict, tick) -> dict:
 def variant_section(engine, tasks: dict, rows: dict, sizes: Sizes, compare_rows: int, bar) -> dict:
     """Sentiment speed (a, b, c) and chat speed for one loaded engine (fp32 or int8)."""
     out: dict = {"dtype": engine.dtype, "weight_bytes": engine.loaded.weight_bytes}
+    kernels = engine.loaded.kernels
+    if kernels:  # measure what a running daemon serves with, not the minute after start
+        kernels.ready.wait(timeout=600)
+        out["fast_decode"] = {"state": kernels.state(), "compile_s": kernels.compile_s, "failed": kernels.failed}
     if SPEED_TASK in rows:
         bar.set_description(f"sentiment speed {engine.dtype}")
         by_lang = rows[SPEED_TASK].values()

@@ -6,6 +6,7 @@ Import `llmqtt.engine.types` for the result types without paying for the torch i
 from __future__ import annotations
 
 import logging
+import os
 from typing import Mapping
 
 from ..config import ModelConfig
@@ -26,7 +27,7 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
     resolved = resolved or resolve_model(config, progress)
     progress(f"loading {resolved.display_name}", 0, 0)
     dtype = choose_dtype(config.dtype)
-    loaded = load(resolved.path, dtype, config.quantize)
+    loaded = load(resolved.path, dtype, config.quantize, config.fast_decode)
     store = None
     if config.prefix_cache:
         store = PrefixStore(cache_dir_for(config) / "prefix-kv", model_fingerprint(resolved.path, dtype, config.quantize))
@@ -34,4 +35,9 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
     engine = Engine(loaded, tasks, resolved.display_name, resolved.match_name, config.max_context, max_batch, store)
     if store:
         log.info("task prompt caches: %d of %d read from %s", engine.prefixes_from_disk(), len(tasks), store.directory)
+    if loaded.kernels:
+        # Inductor keeps compiled kernels on disk (so later starts are quick): in our cache, not /tmp, which
+        # systemd's PrivateTmp empties at every start.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir_for(config) / "inductor"))
+        loaded.kernels.start()
     return engine

@@ -142,7 +142,7 @@ def label_first_tokens(tokenizer, task: ClassifyTask) -> list[list[int]]:
 def _output_rows(model, token_ids: torch.Tensor):
     """hidden [B, H] -> logits of just `token_ids` [B, K]: K rows of the output head instead of all 150k."""
     head = model.get_output_embeddings()
-    if isinstance(head, torch.nn.Linear):
+    if isinstance(getattr(head, "weight", None), torch.Tensor):  # a float Linear (or fast decode's wrapper)
         weight = head.weight[token_ids].detach().clone()
         bias = head.bias[token_ids].detach().clone() if head.bias is not None else None
         return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)

@@ -10,6 +10,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from . import fastdecode
+from .fastdecode import Kernels
+
 # transformers logs through its own stderr handler; route it through ours so it gets our format (and, under
 # systemd, journald fields) instead.
 transformers.utils.logging.disable_default_handler()
@@ -25,9 +28,10 @@ class LoadedModel:
     dtype: str  # the compute dtype actually used, e.g. "float32"
     quantize: str  # "none" | "int8"
     weight_bytes: int  # bytes of parameters and buffers held in memory
+    kernels: Kernels | None = None  # compiled decode kernels (fast_decode), not started yet
 
 
-def load(path: Path, dtype: str, quantize: str = "none") -> LoadedModel:
+def load(path: Path, dtype: str, quantize: str = "none", fast_decode: bool = False) -> LoadedModel:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} (resolve `auto` first), not {dtype!r}")
     # The tokenizer (pure Python and JSON, ~1 s for Qwen's) loads on a second thread meanwhile: the model's
@@ -43,7 +47,8 @@ def load(path: Path, dtype: str, quantize: str = "none") -> LoadedModel:
         else:
             _one_token_through(model)  # the checkpoint is memory-mapped: read its pages now, not at a request
         tokenizer = tokenizer_loading.result()
-    return LoadedModel(model, tokenizer, dtype, quantize, _bytes_in_memory(model))
+    kernels = fastdecode.wrap(model) if fast_decode and quantize == "none" and dtype == "float32" else None
+    return LoadedModel(model, tokenizer, dtype, quantize, _bytes_in_memory(model), kernels)
 
 
 def _one_token_through(model: torch.nn.Module) -> None:
