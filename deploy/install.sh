@@ -110,7 +110,7 @@ default_profile() {
 }
 
 install_packages() {
-    local packages=(python3-venv python3-dev gcc pkg-config libsystemd-dev)
+    local packages=(python3-venv python3-dev gcc g++ pkg-config libsystemd-dev)  # g++: fast decode kernels
     if ((with_broker)); then packages+=(mosquitto mosquitto-clients); fi
     say "apt packages: ${packages[*]}"
     run apt-get update

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-APT_PACKAGES=(mosquitto mosquitto-clients libsystemd-dev pkg-config systemd shellcheck gcc python3-dev)
+# g++: torch.compile builds the fast decode kernels with it (model.fast_decode).
+APT_PACKAGES=(mosquitto mosquitto-clients libsystemd-dev pkg-config systemd shellcheck gcc g++ python3-dev)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
