@@ -117,6 +117,8 @@ class Daemon:
         # systemd kill us at TimeoutStartSec and reload the model in a loop; we keep reconnecting instead.
         self.notifier.ready()
         self.notifier.status(f"serving {len(self.engine.tasks)} tasks with {self.engine.model_name}")
+        if hasattr(self.engine, "start_fast_decode"):
+            self.engine.start_fast_decode()  # in the background, now that start-up no longer needs the CPU
         self.watchdog.start()
         log.info("serving %d task(s) on %s/request/<task>%s", len(self.engine.tasks), self.topics.root,
                  f" and fleet {self.topics.fleet}" if self.topics.fleet else "")

@@ -100,7 +100,9 @@ def _engine(resolved, config: Config, tasks: dict, dtype: str, quantize: str):
 
     wanted = {n: t for n, t in tasks.items() if n in DATASETS or n in (SPEED_TASK, CHAT_TASK)}
     model = config.model.model_copy(update={"dtype": dtype, "quantize": quantize})
-    return load_engine(model, wanted, resolved=resolved)
+    engine = load_engine(model, wanted, resolved=resolved)
+    engine.start_fast_decode()
+    return engine
 
 
 def accuracy_section(engine, tasks: dict, rows: dict, tick) -> dict:

@@ -67,6 +67,7 @@ def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quanti
         phases["tasks"], phases["prefixes_from_disk"] = len(tasks), engine.prefixes_from_disk()
         engine.warmup()
         phases["warmup_s"] = time.perf_counter() - built
+        engine.start_fast_decode()  # as the daemon does, once ready
         weight_bytes = engine.loaded.weight_bytes
         kernels = engine.loaded.kernels
     seconds = time.perf_counter() - start

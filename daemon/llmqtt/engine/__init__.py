@@ -37,7 +37,6 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
         log.info("task prompt caches: %d of %d read from %s", engine.prefixes_from_disk(), len(tasks), store.directory)
     if loaded.kernels:
         # Inductor keeps compiled kernels on disk (so later starts are quick): in our cache, not /tmp, which
-        # systemd's PrivateTmp empties at every start.
+        # systemd's PrivateTmp empties at every start. Compiling starts with engine.start_fast_decode().
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir_for(config) / "inductor"))
-        loaded.kernels.start()
     return engine

@@ -58,6 +58,12 @@ class Engine:
             for _ in self.generate(next(iter(self._generators)), "Hi", max_new_tokens=1):
                 pass
 
+    def start_fast_decode(self) -> None:
+        """Build the fast decode kernels on a background thread, if this model has them. Called once the
+        engine is warm: compiling competes for the CPU, so it must not slow the start-up itself."""
+        if self.loaded.kernels:
+            self.loaded.kernels.start()
+
     def prefixes_from_disk(self) -> int:
         """How many tasks' prefix caches came from the prefix store rather than a forward pass."""
         return sum(p.prefix.from_disk for p in [*self._scorers.values(), *self._generators.values()])
