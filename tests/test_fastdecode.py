@@ -99,3 +99,26 @@ def test_not_for_int8_or_other_dtypes(tiny_model_dir):
     assert load(tiny_model_dir, "float32", "int8", fast_decode=True).kernels is None
     assert load(tiny_model_dir, "bfloat16", fast_decode=True).kernels is None
     assert load(tiny_model_dir, "float32").kernels is None
+
+
+def test_load_engine_keeps_compiled_kernels_in_the_cache_dir(tiny_model_dir, tmp_path):
+    """A fresh process, as the daemon: inductor's cache goes to <cache_dir>/inductor, not /tmp (which systemd's
+    PrivateTmp empties at every start), so a restart finds the kernels already built."""
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+from pathlib import Path
+from llmqtt.config import ModelConfig
+from llmqtt.engine import load_engine
+from llmqtt.tasks import parse_task
+config = ModelConfig(name={str(tiny_model_dir)!r}, dtype="float32", cache_dir=Path({str(tmp_path)!r}))
+engine = load_engine(config, {{"chat": parse_task({CHAT!r}, "t", "chat")}})
+engine.start_fast_decode()
+assert engine.loaded.kernels.ready.wait(300), engine.loaded.kernels.failed
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert any((tmp_path / "inductor").rglob("*.py")) or any((tmp_path / "inductor").rglob("*.so"))

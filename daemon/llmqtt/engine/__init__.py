@@ -27,6 +27,11 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
     resolved = resolved or resolve_model(config, progress)
     progress(f"loading {resolved.display_name}", 0, 0)
     dtype = choose_dtype(config.dtype)
+    if config.fast_decode:
+        # Inductor keeps compiled kernels on disk (so later starts are quick): in our cache, not /tmp, which
+        # systemd's PrivateTmp empties at every start. Set before loading: transformers' import of torch's
+        # compile machinery already fixes inductor's default. Compiling starts with engine.start_fast_decode().
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir_for(config) / "inductor"))
     loaded = load(resolved.path, dtype, config.quantize, config.fast_decode)
     store = None
     if config.prefix_cache:
@@ -35,8 +40,4 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
     engine = Engine(loaded, tasks, resolved.display_name, resolved.match_name, config.max_context, max_batch, store)
     if store:
         log.info("task prompt caches: %d of %d read from %s", engine.prefixes_from_disk(), len(tasks), store.directory)
-    if loaded.kernels:
-        # Inductor keeps compiled kernels on disk (so later starts are quick): in our cache, not /tmp, which
-        # systemd's PrivateTmp empties at every start. Compiling starts with engine.start_fast_decode().
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir_for(config) / "inductor"))
     return engine
