@@ -42,27 +42,19 @@ def rows(source: Path, lang: str) -> list[tuple[str, bool, str]]:
 
 
 def cue_states(scorer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden state at the answer cue per text [N, H], and which texts fit the context (too long: NaN)."""
+    """Hidden state at the answer cue per text [N, H] (the engine's own batched pass), and which texts fit
+    the context (too long: zeros, counted wrong below, as the bench does)."""
     ids, ok = [], []
     for text in texts:
         try:
             ids.append(scorer.rest_ids(text))
             ok.append(True)
-        except Exception:  # too long for the context: counted wrong below, as the bench does
+        except Exception:
             ids.append([0])
             ok.append(False)
     states = torch.zeros(len(texts), scorer.model.config.hidden_size)
     for chunk in length_chunks([len(r) for r in ids], 16):
-        batch = [ids[i] for i in chunk]
-        lengths = torch.tensor([len(r) for r in batch])
-        input_ids = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long)
-        for j, r in enumerate(batch):
-            input_ids[j, :len(r)] = torch.tensor(r)
-        positions = torch.arange(scorer.prefix.length, scorer.prefix.length + input_ids.shape[1]).expand(len(batch), -1)
-        with torch.inference_mode():
-            out = scorer.model.base_model(input_ids=input_ids, past_key_values=scorer.prefix.cache(len(batch)),
-                                          position_ids=positions, use_cache=True)
-        states[chunk] = out.last_hidden_state[torch.arange(len(batch)), lengths - 1].float()
+        states[chunk] = scorer.cue_states([ids[i] for i in chunk]).float()
     return states, torch.tensor(ok)
 
 

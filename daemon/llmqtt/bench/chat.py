@@ -65,13 +65,7 @@ def decode_rate(gen: ChatGenerator, max_new_tokens: int) -> dict:
 def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes/s of reading a tensor far larger than the caches (best of `repeats` sums)."""
     data = torch.ones(nbytes // 4, dtype=torch.float32)
-    data.sum()  # touch every page once before timing
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return nbytes / best
+    return nbytes / _best_seconds(data.sum, repeats)
 
 
 def gemv_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -80,13 +74,18 @@ def gemv_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     cols = 896
     weight = torch.ones(nbytes // 4 // cols, cols, dtype=torch.float32)
     x = torch.ones(1, cols)
-    torch.nn.functional.linear(x, weight)  # touch every page once before timing
+    return weight.numel() * 4 / _best_seconds(lambda: torch.nn.functional.linear(x, weight), repeats)
+
+
+def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of `repeats` timed calls, after one untimed call that touches every page."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.nn.functional.linear(x, weight)
+        fn()
         best = min(best, time.perf_counter() - start)
-    return weight.numel() * 4 / best
+    return best
 
 
 def bytes_per_token(model: torch.nn.Module, weight_bytes: int) -> int:

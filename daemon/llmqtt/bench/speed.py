@@ -72,12 +72,12 @@ def padding(engine, task: str, texts: Sequence[str], batches: list[list[str]]) -
     def tokens(text: str) -> int:
         return len(encode(engine.loaded.tokenizer, engine.tasks[task].render_user(text)))
 
-    def padded(batch: list[int]) -> int:
-        return sum(max(batch[i] for i in chunk) * len(chunk) for chunk in length_chunks(batch, engine.max_batch))
-
-    chunks = [length_chunks([tokens(t) for t in b], engine.max_batch) for b in batches]
-    return {"text_tokens": sum(tokens(t) for t in texts), "forward_calls": sum(len(c) for c in chunks),
-            "padded_tokens": sum(padded([tokens(t) for t in b]) for b in batches)}
+    forwards = []  # the token lengths of each forward pass's rows
+    for batch in batches:
+        lengths = [tokens(t) for t in batch]
+        forwards += [[lengths[i] for i in chunk] for chunk in length_chunks(lengths, engine.max_batch)]
+    return {"text_tokens": sum(tokens(t) for t in texts), "forward_calls": len(forwards),
+            "padded_tokens": sum(max(rows) * len(rows) for rows in forwards)}
 
 
 class _Recorder:

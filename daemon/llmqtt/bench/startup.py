@@ -85,28 +85,26 @@ def rss_split_bytes() -> dict:
     """RSS now, split into anonymous memory (the process's own) and file-backed pages (here: the mapped
     checkpoint). File pages are clean: the kernel drops them under pressure instead of swapping or killing,
     so the anonymous part is what must fit in RAM."""
-    fields = {"RssAnon": "rss_anon_bytes", "RssFile": "rss_file_bytes"}
-    out = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key = line.split(":")[0]
-            if key in fields:
-                out[fields[key]] = int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return out
+    status = _status_bytes()
+    names = {"RssAnon": "rss_anon_bytes", "RssFile": "rss_file_bytes"}
+    return {names[key]: status[key] for key in names if key in status}
 
 
 def peak_rss_bytes() -> int:
     """This process's peak RSS. VmHWM, not getrusage: Linux carries the parent's high-water mark across
     fork+exec into ru_maxrss, so a child of a big process would report the parent's peak."""
+    peak = _status_bytes().get("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB elsewhere
+
+
+def _status_bytes() -> dict[str, int]:
+    """The kB fields of /proc/self/status, in bytes; empty where there is no /proc."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
+        lines = Path("/proc/self/status").read_text().splitlines()
     except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, a fallback elsewhere
+        return {}
+    return {key: int(rest.split()[0]) * 1024 for key, _, rest in (line.partition(":") for line in lines)
+            if rest.strip().endswith("kB")}
 
 
 if __name__ == "__main__":

@@ -55,6 +55,12 @@ class LabelScorer:
 
     def label_logits(self, rows: list[list[int]]) -> torch.Tensor:
         """Per-label logits (before calibration) at the answer cue: [B, labels]."""
+        with torch.inference_mode():
+            token_logits = self._head_rows(self.cue_states(rows)).float()  # [B, label tokens]
+        return self._per_label(token_logits)
+
+    def cue_states(self, rows: list[list[int]]) -> torch.Tensor:
+        """The last hidden state at each row's answer cue, after the cached prefix: [B, hidden]."""
         lengths = torch.tensor([len(r) for r in rows])
         batch, width = len(rows), int(lengths.max())
         pad = self.tokenizer.pad_token_id or 0
@@ -67,9 +73,7 @@ class LabelScorer:
         with torch.inference_mode():
             out = self.model.base_model(input_ids=input_ids, past_key_values=self.prefix.cache(batch),
                                         position_ids=positions, use_cache=True)
-            last = out.last_hidden_state[torch.arange(batch), lengths - 1]  # [B, hidden]
-            token_logits = self._head_rows(last).float()  # [B, label tokens]
-        return self._per_label(token_logits)
+            return out.last_hidden_state[torch.arange(batch), lengths - 1]  # [B, hidden]
 
     def _per_label(self, token_logits: torch.Tensor) -> torch.Tensor:
         # A label with several words is as likely as all its first tokens together: logsumexp.

@@ -65,10 +65,10 @@ class PrefixStore:
         return self.directory / f"{digest}.safetensors"
 
     def _evict(self, keep: Path) -> None:
-        files = sorted(self.directory.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+        files = [(path, path.stat()) for path in self.directory.glob("*.safetensors")]
         total = 0
-        for path in files:
-            total += path.stat().st_size
+        for path, stat in sorted(files, key=lambda f: f[1].st_mtime, reverse=True):  # newest first
+            total += stat.st_size
             if total > self.max_bytes and path != keep:
                 path.unlink(missing_ok=True)
 
