@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config
-from .tasks import TaskFileError, load_tasks
+from .tasks import TaskFileError, load_tasks, task_files
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -43,7 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("text")
     ask.add_argument("--stream", action="store_true", help="print generated text as it is produced")
     ask.add_argument("--max-new-tokens", type=int)
-    command("tasks", _tasks, "list the tasks defined by the prompt files")
+    command("tasks", _tasks, "list the tasks defined by the prompt files (and which have a learned head)")
+    fit = command("fit", _fit, "teach a classify task from labelled examples: fits a small head on the model's "
+                               "hidden states and writes it next to the task file")
+    fit.add_argument("task")
+    fit.add_argument("data", type=Path, help='labelled rows, one JSON object a line: {"text": ..., "label": ...}')
+    fit.add_argument("--out", type=Path, help="head file to write (default: <task file>.head.safetensors beside it)")
     check = command("check-config", _check_config, "validate a config file and its task files")
     check.add_argument("file", nargs="?", type=Path, help="config file (same as --config)")
     doctor = command("doctor", _doctor, "show this machine's resources and the runtime plan")
@@ -78,9 +83,70 @@ def _run(args) -> int:
 
 def _tasks(args) -> int:
     config = _config(args)
-    for name, task in load_tasks(config.prompt_dirs()).items():
+    tasks, files = load_tasks(config.prompt_dirs()), task_files(config.prompt_dirs())
+    for name, task in tasks.items():
         extra = f" labels: {', '.join(task.labels)}" if task.kind == "classify" else ""
-        print(f"{name:<16} {task.kind:<9} {task.description}{extra}")
+        print(f"{name:<16} {task.kind:<9} {task.description}{extra}{_head_note(config, files[name])}")
+    return 0
+
+
+def _head_note(config: Config, task_file: Path) -> str:
+    """' [head: ...]' for a task with a learned head: its fitted accuracy and whether it fits this model."""
+    from .engine.headfile import head_path, read_meta, weights_fingerprint
+    from .engine.modelstore import locate_model
+
+    path = head_path(task_file)
+    if not path.is_file():
+        return ""
+    try:
+        meta = read_meta(path)
+    except ValueError as exc:
+        return f" [head: unreadable, ignored: {exc}]"
+    fitted = f"{100 * meta.get('cv_accuracy', 0):.1f} % cross-validated on {meta.get('rows', 0)} rows"
+    model_dir = locate_model(config.model)
+    if model_dir is None:
+        return f" [head: {fitted}; model not fetched yet]"
+    if meta.get("fingerprint") != weights_fingerprint(model_dir):
+        return f" [head: {fitted}, for another model: ignored]"
+    return f" [head: {fitted}]"
+
+
+def _fit(args) -> int:
+    from tqdm import tqdm
+
+    from .daemon import build_engine
+    from .engine.headfile import head_path
+    from .engine.modelstore import ModelUnavailable
+    from .fit import FitDataError, fit, read_rows
+
+    config = _config(args)
+    tasks, files = load_tasks(config.prompt_dirs()), task_files(config.prompt_dirs())
+    task = tasks.get(args.task)
+    if task is None or task.kind != "classify":
+        known = ", ".join(sorted(n for n, t in tasks.items() if t.kind == "classify"))
+        print(f"llmqtt: no classify task named {args.task!r} (classify tasks: {known})", file=sys.stderr)
+        return 2
+    try:
+        rows = read_rows(args.data, list(task.labels))
+    except FitDataError as exc:
+        print(f"llmqtt: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or head_path(files[args.task])
+    try:  # the daemon's own path to an engine (planned dtype/threads), so the head sees what serving sees
+        config.model = config.model.model_copy(update={"fast_decode": False})
+        engine, _, _ = build_engine(config, {args.task: task}, _ProgressBar())
+    except ModelUnavailable as exc:
+        print(f"llmqtt: {exc}", file=sys.stderr)
+        return 1
+    say = lambda text: tqdm.write(f"llmqtt: {text}", file=sys.stderr)  # noqa: E731
+    info = {"model": engine.model_name, "fingerprint": engine.weights, "scheme": engine.dtype}
+    with tqdm(total=len(rows), desc=f"fit {args.task}", unit="rows", file=sys.stderr) as bar:
+        result = fit(engine, args.task, rows, info, tick=bar.update, say=say)
+    result.head.save(out)
+    meta = result.head.meta
+    print(f"{args.task}: head on {result.head.features.describe()} (C={meta['C']}, temperature "
+          f"{meta['temperature']}), cross-validated accuracy {100 * result.cv_accuracy:.1f} % on {meta['rows']} "
+          f"rows ({meta['rows_per_s']} rows/s through the model); written to {out}")
     return 0
 
 
@@ -133,6 +199,7 @@ def _ha(args) -> int:
 
 
 def _ask(args) -> int:
+    from .daemon import head_files
     from .engine import load_engine
     from .engine.modelstore import ModelUnavailable
     from .engine.types import EngineError
@@ -145,7 +212,7 @@ def _ask(args) -> int:
     try:
         # One answer and exit: compiling decode kernels in the background would only cost CPU.
         model = config.model.model_copy(update={"fast_decode": False})
-        engine = load_engine(model, {args.task: tasks[args.task]}, progress=_ProgressBar())
+        engine = load_engine(model, {args.task: tasks[args.task]}, progress=_ProgressBar(), heads=head_files(config))
     except ModelUnavailable as exc:
         print(f"llmqtt: {exc}", file=sys.stderr)
         return 1

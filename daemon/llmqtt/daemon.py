@@ -32,7 +32,7 @@ from .mqtt.topics import Topics
 from .mqtt.transport import MqttTransport
 from .service import Job, Outcome, Service
 from .sessions import SessionStore
-from .tasks import load_tasks
+from .tasks import load_tasks, task_files
 
 if TYPE_CHECKING:
     from .planner import MemoryGuard
@@ -232,8 +232,15 @@ def build_engine(config: Config, tasks: dict, progress: Callable[[str, int, int]
     log.info("plan: %d threads, %s%s, batch %d, context %d tokens", p.threads, p.dtype,
              "" if p.quantize == "none" else f"+{p.quantize}", p.max_batch, p.max_context)
     model_config = config.model.model_copy(update={"max_context": p.max_context, "dtype": p.dtype})
-    engine = load_engine(model_config, tasks, max_batch=p.max_batch, resolved=resolved)
+    engine = load_engine(model_config, tasks, max_batch=p.max_batch, resolved=resolved, heads=head_files(config))
     return engine, p.threads, MemoryGuard(p.low_memory_bytes, live_available_bytes)
+
+
+def head_files(config: Config) -> dict[str, Path]:
+    """Each task's learned-head file (`llmqtt fit`): beside its task file; used when it exists and fits."""
+    from .engine.headfile import head_path
+
+    return {name: head_path(path) for name, path in task_files(config.prompt_dirs()).items()}
 
 
 def main(config_path: Path | None) -> int:
