@@ -46,20 +46,42 @@ def test_data_sample_is_split_disjoint(repo_root):
 
 
 @pytest.fixture(scope="module")
-def mini_result(tiny_model_dir):
+def mini_result(tiny_model_dir, repo_root, tmp_path_factory):
+    """The bench on the tiny model, with a sentiment head fitted for it by `llmqtt fit` on 40 dev rows."""
+    import shutil
+
+    from llmqtt import cli
     from llmqtt.bench import runner
     from llmqtt.config import Config
 
-    config = Config.model_validate({"model": {"name": str(tiny_model_dir), "auto_fetch": False}})
-    return runner.run(config, runner.MINI, show_progress=False)
+    prompts = tmp_path_factory.mktemp("prompts")
+    for path in (repo_root / "prompts").glob("*.yaml"):
+        shutil.copy(path, prompts)
+    dev = [line for lang in ("en", "zh") for line in
+           (repo_root / "bench" / "data" / f"sentiment-{lang}.jsonl").read_text(encoding="utf-8").split("\n")[:20]]
+    data = prompts.parent / "fit.jsonl"
+    data.write_text("\n".join(dev) + "\n", encoding="utf-8")
+    settings = {"model": {"name": str(tiny_model_dir), "auto_fetch": False}, "prompts": [str(prompts)]}
+    config_file = prompts.parent / "config.json"
+    config_file.write_text(json.dumps(settings), encoding="utf-8")
+    assert cli.main(["fit", "sentiment", str(data), "--config", str(config_file)]) == 0
+    return runner.run(Config.model_validate(settings), runner.MINI, show_progress=False)
 
 
 def test_mini_bench_covers_every_section(mini_result):
+    from llmqtt.bench.runner import MINI
+
     r = mini_result
     assert r["meta"]["mode"] == "mini" and r["meta"]["torch"]
-    en = r["accuracy"]["sentiment"]["en"]
-    assert en["n"] == 4 and 0.0 <= en["accuracy"] <= 1.0
-    assert sum(sum(row.values()) for row in en["confusion"].values()) == 4
+    sentiment = r["accuracy"]["sentiment"]
+    assert sentiment["served"] == "head" and sentiment["head"]["rows"] == 40
+    for lang in ("en", "zh"):
+        for read_out in ("prompt", "head", "tfidf"):
+            s = sentiment["by_language"][lang][read_out]
+            assert s["n"] == 4 and 0.0 <= s["accuracy"] <= 1.0
+            assert sum(sum(row.values()) for row in s["confusion"].values()) == 4
+        assert sentiment["by_language"][lang]["tfidf"]["train_rows"] == MINI.baseline_rows
+    assert sentiment["latency"]["head"]["n"] == sentiment["latency"]["prompt"]["n"] == 3 * 4
     assert r["accuracy"]["emotion"] == {"skipped": "no labelled data"}
     for variant, rows in (("fp32", 4), ("int8", 2), ("bf16", 2)):  # MINI: 2 and 1 rows per language
         v = r["variants"][variant]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -139,7 +140,9 @@ def _fit(args) -> int:
         print(f"llmqtt: {exc}", file=sys.stderr)
         return 1
     say = lambda text: tqdm.write(f"llmqtt: {text}", file=sys.stderr)  # noqa: E731
-    info = {"model": engine.model_name, "fingerprint": engine.weights, "scheme": engine.dtype}
+    digest = hashlib.sha256(args.data.read_bytes()).hexdigest()
+    info = {"model": engine.model_name, "fingerprint": engine.weights, "scheme": engine.dtype,
+            "data": {"file": args.data.name, "sha256": digest}}
     with tqdm(total=len(rows), desc=f"fit {args.task}", unit="rows", file=sys.stderr) as bar:
         result = fit(engine, args.task, rows, info, tick=bar.update, say=say)
     result.head.save(out)

@@ -63,11 +63,11 @@ class LabelScorer:
                               f"room for {self.max_context - self.prefix.length} (model.max_context)")
         return ids
 
-    def score(self, texts: list[str], max_batch: int = 16) -> list[Classification]:
+    def score(self, texts: list[str], max_batch: int = 16, use_head: bool = True) -> list[Classification]:
         rows = [self.rest_ids(t) for t in texts]
         results: list[Classification | None] = [None] * len(rows)
         for chunk in length_chunks([len(r) for r in rows], max_batch):
-            for i, result in zip(chunk, self._score_rows([rows[i] for i in chunk])):
+            for i, result in zip(chunk, self._score_rows([rows[i] for i in chunk], use_head)):
                 results[i] = result
         return results  # type: ignore[return-value]
 
@@ -150,8 +150,8 @@ class LabelScorer:
         probs = self.head.probabilities(features.pick(self.layer_states(rows, features)))
         return probs[:, [self.head.labels.index(name) for name in self.label_names]]
 
-    def _score_rows(self, rows: list[list[int]]) -> list[Classification]:
-        probs = self.probabilities(rows)
+    def _score_rows(self, rows: list[list[int]], use_head: bool) -> list[Classification]:
+        probs = self.probabilities(rows, use_head)
         results = []
         for p in probs.tolist():
             best = max(range(len(p)), key=p.__getitem__)

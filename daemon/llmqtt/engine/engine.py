@@ -41,8 +41,9 @@ class Engine:
             else:
                 self._generators[name] = ChatGenerator(loaded.model, loaded.tokenizer, task, max_context, prefix_store)
 
-    def classify(self, task: str, texts: Sequence[str]) -> list[Classification]:
-        return self._scorer(task).score(list(texts), self.max_batch)
+    def classify(self, task: str, texts: Sequence[str], use_head: bool = True) -> list[Classification]:
+        """`use_head=False`: the prompt's label logits even where the task has a head (the bench compares)."""
+        return self._scorer(task).score(list(texts), self.max_batch, use_head)
 
     def generate(self, task: str, text: str, history: Sequence[Turn] = (),
                  cancel: threading.Event | None = None, max_new_tokens: int | None = None) -> Generation:
