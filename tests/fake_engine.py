@@ -1,7 +1,8 @@
 """A small fake `InferenceEngine` for service, MQTT and daemon tests that need no torch.
 
 Also loadable by a subprocess daemon through the test-only hook `LLMQTT_FAKE_ENGINE=fake_engine:load_engine`
-(with this directory on PYTHONPATH); `LLMQTT_FAKE_TOKEN_DELAY_S` slows generation down per token.
+(with this directory on PYTHONPATH); `LLMQTT_FAKE_TOKEN_DELAY_S` slows generation down per token,
+`LLMQTT_FAKE_CLASSIFY_DELAY_S` classification per batch.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class FakeEngine:
         self.token_delay_s = token_delay_s
         self.batches: list[tuple[str, int]] = []  # (task, batch size) of every classify call
         self.histories: list[list[Turn]] = []
-        self.gate: threading.Event | None = None  # when set to an unset Event, generation waits on it
+        self.gate: threading.Event | None = None  # when set to an unset Event, generation and classify wait on it
+        self.classify_delay_s = 0.0  # per classify call (a batch), like a forward pass
         self.warmed_up = False
 
     def warmup(self) -> None:
@@ -90,6 +92,9 @@ class FakeEngine:
 
     def classify(self, task: str, texts: Sequence[str]) -> list[Classification]:
         self.batches.append((task, len(texts)))
+        if self.gate is not None:
+            self.gate.wait(30)
+        time.sleep(self.classify_delay_s)
         for text in texts:
             if "<|im_start|>" in text:
                 raise InvalidText("text contains chat-control tokens")
@@ -113,8 +118,10 @@ class FakeEngine:
 
 def load_engine(model_config, tasks) -> FakeEngine:
     """Same signature as `llmqtt.engine.load_engine`; for the daemon's test-only fake-engine hook."""
-    return FakeEngine(tasks, token_delay_s=float(os.environ.get("LLMQTT_FAKE_TOKEN_DELAY_S", "0")),
-                      model_name=f"fake:{model_config.name}")
+    engine = FakeEngine(tasks, token_delay_s=float(os.environ.get("LLMQTT_FAKE_TOKEN_DELAY_S", "0")),
+                        model_name=f"fake:{model_config.name}")
+    engine.classify_delay_s = float(os.environ.get("LLMQTT_FAKE_CLASSIFY_DELAY_S", "0"))
+    return engine
 
 
 def make_engine(prompts_dir: Path, **kwargs) -> FakeEngine:

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .mqtt.routes import is_topic_filter
 
 
 class ConfigError(ValueError):
@@ -103,7 +105,19 @@ class MqttConfig(_Section):
     reconnect_max_s: float = Field(default=60.0, gt=0)
     health_interval_s: float = Field(default=30.0, ge=1)
     dedup_cache_size: int = Field(default=512, ge=0)
+    # Topic filters a request may name as its reply route (MQTT v5 Response Topic or `reply_to`). Default:
+    # `<root>/reply/#` and `<root>/response/+` (and the fleet's). The discovery prefix, other nodes' roots,
+    # `$` topics and this node's status/health/request/cancel/ha topics are refused whatever this says.
+    reply_topics: list[str] | None = None
     fleet: FleetConfig = FleetConfig()
+
+    @field_validator("reply_topics")
+    @classmethod
+    def _filters(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or []:
+            if not is_topic_filter(item) or item.startswith("$"):
+                raise ValueError(f"{item!r} is not a topic filter (`+`/`#` only as whole levels, no `$` topics)")
+        return value
 
     @model_validator(mode="after")
     def _password_needs_user(self) -> MqttConfig:

@@ -28,6 +28,7 @@ from .extensions.health import HealthExtension
 from .extensions.homeassistant import HomeAssistantExtension
 from .extensions.requests import RequestsExtension
 from .mqtt.messages import Limits
+from .mqtt.routes import ReplyRoutes
 from .mqtt.topics import Topics
 from .mqtt.transport import MqttTransport
 from .service import Job, Outcome, Service
@@ -79,13 +80,16 @@ class Daemon:
             memory=memory,  # HOOK(planner): MemoryGuard
             observer=_fan_out(observers),  # the request log line, then Home Assistant's sensors
             heartbeat=self.watchdog.beat, idle_wait_s=self.watchdog.idle_wait_s)
-        self.transport = MqttTransport(mqtt, password=mqtt.read_password())
+        # Receive Maximum = queue size: a backlog (requests sent while we were down) stays in the broker and
+        # comes as the queue drains, instead of arriving at once and overflowing the queue as `busy`.
+        self.transport = MqttTransport(mqtt, password=mqtt.read_password(), receive_maximum=runtime.queue_size)
         self.availability = AvailabilityExtension(self.transport, self.topics, {
             "node": mqtt.node, "model": engine.model_name, "dtype": engine.dtype,
             "tasks": sorted(engine.tasks), "version": __version__})
+        routes = ReplyRoutes.build(self.topics, mqtt.reply_topics, config.homeassistant.discovery_prefix)
         self.requests = RequestsExtension(self.transport, self.topics, self.service,
                                           Limits(runtime.max_payload_bytes, runtime.max_text_chars),
-                                          model_name=engine.model_name, node=mqtt.node)
+                                          model_name=engine.model_name, node=mqtt.node, routes=routes)
         self.health = HealthExtension(self.transport, self.topics, self.service, mqtt.health_interval_s,
                                       threads=threads if threads is not None else getattr(engine, "threads", None),
                                       started=self.started, memory_state=memory.state if memory else None)

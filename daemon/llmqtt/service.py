@@ -84,11 +84,15 @@ class Job:
     max_new_tokens: int | None = None
     deadline_ms: int | None = None  # relative to `received`
     received: float | None = None  # clock() when it arrived; set by submit() when missing
+    # The whole request as the transport received it (e.g. a hash of payload, reply route, correlation data).
+    # Duplicates are recognised by task, id AND this: a redelivery is answered once, while another client's
+    # request that reuses the id runs on its own and never sees someone else's answer.
+    fingerprint: bytes | str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
 
     @property
-    def key(self) -> tuple[str, RequestId]:
-        return (self.task, self.id)
+    def key(self) -> tuple[str, RequestId, bytes | str | None]:
+        return (self.task, self.id, self.fingerprint)
 
     @property
     def arrived(self) -> float:
@@ -97,7 +101,7 @@ class Job:
 
 class Submitted(enum.Enum):
     QUEUED = "queued"
-    DUPLICATE = "duplicate"  # same (task, id) is running or was answered: answered from that
+    DUPLICATE = "duplicate"  # the same request (task, id, fingerprint) is running or was answered: answered from that
     REJECTED = "rejected"  # answered at once (busy, unknown task)
     STOPPED = "stopped"  # the service is shutting down: not answered, so the caller leaves it for redelivery
 
@@ -158,7 +162,8 @@ class Service:
                 self._inflight[job.key].append(job.sink)  # answered together with the running one
                 return Submitted.DUPLICATE
             else:
-                depth = len(self._classify_q) + len(self._generate_q)
+                waiting = {"classify": len(self._classify_q), "generate": len(self._generate_q)}
+                depth = sum(waiting.values())
                 if depth < self._queue_size:
                     self._inflight[job.key] = []
                     self._queue_for(job).append(job)
@@ -168,7 +173,7 @@ class Service:
             job.sink.finish(replace(replay, cached=True))
             return Submitted.DUPLICATE
         self._finish_now(job, Failure("busy", f"queue full ({depth} waiting)",
-                                      retry_after_ms=self.stats.retry_after_ms(depth)))
+                                      retry_after_ms=self.stats.retry_after_ms(waiting)))
         return Submitted.REJECTED
 
     def cancel(self, task: str, request_id: RequestId) -> bool:
@@ -176,12 +181,12 @@ class Service:
         key = (task, request_id)
         with self._cond:
             for queue in (self._classify_q, self._generate_q):
-                job = next((j for j in queue if j.key == key), None)
+                job = next((j for j in queue if (j.task, j.id) == key), None)
                 if job is not None:
                     queue.remove(job)
                     break
             else:
-                running = next((j for j in self._running if j.key == key), None)
+                running = next((j for j in self._running if (j.task, j.id) == key), None)
                 if running is not None:
                     running.cancel.set()  # the engine stops at the next token; the worker answers
                 return running is not None
@@ -227,8 +232,10 @@ class Service:
             jobs = self._take()
             if jobs is None:
                 return
+            kind = "classify" if isinstance(self.engine.tasks[jobs[0].task], ClassifyTask) else "generate"
+            started = self._clock()
             try:
-                if isinstance(self.engine.tasks[jobs[0].task], ClassifyTask):
+                if kind == "classify":
                     self._classify(jobs)
                 else:
                     self._generate(jobs[0])
@@ -237,6 +244,7 @@ class Service:
                 for job in jobs:
                     self._complete(job, Failure("internal", "internal error"), started=None)
             finally:
+                self.stats.record_work(kind, len(jobs), self._clock() - started)
                 with self._cond:
                     self._running = []
                 self._heartbeat()

@@ -7,11 +7,13 @@ request is answered with a coded error on the best reply topic available and log
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 
 from ..mqtt.messages import (BadRequest, Limits, Request, chunk_message, encode, error_reply, ok_reply,
                              parse_cancel, parse_request)
+from ..mqtt.routes import ReplyRoutes, is_publishable_topic, shorten
 from ..mqtt.topics import Topics
 from ..mqtt.transport import Inbound, MqttTransport
 from ..service import Job, Outcome, Service, Submitted
@@ -23,9 +25,10 @@ class RequestsExtension:
     name = "requests"
 
     def __init__(self, transport: MqttTransport, topics: Topics, service: Service, limits: Limits,
-                 model_name: str, node: str):
+                 model_name: str, node: str, routes: ReplyRoutes):
         self.transport = transport
         self.topics = topics
+        self.routes = routes  # where requesters may have replies published
         self.service = service
         self.limits = limits
         self.model_name = model_name
@@ -39,7 +42,7 @@ class RequestsExtension:
         for base in self.topics.request_bases():
             requests = f"{base}/request/+"
             self.transport.subscribe(self.topics.subscription(requests, base), self._on_request, match=requests,
-                                     manual_ack=True)
+                                     manual_ack=True, retain_as_published=True)
             self.transport.subscribe(f"{base}/cancel/+", self._on_cancel)
         self._accepting = True
 
@@ -59,7 +62,8 @@ class RequestsExtension:
             return
         if message.retain:
             # A retained request would run again on every resubscribe; it is not a request, it is state.
-            log.warning("ignored a retained message on %s (requests must not be retained)", message.topic)
+            # (MQTT v5 subscriptions keep the flag, Retain As Published; see docs/mqtt-api.md for 3.1.1.)
+            log.warning("ignored a retained message on %s (requests must not be retained)", shorten(message.topic))
             self._ack(message)
             return
         located = self.topics.task_of(message.topic)
@@ -69,20 +73,29 @@ class RequestsExtension:
         default_topic = self.topics.response(task, base)
         parsed = parse_request(message.payload, task, self.limits, message.response_topic,
                                message.correlation_data)
-        if isinstance(parsed, Request) and parsed.reply_to and self._is_input_topic(parsed.reply_to):
-            # Replying onto a request or cancel topic would feed our own answers back to us.
-            parsed = BadRequest("bad_request", "reply_to: must not be a request or cancel topic of this daemon",
-                                task, parsed.id)
+        parsed = self._refused_route(message, parsed) or parsed
         if isinstance(parsed, BadRequest):
             self._reject(message, parsed, default_topic)
             return
         sink = _Reply(self, message, parsed.reply_to or default_topic, parsed.correlation_data, task, parsed.id)
         job = Job(task=task, id=parsed.id, text=parsed.text, sink=sink, session=parsed.session,
                   stream=parsed.stream, max_new_tokens=parsed.max_new_tokens, deadline_ms=parsed.deadline_ms,
-                  received=message.received)
+                  received=message.received, fingerprint=fingerprint(message))
         if self.service.submit(job) is Submitted.STOPPED:
             with self._lock:  # shutting down: leave it for redelivery
                 self._unacked.pop(message.mid, None)
+
+    def _refused_route(self, message: Inbound, parsed: Request | BadRequest) -> BadRequest | None:
+        """A `bad_reply_topic` error (for the default topic, with the Correlation Data) when the request,
+        valid or not, names a reply route it may not have: the error never goes to the refused route."""
+        if parsed.reply_to is None:
+            return None
+        why = self.routes.refusal(parsed.reply_to)
+        if why is None:
+            return None
+        field = "Response Topic" if message.response_topic is not None else "reply_to"
+        return BadRequest("bad_reply_topic", f"{field}: {shorten(parsed.reply_to)!r} {why}", parsed.task,
+                          parsed.id, None, parsed.correlation_data)
 
     def _track(self, message: Inbound) -> bool:
         """Note a request as awaiting its ack; False for the broker resending one we are still working on
@@ -94,13 +107,9 @@ class RequestsExtension:
             return True
 
     def _reject(self, message: Inbound, bad: BadRequest, default_topic: str) -> None:
-        log.warning("bad request on %s (id %s): %s: %s", message.topic, bad.id, bad.code, bad.message)
+        log.warning("bad request on %s (id %s): %s: %s", shorten(message.topic), bad.id, bad.code, bad.message)
         reply = error_reply(bad.task, bad.id, bad.code, bad.message, model=self.model_name, node=self.node)
         self._publish_final(message, bad.reply_to or default_topic, bad.correlation_data, reply)
-
-    def _is_input_topic(self, topic: str) -> bool:
-        return any(topic.startswith(f"{base}/{kind}/") for base in self.topics.request_bases()
-                   for kind in ("request", "cancel"))
 
     def _on_cancel(self, message: Inbound) -> None:
         located = self.topics.task_of(message.topic)
@@ -121,6 +130,13 @@ class RequestsExtension:
     def _publish_final(self, request: Inbound, topic: str, correlation: bytes | None, reply: dict) -> None:
         if self._closed:
             return
+        if not is_publishable_topic(topic):
+            # Only the default topic of a request topic near MQTT's 65,535-byte limit gets here (a named
+            # route was checked): `response` is one byte longer than `request`. Nowhere to answer.
+            log.warning("cannot answer the request on %s: its reply topic is over MQTT's topic length limit; "
+                        "acknowledged and dropped", shorten(request.topic))
+            self._ack(request)
+            return
         self.transport.publish(topic, encode(reply), qos=1, correlation_data=correlation,
                                on_delivered=lambda: self._ack(request))
 
@@ -139,6 +155,16 @@ class RequestsExtension:
         return error_reply(outcome.task, outcome.id, error.code, error.message, model=self.model_name,
                            latency_ms=outcome.latency_ms, queue_ms=outcome.queue_ms, details=details,
                            node=self.node, **extra)
+
+
+def fingerprint(message: Inbound) -> bytes:
+    """What makes two deliveries the same request: topic, payload bytes, v5 Response Topic and Correlation
+    Data. A redelivery matches; a different request that reuses an id (another device, new text) does not."""
+    digest = hashlib.sha256()
+    for part in (message.topic.encode(), message.payload, (message.response_topic or "").encode(),
+                 message.correlation_data or b""):
+        digest.update(len(part).to_bytes(4, "big") + part)  # length-prefixed: no two splits hash alike
+    return digest.digest()
 
 
 class _Reply:
