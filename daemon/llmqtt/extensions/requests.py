@@ -14,7 +14,7 @@ from ..mqtt.messages import (BadRequest, Limits, Request, chunk_message, encode,
                              parse_cancel, parse_request)
 from ..mqtt.topics import Topics
 from ..mqtt.transport import Inbound, MqttTransport
-from ..service import Job, Outcome, Service, Submitted
+from ..jobs import ORIGIN_HOMEASSISTANT, ORIGIN_MQTT, Job, JobQueue, Outcome, Submitted
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class RequestsExtension:
     name = "requests"
 
-    def __init__(self, transport: MqttTransport, topics: Topics, service: Service, limits: Limits,
+    def __init__(self, transport: MqttTransport, topics: Topics, service: JobQueue, limits: Limits,
                  model_name: str, node: str):
         self.transport = transport
         self.topics = topics
@@ -37,10 +37,10 @@ class RequestsExtension:
 
     def start(self) -> None:
         for base in self.topics.request_bases():
-            requests = f"{base}/request/+"
+            requests = self.topics.request_filter(base)
             self.transport.subscribe(self.topics.subscription(requests, base), self._on_request, match=requests,
                                      manual_ack=True)
-            self.transport.subscribe(f"{base}/cancel/+", self._on_cancel)
+            self.transport.subscribe(self.topics.cancel_filter(base), self._on_cancel)
         self._accepting = True
 
     def pause(self) -> None:
@@ -69,15 +69,17 @@ class RequestsExtension:
         default_topic = self.topics.response(task, base)
         parsed = parse_request(message.payload, task, self.limits, message.response_topic,
                                message.correlation_data)
-        if isinstance(parsed, Request) and parsed.reply_to and self._is_input_topic(parsed.reply_to):
+        if isinstance(parsed, Request) and parsed.reply_to and self.topics.is_input(parsed.reply_to):
             # Replying onto a request or cancel topic would feed our own answers back to us.
             parsed = BadRequest("bad_request", "reply_to: must not be a request or cancel topic of this daemon",
                                 task, parsed.id)
         if isinstance(parsed, BadRequest):
             self._reject(message, parsed, default_topic)
             return
-        sink = _Reply(self, message, parsed.reply_to or default_topic, parsed.correlation_data, task, parsed.id)
-        job = Job(task=task, id=parsed.id, text=parsed.text, sink=sink, session=parsed.session,
+        reply_topic = parsed.reply_to or default_topic
+        sink = _Reply(self, message, reply_topic, parsed.correlation_data, task, parsed.id)
+        origin = ORIGIN_HOMEASSISTANT if reply_topic == self.topics.ha_reply(task) else ORIGIN_MQTT
+        job = Job(task=task, id=parsed.id, text=parsed.text, sink=sink, origin=origin, session=parsed.session,
                   stream=parsed.stream, max_new_tokens=parsed.max_new_tokens, deadline_ms=parsed.deadline_ms,
                   received=message.received)
         if self.service.submit(job) is Submitted.STOPPED:
@@ -97,10 +99,6 @@ class RequestsExtension:
         log.warning("bad request on %s (id %s): %s: %s", message.topic, bad.id, bad.code, bad.message)
         reply = error_reply(bad.task, bad.id, bad.code, bad.message, model=self.model_name, node=self.node)
         self._publish_final(message, bad.reply_to or default_topic, bad.correlation_data, reply)
-
-    def _is_input_topic(self, topic: str) -> bool:
-        return any(topic.startswith(f"{base}/{kind}/") for base in self.topics.request_bases()
-                   for kind in ("request", "cancel"))
 
     def _on_cancel(self, message: Inbound) -> None:
         located = self.topics.task_of(message.topic)
