@@ -74,7 +74,7 @@ class FakeEngine:
     """Classifies by keyword ("love"/"great" -> positive); generates `echo <words of the text>`."""
 
     dtype = "float32"
-    threads = 1
+    max_batch = 16
 
     def __init__(self, tasks: Mapping[str, ClassifyTask | GenerateTask], token_delay_s: float = 0.0,
                  model_name: str = "fake-model"):
@@ -89,6 +89,9 @@ class FakeEngine:
 
     def warmup(self) -> None:
         self.warmed_up = True
+
+    def start_fast_decode(self) -> None:
+        pass
 
     def classify(self, task: str, texts: Sequence[str]) -> list[Classification]:
         self.batches.append((task, len(texts)))

@@ -11,7 +11,7 @@ from llmqtt.mqtt.topics import Topics
 
 def routes(reply_topics=None, **mqtt) -> ReplyRoutes:
     topics = Topics.from_config(MqttConfig(node_id="kitchen", **mqtt))
-    return ReplyRoutes.build(topics, reply_topics, "homeassistant")
+    return ReplyRoutes.build(topics, reply_topics)
 
 
 @pytest.mark.parametrize("topic", [

@@ -237,3 +237,15 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         tls.cert_file = fix(tls.cert_file, "mqtt.tls.cert_file")
         tls.key_file = fix(tls.key_file, "mqtt.tls.key_file")
     return config
+
+
+def choose_dtype(requested: str) -> str:
+    """The compute dtype: what the config asks for; `auto` is float32, chosen explicitly.
+
+    transformers 5's own `auto` takes the checkpoint's dtype (usually bf16), which on a CPU without bf16
+    instructions (the Pi 5's Cortex-A76) runs ~2x slower than fp32. With native bf16 (the AVX512-BF16 x86
+    bench machine, docs/bench) it is mixed: decode ~1.8x faster, prompt prefill slower, the first call at
+    each new input shape very slow (oneDNN compiles kernels), and sentiment accuracy lower on the bench
+    sample. So bf16 is opt-in where someone has measured it to pay off. torch's dynamic int8 needs float32.
+    """
+    return "float32" if requested == "auto" else requested

@@ -31,7 +31,8 @@ from .mqtt.messages import Limits
 from .mqtt.routes import ReplyRoutes
 from .mqtt.topics import Topics
 from .mqtt.transport import MqttTransport
-from .service import Job, Outcome, Service
+from .jobs import Job, Outcome
+from .service import Service
 from .sessions import SessionStore
 from .tasks import load_tasks
 
@@ -70,12 +71,12 @@ class Daemon:
         self.stop_requested = threading.Event()
         self.started = time.monotonic()
         runtime, mqtt = config.runtime, config.mqtt
-        self.topics = Topics.from_config(mqtt)
+        self.topics = Topics.from_config(mqtt, config.homeassistant)
         observers: list[Callable[[Job, Outcome], None]] = [request_log or log_outcome]  # HOOK(logs)
         self.service = Service(
             engine, sessions=SessionStore(runtime.sessions.max_sessions, runtime.sessions.idle_ttl_s),
             queue_size=runtime.queue_size,
-            max_batch=min(runtime.max_batch, getattr(engine, "max_batch", runtime.max_batch)),  # planned batch
+            max_batch=min(runtime.max_batch, engine.max_batch),  # the planned batch
             default_deadline_ms=runtime.default_deadline_ms, dedup_size=mqtt.dedup_cache_size,
             memory=memory,  # HOOK(planner): MemoryGuard
             observer=_fan_out(observers),  # the request log line, then Home Assistant's sensors
@@ -86,12 +87,12 @@ class Daemon:
         self.availability = AvailabilityExtension(self.transport, self.topics, {
             "node": mqtt.node, "model": engine.model_name, "dtype": engine.dtype,
             "tasks": sorted(engine.tasks), "version": __version__})
-        routes = ReplyRoutes.build(self.topics, mqtt.reply_topics, config.homeassistant.discovery_prefix)
+        routes = ReplyRoutes.build(self.topics, mqtt.reply_topics)
         self.requests = RequestsExtension(self.transport, self.topics, self.service,
                                           Limits(runtime.max_payload_bytes, runtime.max_text_chars),
                                           model_name=engine.model_name, node=mqtt.node, routes=routes)
         self.health = HealthExtension(self.transport, self.topics, self.service, mqtt.health_interval_s,
-                                      threads=threads if threads is not None else getattr(engine, "threads", None),
+                                      threads=threads,
                                       started=self.started, memory_state=memory.state if memory else None)
         self.homeassistant: HomeAssistantExtension | None = None
         if config.homeassistant.enabled:
@@ -105,7 +106,7 @@ class Daemon:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.config.runtime.warmup and hasattr(self.engine, "warmup"):
+        if self.config.runtime.warmup:
             self.notifier.status("warming up")
             started = time.monotonic()
             self.engine.warmup()
@@ -121,8 +122,7 @@ class Daemon:
         # systemd kill us at TimeoutStartSec and reload the model in a loop; we keep reconnecting instead.
         self.notifier.ready()
         self.notifier.status(f"serving {len(self.engine.tasks)} tasks with {self.engine.model_name}")
-        if hasattr(self.engine, "start_fast_decode"):
-            self.engine.start_fast_decode()  # in the background, now that start-up no longer needs the CPU
+        self.engine.start_fast_decode()  # in the background, now that start-up no longer needs the CPU
         self.watchdog.start()
         log.info("serving %d task(s) on %s/request/<task>%s", len(self.engine.tasks), self.topics.root,
                  f" and fleet {self.topics.fleet}" if self.topics.fleet else "")

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
-from .config import ModelConfig, RuntimeConfig
+from .config import ModelConfig, RuntimeConfig, choose_dtype  # noqa: F401 (choose_dtype re-exported)
 from .readings import ModelFacts, SystemReadings
 
 MiB = 2**20
@@ -55,18 +55,6 @@ class ModelTooLarge(Exception):
 
 
 # --------------------------------------------------------------------------- dtype
-
-
-def choose_dtype(requested: str) -> str:
-    """The compute dtype: what the config asks for; `auto` is float32, chosen explicitly.
-
-    transformers 5's own `auto` takes the checkpoint's dtype (usually bf16), which on a CPU without bf16
-    instructions (the Pi 5's Cortex-A76) runs ~2x slower than fp32. With native bf16 (the AVX512-BF16 x86
-    bench machine, docs/bench) it is mixed: decode ~1.8x faster, prompt prefill slower, the first call at
-    each new input shape very slow (oneDNN compiles kernels), and sentiment accuracy lower on the bench
-    sample. So bf16 is opt-in where someone has measured it to pay off. torch's dynamic int8 needs float32.
-    """
-    return "float32" if requested == "auto" else requested
 
 
 def dtype_notes(readings: SystemReadings, dtype: str, quantize: str = "none") -> list[str]:

@@ -8,22 +8,21 @@ accepted gets exactly one `ReplySink.finish`; what is refused at the door (queue
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol, Union, cast
+from dataclasses import replace
+from typing import Callable, Protocol
 
 from .engine.types import EngineError, GenerationResult, InferenceEngine
+from .jobs import Failure, Job, Outcome, ReplySink, RequestId, ServiceHealth, Submitted  # noqa: F401 (re-exported)
 from .sessions import SessionStore
 from .stats import ServiceStats
 from .tasks import ClassifyTask, GenerateTask
 
 log = logging.getLogger(__name__)
 
-RequestId = Union[str, int]  # as the client sent it; echoed back unchanged
 # Outcomes that say something about the request itself may be replayed to a retry with the same id;
 # transient refusals (busy, expired, low memory, cancelled, internal) must not be.
 _TRANSIENT = frozenset({"busy", "expired", "cancelled", "low_memory", "internal"})
@@ -35,75 +34,6 @@ class MemoryPressure(Protocol):
     def allow_generation(self) -> bool: ...
 
     def batch_limit(self, max_batch: int) -> int: ...
-
-
-@dataclass(frozen=True)
-class Failure:
-    code: str
-    message: str
-    retry_after_ms: int | None = None  # set with `busy`
-    partial: dict | None = None  # a cancelled generation's text so far
-
-
-@dataclass(frozen=True)
-class Outcome:
-    task: str
-    id: RequestId
-    result: dict | None = None
-    error: Failure | None = None
-    latency_ms: float = 0.0
-    queue_ms: float = 0.0
-    cached: bool = False  # replayed for a duplicate id, not computed for this delivery
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def code(self) -> str:
-        """`ok`, or the error code."""
-        return "ok" if self.error is None else self.error.code
-
-
-class ReplySink(Protocol):
-    """Where a job's answer goes (the MQTT layer implements it). Called from the worker thread."""
-
-    def chunk(self, seq: int, delta: str) -> None: ...
-
-    def finish(self, outcome: Outcome) -> None: ...
-
-
-@dataclass(eq=False)
-class Job:
-    task: str
-    id: RequestId
-    text: str
-    sink: ReplySink
-    session: str | None = None
-    stream: bool = False
-    max_new_tokens: int | None = None
-    deadline_ms: int | None = None  # relative to `received`
-    received: float | None = None  # clock() when it arrived; set by submit() when missing
-    # The whole request as the transport received it (e.g. a hash of payload, reply route, correlation data).
-    # Duplicates are recognised by task, id AND this: a redelivery is answered once, while another client's
-    # request that reuses the id runs on its own and never sees someone else's answer.
-    fingerprint: bytes | str | None = None
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def key(self) -> tuple[str, RequestId, bytes | str | None]:
-        return (self.task, self.id, self.fingerprint)
-
-    @property
-    def arrived(self) -> float:
-        return cast(float, self.received)  # set by Service.submit before the job goes anywhere
-
-
-class Submitted(enum.Enum):
-    QUEUED = "queued"
-    DUPLICATE = "duplicate"  # the same request (task, id, fingerprint) is running or was answered: answered from that
-    REJECTED = "rejected"  # answered at once (busy, unknown task)
-    STOPPED = "stopped"  # the service is shutting down: not answered, so the caller leaves it for redelivery
 
 
 class Service:
@@ -197,6 +127,10 @@ class Service:
         with self._cond:
             return len(self._classify_q) + len(self._generate_q)
 
+    def health(self) -> ServiceHealth:
+        return ServiceHealth(model=self.engine.model_name, dtype=self.engine.dtype, queue_depth=self.queue_depth(),
+                             sessions=len(self.sessions), stats=self.stats.snapshot())
+
     def stop(self, timeout: float) -> bool:
         """Take no more work; wait up to `timeout` for the running job. Queued jobs are dropped unanswered
         (the transport leaves them unacknowledged, so the broker redelivers them after a restart).
@@ -244,7 +178,7 @@ class Service:
                 for job in jobs:
                     self._complete(job, Failure("internal", "internal error"), started=None)
             finally:
-                self.stats.record_work(kind, len(jobs), self._clock() - started)
+                self.stats.record_work(kind, len(jobs), self._clock() - started)  # the drain rate for `busy`
                 with self._cond:
                     self._running = []
                 self._heartbeat()

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .service import Outcome
+from .jobs import Outcome
 
 
 class ServiceStats:

@@ -81,11 +81,18 @@ class GenerationStream(Protocol):
 
 
 class InferenceEngine(Protocol):
-    """What the service layer needs from an engine (the real one, or a fake in tests)."""
+    """What the service and the daemon need from an engine (the real one, or a fake in tests)."""
 
     model_name: str
-    dtype: str
+    dtype: str  # as shown in status and health: "float32", "float32+int8"
     tasks: Mapping[str, ClassifyTask | GenerateTask]
+    max_batch: int  # the largest classification batch it was sized for (the plan's)
+
+    def warmup(self) -> None:
+        """One small request through the serving path, so a broken task fails at start."""
+
+    def start_fast_decode(self) -> None:
+        """Begin any background optimisation (compiling decode kernels) once serving; may do nothing."""
 
     def classify(self, task: str, texts: Sequence[str]) -> list[Classification]: ...
 

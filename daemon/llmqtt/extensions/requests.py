@@ -16,7 +16,7 @@ from ..mqtt.messages import (BadRequest, Limits, Request, chunk_message, encode,
 from ..mqtt.routes import ReplyRoutes, is_publishable_topic, shorten
 from ..mqtt.topics import Topics
 from ..mqtt.transport import Inbound, MqttTransport
-from ..service import Job, Outcome, Service, Submitted
+from ..jobs import ORIGIN_HOMEASSISTANT, ORIGIN_MQTT, Job, JobQueue, Outcome, Submitted
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class RequestsExtension:
     name = "requests"
 
-    def __init__(self, transport: MqttTransport, topics: Topics, service: Service, limits: Limits,
+    def __init__(self, transport: MqttTransport, topics: Topics, service: JobQueue, limits: Limits,
                  model_name: str, node: str, routes: ReplyRoutes):
         self.transport = transport
         self.topics = topics
@@ -40,10 +40,10 @@ class RequestsExtension:
 
     def start(self) -> None:
         for base in self.topics.request_bases():
-            requests = f"{base}/request/+"
+            requests = self.topics.request_filter(base)
             self.transport.subscribe(self.topics.subscription(requests, base), self._on_request, match=requests,
                                      manual_ack=True, retain_as_published=True)
-            self.transport.subscribe(f"{base}/cancel/+", self._on_cancel)
+            self.transport.subscribe(self.topics.cancel_filter(base), self._on_cancel)
         self._accepting = True
 
     def pause(self) -> None:
@@ -77,8 +77,10 @@ class RequestsExtension:
         if isinstance(parsed, BadRequest):
             self._reject(message, parsed, default_topic)
             return
-        sink = _Reply(self, message, parsed.reply_to or default_topic, parsed.correlation_data, task, parsed.id)
-        job = Job(task=task, id=parsed.id, text=parsed.text, sink=sink, session=parsed.session,
+        reply_topic = parsed.reply_to or default_topic
+        sink = _Reply(self, message, reply_topic, parsed.correlation_data, task, parsed.id)
+        origin = ORIGIN_HOMEASSISTANT if reply_topic == self.topics.ha_reply(task) else ORIGIN_MQTT
+        job = Job(task=task, id=parsed.id, text=parsed.text, sink=sink, origin=origin, session=parsed.session,
                   stream=parsed.stream, max_new_tokens=parsed.max_new_tokens, deadline_ms=parsed.deadline_ms,
                   received=message.received, fingerprint=fingerprint(message))
         if self.service.submit(job) is Submitted.STOPPED:

@@ -61,10 +61,10 @@ class ReplyRoutes:
     own_roots: tuple[str, ...]  # this node's root and the fleet topic: under `base`, but ours
 
     @classmethod
-    def build(cls, topics: Topics, reply_topics: list[str] | None, discovery_prefix: str) -> ReplyRoutes:
+    def build(cls, topics: Topics, reply_topics: list[str] | None) -> ReplyRoutes:
         """`reply_topics` None means the default: `Topics.default_reply_filters()`."""
         allowed = tuple(reply_topics if reply_topics is not None else topics.default_reply_filters())
-        refused = [(f"{discovery_prefix.rstrip('/')}/#", "is under the Home Assistant discovery prefix")]
+        refused = [(f"{topics.discovery_prefix}/#", "is under the Home Assistant discovery prefix")]
         refused += [(f, "is one of this node's own topics") for f in topics.reserved_filters()]
         return cls(allowed, tuple(refused), topics.base, tuple(topics.request_bases()))
 
