@@ -87,6 +87,14 @@ def test_invalid_utf8():
     assert bad.code == "bad_encoding"
 
 
+def test_escaped_lone_surrogates_are_bad_encoding_not_an_unencodable_reply():
+    for payload in (r'{"id": 1, "text": "a\ud800b"}', r'{"id": "\udfff", "text": "x"}'):
+        bad = parse(payload)
+        assert bad.code == "bad_encoding" and bad.id is None
+        encode(error_reply("chat", bad.id, bad.code, bad.message, model="m"))  # the error reply itself encodes
+    assert parse(r'{"id": 1, "text": "a\ud83d\ude00b"}').text == "a\U0001F600b"  # a surrogate *pair* is fine
+
+
 def test_errors_keep_the_valid_id_and_reply_route():
     bad = parse({"id": "keep", "text": 3, "reply_to": "dev/1"})
     assert (bad.id, bad.reply_to) == ("keep", "dev/1")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import __version__
-from .config import Config, load_config
+from .config import Config, ConfigError, file_problems, load_config
 from .engine.types import InferenceEngine
 from .extensions.availability import AvailabilityExtension
 from .extensions.base import Extension, start_all, stop_all
@@ -28,7 +28,7 @@ from .extensions.health import HealthExtension
 from .extensions.homeassistant import HomeAssistantExtension
 from .extensions.requests import RequestsExtension
 from .mqtt.messages import Limits
-from .mqtt.routes import ReplyRoutes
+from .mqtt.routes import ReplyRoutes, shorten
 from .mqtt.topics import Topics
 from .mqtt.transport import MqttTransport
 from .jobs import Job, Outcome
@@ -90,7 +90,8 @@ class Daemon:
         routes = ReplyRoutes.build(self.topics, mqtt.reply_topics)
         self.requests = RequestsExtension(self.transport, self.topics, self.service,
                                           Limits(runtime.max_payload_bytes, runtime.max_text_chars),
-                                          model_name=engine.model_name, node=mqtt.node, routes=routes)
+                                          model_name=engine.model_name, node=mqtt.node, routes=routes,
+                                          hold_limit=mqtt.max_held_requests)
         self.health = HealthExtension(self.transport, self.topics, self.service, mqtt.health_interval_s,
                                       threads=threads,
                                       started=self.started, memory_state=memory.state if memory else None)
@@ -201,10 +202,11 @@ def log_outcome(job: Job, outcome: Outcome) -> None:
     try:
         from .logs import log_request
     except ImportError:
-        log.info("request id=%s task=%s status=%s latency_ms=%.1f %s", job.id, job.task, status,
+        log.info("request id=%s task=%s status=%s latency_ms=%.1f %s", job.id, shorten(job.task), status,
                  outcome.latency_ms, fields)
         return
-    log_request(log, request_id=str(job.id), task=job.task, status=status, latency_ms=outcome.latency_ms,
+    # shortened: an unknown task's name comes from the request topic, which may be 64 KB long
+    log_request(log, request_id=str(job.id), task=shorten(job.task), status=status, latency_ms=outcome.latency_ms,
                 queue_ms=outcome.queue_ms, **fields)
 
 
@@ -243,6 +245,9 @@ def build_engine(config: Config, tasks: dict, progress: Callable[[str, int, int]
 def main(config_path: Path | None) -> int:
     """`llmqtt run`: load once, serve until SIGTERM/SIGINT. ConfigError/TaskFileError propagate to the CLI."""
     config = load_config(config_path)
+    problems = file_problems(config)  # before minutes of model loading, not after
+    if problems:
+        raise ConfigError("; ".join(problems))
     notifier, watchdog = _systemd()
     _setup_logging(config)
     tasks = load_tasks(config.prompt_dirs())

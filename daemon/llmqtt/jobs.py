@@ -89,6 +89,7 @@ class Submitted(enum.Enum):
     DUPLICATE = "duplicate"  # the same request (Job.key) is running or was answered: answered from that
     REJECTED = "rejected"  # answered at once (busy, unknown task)
     STOPPED = "stopped"  # the service is shutting down: not answered, so the caller leaves it for redelivery
+    FULL = "full"  # submit(hold=True) and the queue is full: not answered; the caller holds it and submits later
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class ServiceHealth:
 class JobQueue(Protocol):
     """What a transport needs of the service (`service.Service` implements it)."""
 
-    def submit(self, job: Job) -> Submitted: ...
+    def submit(self, job: Job, *, hold: bool = False) -> Submitted: ...
 
     def cancel(self, task: str, request_id: RequestId) -> bool: ...
 

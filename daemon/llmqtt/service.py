@@ -73,14 +73,17 @@ class Service:
         self._worker = threading.Thread(target=self._run, name="llmqtt-worker", daemon=True)
         self._worker.start()
 
-    def submit(self, job: Job) -> Submitted:
-        """Queue a job without blocking; answers at once when it cannot be queued."""
+    def submit(self, job: Job, *, hold: bool = False) -> Submitted:
+        """Queue a job without blocking; answers at once when it cannot be queued. With `hold`, a full queue
+        is not answered `busy` but returned as FULL: the caller keeps the job and submits it again later
+        (MQTT can, as the request stays unacknowledged at the broker meanwhile)."""
         if job.received is None:
             job.received = self._clock()
         if job.deadline_ms is None:
             job.deadline_ms = self._default_deadline_ms
         if job.task not in self.engine.tasks:
-            self._finish_now(job, Failure("unknown_task", f"no task named {job.task!r}"))
+            name = job.task if len(job.task) <= 80 else f"{job.task[:80]}..."  # the name comes from a client
+            self._finish_now(job, Failure("unknown_task", f"no task named {name!r}"))
             return Submitted.REJECTED
         with self._cond:
             if self._stopping:
@@ -99,6 +102,8 @@ class Service:
                     self._queue_for(job).append(job)
                     self._cond.notify()
                     return Submitted.QUEUED
+                if hold:
+                    return Submitted.FULL
         if replay is not None:
             job.sink.finish(replace(replay, cached=True))
             return Submitted.DUPLICATE

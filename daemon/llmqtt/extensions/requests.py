@@ -10,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections import deque
+from typing import cast
 
 from ..mqtt.messages import (BadRequest, Limits, Request, chunk_message, encode, error_reply, ok_reply,
                              parse_cancel, parse_request)
 from ..mqtt.routes import ReplyRoutes, is_publishable_topic, shorten
 from ..mqtt.topics import Topics
 from ..mqtt.transport import Inbound, MqttTransport
-from ..jobs import ORIGIN_HOMEASSISTANT, ORIGIN_MQTT, Job, JobQueue, Outcome, Submitted
+from ..jobs import ORIGIN_HOMEASSISTANT, ORIGIN_MQTT, Failure, Job, JobQueue, Outcome, RequestId, Submitted
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,9 @@ class RequestsExtension:
     name = "requests"
 
     def __init__(self, transport: MqttTransport, topics: Topics, service: JobQueue, limits: Limits,
-                 model_name: str, node: str, routes: ReplyRoutes):
+                 model_name: str, node: str, routes: ReplyRoutes, hold_limit: int = 0):
+        """`hold_limit`: how many requests may wait here, unacknowledged, while the service's queue is full,
+        before more are answered `busy` (see `_submit`)."""
         self.transport = transport
         self.topics = topics
         self.routes = routes  # where requesters may have replies published
@@ -37,6 +41,9 @@ class RequestsExtension:
         self._closed = False
         self._lock = threading.Lock()
         self._unacked: dict[int, Inbound] = {}  # mid -> request whose reply is not delivered yet
+        self._hold_limit = hold_limit
+        self._held: deque[Job] = deque()  # arrived while the queue was full; submitted as it drains
+        self._hold_lock = threading.RLock()  # re-entered when a submit answers at once (a cached reply)
 
     def start(self) -> None:
         for base in self.topics.request_bases():
@@ -49,6 +56,11 @@ class RequestsExtension:
     def pause(self) -> None:
         """Stop taking requests (shutdown): new ones stay unacknowledged, so the broker redelivers them."""
         self._accepting = False
+        with self._hold_lock:
+            dropped, self._held = list(self._held), deque()
+        with self._lock:
+            for job in dropped:
+                self._unacked.pop(cast(_Reply, job.sink).request.mid, None)
 
     def stop(self) -> None:
         """After this, late answers are dropped (their requests stay unacknowledged)."""
@@ -83,9 +95,35 @@ class RequestsExtension:
         job = Job(task=task, id=parsed.id, text=parsed.text, sink=sink, origin=origin, session=parsed.session,
                   stream=parsed.stream, max_new_tokens=parsed.max_new_tokens, deadline_ms=parsed.deadline_ms,
                   received=message.received, fingerprint=fingerprint(message))
-        if self.service.submit(job) is Submitted.STOPPED:
+        self._submit(job)
+
+    def _submit(self, job: Job) -> None:
+        """Hand a job to the service, or hold it while the queue is full.
+
+        Receive Maximum (= queue size) should keep the broker from sending more unacknowledged requests than
+        the queue holds, but brokers overshoot: mosquitto 2.0.11 (Debian 12) sends a few more per PUBACK
+        after a reconnect, and MQTT 3.1.1 has no such limit at all. A request held here is still
+        unacknowledged, so it is as safe as in the broker; it keeps its arrival time (deadline, queue_ms)."""
+        with self._hold_lock:
+            hold = len(self._held) < self._hold_limit
+            if self._held and hold:  # behind those already waiting: first come, first served
+                self._held.append(job)
+                return
+            result = self.service.submit(job, hold=hold)
+            if result is Submitted.FULL:
+                self._held.append(job)
+        if result is Submitted.STOPPED:
             with self._lock:  # shutting down: leave it for redelivery
-                self._unacked.pop(message.mid, None)
+                self._unacked.pop(cast(_Reply, job.sink).request.mid, None)
+
+    def _release_held(self) -> None:
+        """Submit held requests while the queue has room (called as answers go out)."""
+        with self._hold_lock:
+            while self._held and self._accepting:
+                job = self._held.popleft()  # off the list first: a submit may answer (and call us) at once
+                if self.service.submit(job, hold=True) is Submitted.FULL:
+                    self._held.appendleft(job)
+                    return
 
     def _refused_route(self, message: Inbound, parsed: Request | BadRequest) -> BadRequest | None:
         """A `bad_reply_topic` error (for the default topic, with the Correlation Data) when the request,
@@ -122,10 +160,22 @@ class RequestsExtension:
         if request_id is None:
             log.warning("ignored a cancel on %s that names no request id", message.topic)
             return
+        if self._cancel_held(task, request_id):
+            log.info("cancel %s/%s: done (it was waiting for room in the queue)", task, request_id)
+            return
         found = self.service.cancel(task, request_id)
         if not found and isinstance(request_id, str) and request_id.isdigit():
             found = self.service.cancel(task, int(request_id))  # `mosquitto_pub -m 42` for a request with id 42
         log.info("cancel %s/%s: %s", task, request_id, "done" if found else "no such queued or running request")
+
+    def _cancel_held(self, task: str, request_id: RequestId) -> bool:
+        with self._hold_lock:
+            job = next((j for j in self._held if j.task == task and str(j.id) == str(request_id)), None)
+            if job is None:
+                return False
+            self._held.remove(job)
+        job.sink.finish(Outcome(job.task, job.id, error=Failure("cancelled", "cancelled while queued")))
+        return True
 
     # -- outgoing ---------------------------------------------------------------------------------
 
@@ -190,3 +240,4 @@ class _Reply:
             self.ext._ack(self.request)
             return
         self.ext._publish_final(self.request, self.topic, self.correlation, self.ext.reply_for(outcome))
+        self.ext._release_held()  # this one left the queue a while ago: room for those held

@@ -96,6 +96,8 @@ def parse_request(payload: bytes, task: str, limits: Limits, response_topic: str
             return bad("bad_json", "payload is JSON nested too deeply")
         if not isinstance(fields, dict):
             return bad("bad_json", "payload must be a JSON object")
+        if _has_lone_surrogate(raw, fields):
+            return bad("bad_encoding", "payload escapes a lone UTF-16 surrogate (\\ud800-\\udfff), which is not a character")
     try:
         body = _Body.model_validate(fields)
     except ValidationError as exc:
@@ -110,6 +112,17 @@ def parse_request(payload: bytes, task: str, limits: Limits, response_topic: str
     return Request(task=task, id=id_, text=body.text, reply_to=response_topic or body.reply_to,
                    correlation_data=correlation_data, session=body.session, stream=body.stream,
                    deadline_ms=body.deadline_ms, max_new_tokens=body.max_new_tokens)
+
+
+def _has_lone_surrogate(raw: str, fields: dict) -> bool:
+    """JSON's `\\ud800` escapes decode to strings UTF-8 cannot encode: every reply echoing them would fail."""
+    if "\\u" not in raw:
+        return False
+    try:
+        json.dumps(fields, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _salvage(fields: dict) -> tuple[str | int | None, str | None]:
