@@ -73,6 +73,7 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
             dtype, quantize = VARIANTS[name]
             bar.set_description(f"loading {name}")
             engine = _engine(resolved, config, tasks, dtype, quantize)
+            result["meta"]["torch_threads"] = torch_threads()  # as planned for this machine by build_engine
             if name == "fp32":
                 bar.set_description("accuracy fp32")
                 result["accuracy"] = accuracy_section(engine, tasks, rows, tick)
@@ -95,12 +96,13 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
 
 
 def _engine(resolved, config: Config, tasks: dict, dtype: str, quantize: str):
-    """Loaded as `llmqtt run` loads it (load_engine: prompt cache, fast decode kernels), at this variant."""
-    from ..engine import load_engine
+    """Built as `llmqtt run` builds it (build_engine: planned threads, batch and context; prompt cache;
+    warm-up), at this variant; then its fast decode kernels start, as the daemon's do once ready."""
+    from ..build import build_engine
 
     wanted = {n: t for n, t in tasks.items() if n in DATASETS or n in (SPEED_TASK, CHAT_TASK)}
     model = config.model.model_copy(update={"dtype": dtype, "quantize": quantize})
-    engine = load_engine(model, wanted, resolved=resolved)
+    engine = build_engine(config.model_copy(update={"model": model}), wanted, resolved=resolved).engine
     engine.start_fast_decode()
     return engine
 
@@ -189,6 +191,12 @@ def _work_units(sizes: Sizes, rows: dict) -> int:
     per_variant = lambda n: 2 * n * langs + (sizes.burst if langs else 0) + 2  # noqa: E731
     others = (len(sizes.variants) - 1) * per_variant(sizes.other_compare_rows)
     return accuracy + per_variant(sizes.compare_rows) + others + 3 * sizes.startup + 1
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def machine() -> dict:
