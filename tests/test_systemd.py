@@ -140,7 +140,7 @@ def test_no_op_without_notify_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     assert notifier.ready() is False
     assert notifier.status("x") is False
     watchdog = Watchdog.from_environ(notifier)
-    assert not watchdog.enabled
+    assert watchdog.interval_s is None
     watchdog.start()  # nothing to start; must not spawn a thread or raise
     watchdog.beat()
     watchdog.stop()

@@ -204,20 +204,13 @@ def machine() -> dict:
     import torch
     import transformers
 
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from ..readings import read_cpuinfo
+
+    cpu = read_cpuinfo().model or platform.processor() or platform.machine()
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch_threads(),
             "ram_bytes": psutil.virtual_memory().total, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "platform": platform.platform()}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def data_note(data_dir: Path) -> dict:
