@@ -288,8 +288,11 @@ def secure_broker(tmp_path):
 # -- the daemon as a process: `python -m llmqtt run --config ...` ------------------------------------------
 
 class DaemonProcess:
-    def __init__(self, workdir: Path, config: dict, env: dict[str, str] | None = None):
+    """`llmqtt run` in a subprocess; with `fake_engine`, through tests/fake_daemon.py (no model loaded)."""
+
+    def __init__(self, workdir: Path, config: dict, env: dict[str, str] | None = None, fake_engine: bool = False):
         self.workdir = workdir
+        self.command = [sys.executable, str(TESTS / "fake_daemon.py")] if fake_engine else [sys.executable, "-m", "llmqtt"]
         self.config_path = workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
@@ -301,7 +304,7 @@ class DaemonProcess:
     def start(self, **env: str) -> DaemonProcess:
         self.runs += 1
         log = open(self.workdir / f"daemon-{self.runs}.log", "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "llmqtt", "run", "--config", str(self.config_path)],
+        self.process = subprocess.Popen([*self.command, "run", "--config", str(self.config_path)],
                                         env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         return self

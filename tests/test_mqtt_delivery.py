@@ -15,7 +15,7 @@ def test_broker_restart_reconnects_without_reloading(start_daemon, broker, tmp_p
     engine = make_engine(tmp_path / "prompts")
     warmups = []
     engine.warmup = lambda: warmups.append("warm-up")
-    engine.start_fast_decode = lambda: warmups.append("fast decode")  # after warm-up and READY, once
+    engine.start_fast_decode = lambda: warmups.append("fast decode")  # after READY, once
     daemon = start_daemon(engine=engine)
     root = daemon.topics.root
     client = broker.client().subscribe(f"{root}/response/#")
@@ -28,7 +28,7 @@ def test_broker_restart_reconnects_without_reloading(start_daemon, broker, tmp_p
     client.subscribe(f"{root}/response/#")
     client.publish(f"{root}/request/chat", {"id": "after", "text": "still here"})
     assert client.expect_json(where=lambda r: r["id"] == "after")["result"]["text"] == "echo still here"
-    assert warmups == ["warm-up", "fast decode"] and daemon.engine is engine
+    assert warmups == ["fast decode"] and daemon.engine is engine  # warm-up is build_engine's, before the daemon
 
 
 def test_requests_published_while_the_daemon_is_away_are_served_after_reconnect(start_daemon, broker, tmp_path):

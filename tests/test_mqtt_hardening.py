@@ -10,8 +10,6 @@ import errno
 import logging
 import socket
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -262,20 +260,19 @@ def test_unreachable_and_other_causes_read_as_one_sentence():
         connect_failure(config, verify)
 
 
-def test_missing_files_stop_the_start_before_the_model_loads(tmp_path):
+def test_missing_files_stop_the_start_before_the_model_loads(tmp_path, capsys):
     """`llmqtt run` with a missing CA file and password file: refused at once, naming both fields, before the
-    engine is built (the fake engine announces itself in the log when it is)."""
+    engine factory is called (a real model would load for minutes first)."""
+    from llmqtt.cli import main
+
     config = tmp_path / "config.yaml"
     config.write_text("mqtt: {username: llmqtt, password_file: nope-pw, tls: {ca_file: nope-ca.crt}}\n")
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "llmqtt", "run", "--config", str(config)], capture_output=True,
-                            text=True, timeout=60, env={**__import__("os").environ,
-                                                         "LLMQTT_FAKE_ENGINE": "fake_engine:load_engine"})
-    assert result.returncode == 2, result.stderr
-    assert f"mqtt.password_file: {tmp_path / 'nope-pw'} does not exist" in result.stderr
-    assert f"mqtt.tls.ca_file: {tmp_path / 'nope-ca.crt'} does not exist" in result.stderr
-    assert "fake engine" not in result.stderr and "Traceback" not in result.stderr
-    assert time.monotonic() - started < 30
+    built = []
+    assert main(["run", "--config", str(config)], engine_factory=lambda *a, **k: built.append(a)) == 2
+    err = capsys.readouterr().err
+    assert f"mqtt.password_file: {tmp_path / 'nope-pw'} does not exist" in err
+    assert f"mqtt.tls.ca_file: {tmp_path / 'nope-ca.crt'} does not exist" in err
+    assert built == [] and "Traceback" not in err
 
 
 # -- oversized topics, retained requests ------------------------------------------------------------------

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .mqtt.routes import is_topic_filter
 
+from .validation import describe
+
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and field."""
@@ -211,12 +213,8 @@ def load_config(path: Path | None) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
+        raise ConfigError(f"{path}: {describe(exc, whole='config')}") from None
     return _resolve_paths(config, Path(path).resolve().parent)
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:

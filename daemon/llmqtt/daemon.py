@@ -1,7 +1,7 @@
-"""The composition root: config -> tasks -> plan -> engine -> warm-up -> service -> MQTT -> extensions.
+"""The composition root: config -> tasks -> warm engine (build.py) -> service -> MQTT -> extensions.
 
-`main(config_path)` is what `llmqtt run` calls. `Daemon(config, engine)` builds the same daemon around an
-engine you hand it (tests use a fake one), and `Daemon.run()` serves until SIGTERM/SIGINT.
+`main(config_path)` is what `llmqtt run` calls. `Daemon(config, engine)` builds the same daemon around a
+warm engine you hand it (tests use a fake one), and `Daemon.run()` serves until SIGTERM/SIGINT.
 
 Shutdown keeps the delivery promise: stop taking requests, let the running one finish (or leave it
 unacknowledged, so the broker redelivers it to the next start), publish `stopping` then `offline`, and
@@ -10,16 +10,15 @@ disconnect cleanly, so the broker does not publish the Last Will.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from . import __version__
+from .build import START_ERRORS, EngineFactory, build_engine
 from .config import Config, ConfigError, file_problems, load_config
 from .engine.types import InferenceEngine
 from .extensions.availability import AvailabilityExtension
@@ -27,23 +26,17 @@ from .extensions.base import Extension, start_all, stop_all
 from .extensions.health import HealthExtension
 from .extensions.homeassistant import HomeAssistantExtension
 from .extensions.requests import RequestsExtension
+from .jobs import Job, Outcome
 from .mqtt.messages import Limits
 from .mqtt.routes import ReplyRoutes, shorten
 from .mqtt.topics import Topics
 from .mqtt.transport import MqttTransport
-from .jobs import Job, Outcome
+from .planner import MemoryGuard
 from .service import Service
 from .sessions import SessionStore
 from .tasks import load_tasks
 
-if TYPE_CHECKING:
-    from .planner import MemoryGuard
-
 log = logging.getLogger(__name__)
-
-# TEST-ONLY: `module:factory` builds the engine instead of `llmqtt.engine.load_engine`, called as
-# `factory(model_config, tasks)`. Lets subprocess tests run the real daemon without torch or a model.
-FAKE_ENGINE_ENV = "LLMQTT_FAKE_ENGINE"
 
 
 class _NoSystemd:
@@ -107,11 +100,6 @@ class Daemon:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.config.runtime.warmup:
-            self.notifier.status("warming up")
-            started = time.monotonic()
-            self.engine.warmup()
-            log.info("warm-up took %.1fs", time.monotonic() - started)
         self.service.start()
         # Subscriptions are registered before connecting: a persistent session delivers waiting requests
         # right after CONNACK, and each must find its handler.
@@ -210,40 +198,11 @@ def log_outcome(job: Job, outcome: Outcome) -> None:
                 queue_ms=outcome.queue_ms, **fields)
 
 
-# -- building the real thing -------------------------------------------------------------------------
+# -- the real thing ------------------------------------------------------------------------------------
 
-def build_engine(config: Config, tasks: dict, progress: Callable[[str, int, int], None] | None = None,
-                 ) -> tuple[InferenceEngine, int | None, MemoryGuard | None]:
-    """(engine, planned threads, low-memory check). Plans before torch is imported."""
-    fake = os.environ.get(FAKE_ENGINE_ENV)
-    if fake:
-        module, _, factory = fake.partition(":")
-        log.warning("%s=%s: using a fake engine (tests only)", FAKE_ENGINE_ENV, fake)
-        return getattr(importlib.import_module(module), factory)(config.model, tasks), None, None
-    from .engine import load_engine
-    from .engine.modelstore import resolve_model
-
-    resolved = resolve_model(config.model, progress)
-    # HOOK(planner): threads, dtype, batch and context sized to this machine; refuse what cannot fit.
-    from .planner import MemoryGuard, apply_threads, check_fits, plan
-    from .readings import live_available_bytes, read_model_facts, read_system
-
-    p = plan(read_system(), read_model_facts(resolved.path), config.model, config.runtime)
-    check_fits(p)  # ModelTooLarge explains why and what to change
-    if p.verdict == "swap":
-        log.warning("%s", p.explanation)
-    for note in p.notes:
-        log.warning("%s", note)
-    apply_threads(p)
-    log.info("plan: %d threads, %s%s, batch %d, context %d tokens", p.threads, p.dtype,
-             "" if p.quantize == "none" else f"+{p.quantize}", p.max_batch, p.max_context)
-    model_config = config.model.model_copy(update={"max_context": p.max_context, "dtype": p.dtype})
-    engine = load_engine(model_config, tasks, max_batch=p.max_batch, resolved=resolved)
-    return engine, p.threads, MemoryGuard(p.low_memory_bytes, live_available_bytes)
-
-
-def main(config_path: Path | None) -> int:
-    """`llmqtt run`: load once, serve until SIGTERM/SIGINT. ConfigError/TaskFileError propagate to the CLI."""
+def main(config_path: Path | None, *, engine_factory: EngineFactory | None = None) -> int:
+    """`llmqtt run`: load once, serve until SIGTERM/SIGINT. ConfigError/TaskFileError (a task the model cannot
+    serve included) propagate to the CLI, which says so in one line. `engine_factory`: tests pass a fake."""
     config = load_config(config_path)
     problems = file_problems(config)  # before minutes of model loading, not after
     if problems:
@@ -253,16 +212,12 @@ def main(config_path: Path | None) -> int:
     tasks = load_tasks(config.prompt_dirs())
     notifier.extend_timeout(600)  # fetching/converting/loading a model can take minutes on a board
     notifier.status("loading model")
-    from .engine.modelstore import ModelUnavailable
-    from .planner import ModelTooLarge
-    from .readings import ModelFactsError
-
     try:
-        engine, threads, memory = build_engine(config, tasks, _startup_progress(notifier))
-    except (ModelUnavailable, ModelTooLarge, ModelFactsError) as exc:
+        warm = build_engine(config, tasks, factory=engine_factory, progress=_startup_progress(notifier))
+    except START_ERRORS as exc:
         log.error("%s", exc)
         return 1
-    daemon = Daemon(config, engine, threads=threads, memory=memory, notifier=notifier,
+    daemon = Daemon(config, warm.engine, threads=warm.threads, memory=warm.memory, notifier=notifier,
                     watchdog=watchdog)
     return daemon.run()
 

@@ -70,12 +70,13 @@ class ServiceStats:
                     "tokens_per_s": round(tps, 2) if tps is not None else None}
 
 
-def _percentiles(samples) -> dict:
+def percentile(samples, q: float) -> float:
+    """Nearest-rank percentile (q in 0..1) of a non-empty collection: always one of the samples."""
     ordered = sorted(samples)
-    if not ordered:
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
+
+
+def _percentiles(samples) -> dict:
+    if not samples:
         return {"p50_ms": None, "p95_ms": None}
-
-    def rank(q: float) -> float:  # nearest-rank percentile
-        return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
-
-    return {"p50_ms": rank(0.50), "p95_ms": rank(0.95)}
+    return {"p50_ms": percentile(samples, 0.50), "p95_ms": percentile(samples, 0.95)}

@@ -9,7 +9,12 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator, Literal, Mapping, Protocol, Sequence
 
-from ..tasks import ClassifyTask, GenerateTask
+from ..tasks import ClassifyTask, GenerateTask, TaskFileError
+
+
+class TaskNotServable(TaskFileError):
+    """A task file that this model cannot serve (e.g. two labels start with the same token). Raised while
+    loading; a config error like any other bad task file: `llmqtt run`/`ask` say so in one line, exit 2."""
 
 
 class EngineError(Exception):

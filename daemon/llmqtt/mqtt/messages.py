@@ -13,6 +13,8 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
 
+from ..validation import describe
+
 RequestId = Union[StrictStr, StrictInt]
 
 
@@ -102,7 +104,7 @@ def parse_request(payload: bytes, task: str, limits: Limits, response_topic: str
         body = _Body.model_validate(fields)
     except ValidationError as exc:
         id_, reply_to = _salvage(fields)
-        return bad("bad_request", _describe(exc), id_, reply_to)
+        return bad("bad_request", describe(exc, whole="request"), id_, reply_to)
     id_ = body.id if body.id is not None else new_request_id()
     if not body.text.strip():
         return bad("bad_request", "text: must not be empty", id_, body.reply_to)
@@ -135,9 +137,6 @@ def _salvage(fields: dict) -> tuple[str | int | None, str | None]:
         reply_to = None
     return id_, reply_to
 
-
-def _describe(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors())
 
 
 def parse_cancel(payload: bytes) -> str | int | None:

@@ -120,10 +120,6 @@ class MqttTransport:
         if self.connected.is_set():
             self._client.subscribe(self._subscribe_list([sub]))
 
-    def unsubscribe_all(self) -> None:
-        """Forget handlers locally; the broker-side subscriptions stay in the persistent session."""
-        self._subs.clear()
-
     def start(self) -> None:
         """Connect in the background; paho retries with backoff until the broker answers."""
         self._delivery_thread = threading.Thread(target=self._deliveries, name="llmqtt-delivery", daemon=True)
