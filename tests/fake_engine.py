@@ -84,7 +84,8 @@ class FakeEngine:
         self.token_delay_s = token_delay_s
         self.batches: list[tuple[str, int]] = []  # (task, batch size) of every classify call
         self.histories: list[list[Turn]] = []
-        self.gate: threading.Event | None = None  # when set to an unset Event, generation waits on it
+        self.gate: threading.Event | None = None  # when set to an unset Event, generation and classify wait on it
+        self.classify_delay_s = 0.0  # per classify call (a batch), like a forward pass
         self.warmed_up = False
 
     def warmup(self) -> None:
@@ -95,6 +96,9 @@ class FakeEngine:
 
     def classify(self, task: str, texts: Sequence[str]) -> list[Classification]:
         self.batches.append((task, len(texts)))
+        if self.gate is not None:
+            self.gate.wait(30)
+        time.sleep(self.classify_delay_s)
         for text in texts:
             if "<|im_start|>" in text:
                 raise InvalidText("text contains chat-control tokens")

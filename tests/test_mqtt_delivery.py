@@ -58,9 +58,9 @@ def test_fleet_shares_work_and_answers_each_request_once(start_daemon, broker, t
     by_node = collections.Counter(r["node"] for r in replies)
     assert set(by_node) == {d.config.mqtt.node for d in daemons}, by_node
     # a fleet request can still name its own reply route
-    client.subscribe("replies/fleet")
-    client.publish("test/fleet/request/chat", {"id": "own", "text": "x"}, response_topic="replies/fleet")
-    assert client.expect_json("replies/fleet")["id"] == "own"
+    client.subscribe("test/fleet/reply/me")
+    client.publish("test/fleet/request/chat", {"id": "own", "text": "x"}, response_topic="test/fleet/reply/me")
+    assert client.expect_json("test/fleet/reply/me")["id"] == "own"
 
 
 def test_fleet_cancel_reaches_the_member_running_the_request(start_daemon, broker, tmp_path):

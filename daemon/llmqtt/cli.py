@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, file_problems, load_config
 from .tasks import TaskFileError, load_tasks
 
 
@@ -92,6 +92,11 @@ def _tasks(args) -> int:
 def _check_config(args) -> int:
     config = _config(args)
     tasks = load_tasks(config.prompt_dirs())
+    problems = file_problems(config)
+    for problem in problems:
+        print(f"llmqtt: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     print(f"config ok: model {config.model.name!r}, {len(tasks)} tasks ({', '.join(tasks)}), "
           f"broker {config.mqtt.host}:{config.mqtt.port}")
     return 0

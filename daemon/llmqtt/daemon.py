@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .build import START_ERRORS, EngineFactory, build_engine
-from .config import Config, load_config
+from .config import Config, ConfigError, file_problems, load_config
 from .engine.types import InferenceEngine
 from .extensions.availability import AvailabilityExtension
 from .extensions.base import Extension, start_all, stop_all
@@ -29,6 +29,7 @@ from .extensions.requests import RequestsExtension
 from .jobs import Job, Outcome
 from .memoryguard import MemoryGuard
 from .mqtt.messages import Limits
+from .mqtt.routes import ReplyRoutes, shorten
 from .mqtt.topics import Topics
 from .mqtt.transport import MqttTransport
 from .service import Service
@@ -73,13 +74,17 @@ class Daemon:
             memory=memory,  # memoryguard.MemoryGuard, at the plan's threshold
             observer=_fan_out(observers),  # the request log line, then Home Assistant's sensors
             heartbeat=self.watchdog.beat, idle_wait_s=self.watchdog.idle_wait_s)
-        self.transport = MqttTransport(mqtt, password=mqtt.read_password())
+        # Receive Maximum = queue size: a backlog (requests sent while we were down) stays in the broker and
+        # comes as the queue drains, instead of arriving at once and overflowing the queue as `busy`.
+        self.transport = MqttTransport(mqtt, password=mqtt.read_password(), receive_maximum=runtime.queue_size)
         self.availability = AvailabilityExtension(self.transport, self.topics, {
             "node": mqtt.node, "model": engine.model_name, "dtype": engine.dtype,
             "tasks": sorted(engine.tasks), "version": __version__})
+        routes = ReplyRoutes.build(self.topics, mqtt.reply_topics)
         self.requests = RequestsExtension(self.transport, self.topics, self.service,
                                           Limits(runtime.max_payload_bytes, runtime.max_text_chars),
-                                          model_name=engine.model_name, node=mqtt.node)
+                                          model_name=engine.model_name, node=mqtt.node, routes=routes,
+                                          hold_limit=mqtt.max_held_requests)
         self.health = HealthExtension(self.transport, self.topics, self.service, mqtt.health_interval_s,
                                       threads=threads,
                                       started=self.started, memory_state=memory.state if memory else None)
@@ -185,10 +190,11 @@ def log_outcome(job: Job, outcome: Outcome) -> None:
     try:
         from .logs import log_request
     except ImportError:
-        log.info("request id=%s task=%s status=%s latency_ms=%.1f %s", job.id, job.task, status,
+        log.info("request id=%s task=%s status=%s latency_ms=%.1f %s", job.id, shorten(job.task), status,
                  outcome.latency_ms, fields)
         return
-    log_request(log, request_id=str(job.id), task=job.task, status=status, latency_ms=outcome.latency_ms,
+    # shortened: an unknown task's name comes from the request topic, which may be 64 KB long
+    log_request(log, request_id=str(job.id), task=shorten(job.task), status=status, latency_ms=outcome.latency_ms,
                 queue_ms=outcome.queue_ms, **fields)
 
 
@@ -198,6 +204,9 @@ def main(config_path: Path | None, *, engine_factory: EngineFactory | None = Non
     """`llmqtt run`: load once, serve until SIGTERM/SIGINT. ConfigError/TaskFileError (a task the model cannot
     serve included) propagate to the CLI, which says so in one line. `engine_factory`: tests pass a fake."""
     config = load_config(config_path)
+    problems = file_problems(config)  # before minutes of model loading, not after
+    if problems:
+        raise ConfigError("; ".join(problems))
     notifier, watchdog = _systemd()
     _setup_logging(config)
     tasks = load_tasks(config.prompt_dirs())

@@ -68,11 +68,16 @@ class Job:
     max_new_tokens: int | None = None
     deadline_ms: int | None = None  # relative to `received`
     received: float | None = None  # clock() when it arrived; set by submit() when missing
+    # The whole request as the transport received it (MQTT: a hash of topic, payload, Response Topic and
+    # Correlation Data). Duplicates are recognised by task, id AND this: a redelivery is answered once, while
+    # another client's request that reuses the id runs on its own and never gets someone else's answer.
+    fingerprint: bytes | str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
 
     @property
-    def key(self) -> tuple[str, RequestId]:
-        return (self.task, self.id)
+    def key(self) -> tuple[str, RequestId, bytes | str | None]:
+        """The de-duplication key. (Cancel names only task and id.)"""
+        return (self.task, self.id, self.fingerprint)
 
     @property
     def arrived(self) -> float:
@@ -81,9 +86,10 @@ class Job:
 
 class Submitted(enum.Enum):
     QUEUED = "queued"
-    DUPLICATE = "duplicate"  # same (task, id) is running or was answered: answered from that
+    DUPLICATE = "duplicate"  # the same request (Job.key) is running or was answered: answered from that
     REJECTED = "rejected"  # answered at once (busy, unknown task)
     STOPPED = "stopped"  # the service is shutting down: not answered, so the caller leaves it for redelivery
+    FULL = "full"  # submit(hold=True) and the queue is full: not answered; the caller holds it and submits later
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,7 @@ class ServiceHealth:
 class JobQueue(Protocol):
     """What a transport needs of the service (`service.Service` implements it)."""
 
-    def submit(self, job: Job) -> Submitted: ...
+    def submit(self, job: Job, *, hold: bool = False) -> Submitted: ...
 
     def cancel(self, task: str, request_id: RequestId) -> bool: ...
 

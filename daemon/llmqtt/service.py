@@ -73,14 +73,17 @@ class Service:
         self._worker = threading.Thread(target=self._run, name="llmqtt-worker", daemon=True)
         self._worker.start()
 
-    def submit(self, job: Job) -> Submitted:
-        """Queue a job without blocking; answers at once when it cannot be queued."""
+    def submit(self, job: Job, *, hold: bool = False) -> Submitted:
+        """Queue a job without blocking; answers at once when it cannot be queued. With `hold`, a full queue
+        is not answered `busy` but returned as FULL: the caller keeps the job and submits it again later
+        (MQTT can, as the request stays unacknowledged at the broker meanwhile)."""
         if job.received is None:
             job.received = self._clock()
         if job.deadline_ms is None:
             job.deadline_ms = self._default_deadline_ms
         if job.task not in self.engine.tasks:
-            self._finish_now(job, Failure("unknown_task", f"no task named {job.task!r}"))
+            name = job.task if len(job.task) <= 80 else f"{job.task[:80]}..."  # the name comes from a client
+            self._finish_now(job, Failure("unknown_task", f"no task named {name!r}"))
             return Submitted.REJECTED
         with self._cond:
             if self._stopping:
@@ -92,17 +95,20 @@ class Service:
                 self._inflight[job.key].append(job.sink)  # answered together with the running one
                 return Submitted.DUPLICATE
             else:
-                depth = len(self._classify_q) + len(self._generate_q)
+                waiting = {"classify": len(self._classify_q), "generate": len(self._generate_q)}
+                depth = sum(waiting.values())
                 if depth < self._queue_size:
                     self._inflight[job.key] = []
                     self._queue_for(job).append(job)
                     self._cond.notify()
                     return Submitted.QUEUED
+                if hold:
+                    return Submitted.FULL
         if replay is not None:
             job.sink.finish(replace(replay, cached=True))
             return Submitted.DUPLICATE
         self._finish_now(job, Failure("busy", f"queue full ({depth} waiting)",
-                                      retry_after_ms=self.stats.retry_after_ms(depth)))
+                                      retry_after_ms=self.stats.retry_after_ms(waiting)))
         return Submitted.REJECTED
 
     def cancel(self, task: str, request_id: RequestId) -> bool:
@@ -110,12 +116,12 @@ class Service:
         key = (task, request_id)
         with self._cond:
             for queue in (self._classify_q, self._generate_q):
-                job = next((j for j in queue if j.key == key), None)
+                job = next((j for j in queue if (j.task, j.id) == key), None)
                 if job is not None:
                     queue.remove(job)
                     break
             else:
-                running = next((j for j in self._running if j.key == key), None)
+                running = next((j for j in self._running if (j.task, j.id) == key), None)
                 if running is not None:
                     running.cancel.set()  # the engine stops at the next token; the worker answers
                 return running is not None
@@ -165,8 +171,10 @@ class Service:
             jobs = self._take()
             if jobs is None:
                 return
+            kind = "classify" if isinstance(self.engine.tasks[jobs[0].task], ClassifyTask) else "generate"
+            started = self._clock()
             try:
-                if isinstance(self.engine.tasks[jobs[0].task], ClassifyTask):
+                if kind == "classify":
                     self._classify(jobs)
                 else:
                     self._generate(jobs[0])
@@ -175,6 +183,7 @@ class Service:
                 for job in jobs:
                     self._complete(job, Failure("internal", "internal error"), started=None)
             finally:
+                self.stats.record_work(kind, len(jobs), self._clock() - started)  # the drain rate for `busy`
                 with self._cond:
                     self._running = []
                 self._heartbeat()

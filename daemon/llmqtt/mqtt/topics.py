@@ -30,6 +30,11 @@ class Topics:
     # -- the daemon's own ---------------------------------------------------------------------------
 
     @property
+    def base(self) -> str:
+        """`<base_topic>`: every node's root is one level below it."""
+        return self.root.rpartition("/")[0]
+
+    @property
     def status(self) -> str:
         return f"{self.root}/status"
 
@@ -52,6 +57,20 @@ class Topics:
     def cancel_filter(self, base: str) -> str:
         return self.cancel("+", base)
 
+    def reply(self, client: str, base: str | None = None) -> str:
+        """A requester's own reply route under the node's reply namespace (`<root>/reply/<client>`)."""
+        return f"{base or self.root}/reply/{client}"
+
+    def default_reply_filters(self) -> list[str]:
+        """What `mqtt.reply_topics` allows by default: each request base's reply namespace and response topics."""
+        return [f"{base}/{kind}" for base in self.request_bases() for kind in ("reply/#", "response/+")]
+
+    def reserved_filters(self) -> list[str]:
+        """This daemon's own topics that no requester may have it publish on: its state, its inputs, and the
+        topics Home Assistant reads as this node's sensor states (`<root>/ha/...`)."""
+        own = [f"{self.root}/{name}" for name in ("status/#", "health/#", "ha/#")]
+        return own + [f"{base}/{kind}/#" for base in self.request_bases() for kind in ("request", "cancel")]
+
     def request_bases(self) -> list[str]:
         """Topic prefixes requests arrive under: the node's own, and the fleet's."""
         return [self.root] + ([self.fleet] if self.fleet else [])
@@ -68,11 +87,6 @@ class Topics:
         base, _, task = topic.rpartition("/")
         base, _, _kind = base.rpartition("/")
         return (base, task) if base in self.request_bases() and task else None
-
-    def is_input(self, topic: str) -> bool:
-        """A request or cancel topic of this daemon (a reply sent there would come back as input)."""
-        return any(topic.startswith(f"{base}/{kind}/") for base in self.request_bases()
-                   for kind in ("request", "cancel"))
 
     # -- Home Assistant -----------------------------------------------------------------------------
 
