@@ -7,15 +7,7 @@ cannot fit (ModelTooLarge). Pure: plan + model facts in, sentences out.
 from __future__ import annotations
 
 from .modelfacts import ModelFacts
-from .planner import (
-    DTYPE_BYTES,
-    INT8_BYTES_PER_PARAM,
-    MIN_PLANNED_CONTEXT,
-    GiB,
-    MiB,
-    Plan,
-    estimate_memory,
-)
+from .planner import DTYPE_BYTES, INT8_BYTES_PER_PARAM, MIN_PLANNED_CONTEXT, GiB, MiB, Plan, estimate_memory
 
 
 class ModelTooLarge(Exception):
