@@ -105,10 +105,9 @@ def apply_threads(plan: Plan) -> None:
     """
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[name] = str(plan.threads)
-    if "torch" not in sys.modules:
+    torch = sys.modules.get("torch")  # only if something loaded it already: the planner never imports it
+    if torch is None:
         return
-    import torch  # already loaded: costs nothing, and keeps torch out of this module's import
-
     torch.set_num_threads(plan.threads)
     try:
         torch.set_num_interop_threads(plan.interop_threads)
