@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from llmqtt.engine.types import Classification, GenerationResult, InvalidText, Turn
+from llmqtt.engine.types import ChatOptions, Classification, GenerationResult, InvalidText, Turn
 from llmqtt.tasks import ClassifyTask, GenerateTask, load_tasks
 
 SENTIMENT = """\
@@ -82,6 +82,7 @@ class FakeEngine:
         self.token_delay_s = token_delay_s
         self.batches: list[tuple[str, int]] = []  # (task, batch size) of every classify call
         self.histories: list[list[Turn]] = []
+        self.options: list[ChatOptions | None] = []  # of every generate call
         self.gate: threading.Event | None = None  # when set to an unset Event, generation waits on it
         self.warmed_up = False
 
@@ -102,10 +103,12 @@ class FakeEngine:
         return out
 
     def generate(self, task: str, text: str, history: Sequence[Turn] = (),
-                 cancel: threading.Event | None = None, max_new_tokens: int | None = None) -> FakeStream:
+                 cancel: threading.Event | None = None, max_new_tokens: int | None = None,
+                 options: ChatOptions | None = None) -> FakeStream:
         if "<|im_start|>" in text:
             raise InvalidText("text contains chat-control tokens")
         self.histories.append(list(history))
+        self.options.append(options)
         limit = max_new_tokens or self.tasks[task].generation.max_new_tokens
         words = ["echo", *text.split()][:limit]
         return FakeStream(words, cancel, self.token_delay_s, len(history) // 2, self.gate)

@@ -53,6 +53,18 @@ class Turn:
     content: str
 
 
+@dataclass(frozen=True)
+class ChatOptions:
+    """Per-request settings of clients that speak the Ollama / OpenAI APIs; None keeps the task's own."""
+
+    system: str | None = None  # replaces the task's system prompt (no cached task prefix then)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
+
+
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -64,7 +76,7 @@ class GenerationResult:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     new_tokens: int = 0
-    cached_prefix_tokens: int = 0
+    cached_prefix_tokens: int = 0  # prompt tokens whose KV came from a cache (task prefix or conversation)
     history_turns_used: int = 0  # user+assistant pairs of history that fit the budget
     first_token_s: float | None = None
     decode_s: float = 0.0
@@ -91,5 +103,6 @@ class InferenceEngine(Protocol):
 
     def generate(self, task: str, text: str, history: Sequence[Turn] = (),
                  cancel: threading.Event | None = None,
-                 max_new_tokens: int | None = None) -> GenerationStream: ...
+                 max_new_tokens: int | None = None,
+                 options: ChatOptions | None = None) -> GenerationStream: ...
 

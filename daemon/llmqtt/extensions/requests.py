@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from ..mqtt.messages import (BadRequest, Limits, Request, chunk_message, encode, error_reply, ok_reply,
+from ..mqtt.messages import (BadRequest, Limits, Request, chunk_message, encode, error_reply, outcome_reply,
                              parse_cancel, parse_request)
 from ..mqtt.topics import Topics
 from ..mqtt.transport import Inbound, MqttTransport
@@ -130,15 +130,7 @@ class RequestsExtension:
         self.transport.ack(request)
 
     def reply_for(self, outcome: Outcome) -> dict:
-        error = outcome.error
-        if error is None:
-            return ok_reply(outcome.task, outcome.id, outcome.result or {}, model=self.model_name,
-                            latency_ms=outcome.latency_ms, queue_ms=outcome.queue_ms, node=self.node)
-        details = {"retry_after_ms": error.retry_after_ms} if error.retry_after_ms is not None else None
-        extra = {"result": error.partial} if error.partial is not None else {}
-        return error_reply(outcome.task, outcome.id, error.code, error.message, model=self.model_name,
-                           latency_ms=outcome.latency_ms, queue_ms=outcome.queue_ms, details=details,
-                           node=self.node, **extra)
+        return outcome_reply(outcome, model=self.model_name, node=self.node)
 
 
 class _Reply:
