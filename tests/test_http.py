@@ -353,3 +353,47 @@ def test_curl_speaks_to_every_api(server):
                            '{"text": "great stuff"}'], capture_output=True, text=True, timeout=30)
     body, code = task.stdout.rsplit("\n", 1)
     assert code == "200" and json.loads(body)["result"]["label"] == "positive"
+
+
+@pytest.mark.broker
+def test_llmqtt_run_serves_http_beside_mqtt_and_stops_cleanly(broker, tmp_path):
+    """The real command line (fake engine): HTTP on the same service as MQTT, a clean SIGTERM."""
+    from broker import DaemonProcess, daemon_config, free_port, wait_online
+    from fake_engine import write_model_dir, write_prompts
+
+    port = free_port()
+    config = daemon_config(broker, write_prompts(tmp_path / "prompts"), http={"enabled": True, "port": port})
+    config["model"] = str(write_model_dir(tmp_path / "model"))
+    daemon = DaemonProcess(tmp_path, config, fake_engine=True).start()
+    try:
+        client = broker.client()
+        wait_online(client, daemon.root, timeout=30)
+        wait_until(lambda: _get(port, "/healthz") == 200, 30)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/api/chat", body=json.dumps({"model": "chat:latest", "stream": False,
+                                                          "messages": [{"role": "user", "content": "via http"}]}))
+        assert json.loads(conn.getresponse().read())["message"]["content"] == "echo via http"
+        client.subscribe(f"{daemon.root}/response/sentiment")
+        client.publish(f"{daemon.root}/request/sentiment", {"id": "m1", "text": "I love it"})
+        assert client.expect_json(f"{daemon.root}/response/sentiment")["result"]["label"] == "positive"
+        health = _metrics(port)
+        assert 'llmqtt_requests_total{task="chat",status="ok"} 1' in health  # one service, both transports
+        assert 'llmqtt_requests_total{task="sentiment",status="ok"} 1' in health
+        assert daemon.terminate() == 0, daemon.log()
+    finally:
+        daemon.close()
+
+
+def _get(port: int, path: str) -> int:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        conn.request("GET", path)
+        return conn.getresponse().status
+    except OSError:
+        return 0
+
+
+def _metrics(port: int) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/metrics")
+    return conn.getresponse().read().decode()

@@ -27,7 +27,7 @@ from aiohttp import web
 from .. import __version__
 from ..config import HttpConfig
 from ..mqtt.messages import BadRequest, Limits, chunk_message, outcome_reply, parse_request
-from ..service import Failure, Job, Outcome, Service, Submitted
+from ..jobs import ORIGIN_HTTP, Failure, Job, JobQueue, Outcome, Submitted
 from . import metrics, ollama, openai, tasks as task_api
 from .messages import ApiError, ChatCall, Tasks, read_json
 
@@ -66,7 +66,7 @@ class _Sink:
 class _Pending:
     """One submitted job as the handler sees it: its events, and cancelling it if the handler leaves early."""
 
-    def __init__(self, service: Service, job: Job, sink: _Sink):
+    def __init__(self, service: JobQueue, job: Job, sink: _Sink):
         self.service, self.job, self.sink = service, job, sink
         self.done = False
 
@@ -97,7 +97,7 @@ class HttpTransport:
 
     name = "http"
 
-    def __init__(self, config: HttpConfig, service: Service, tasks: Tasks, *, model_name: str, dtype: str,
+    def __init__(self, config: HttpConfig, service: JobQueue, tasks: Tasks, *, model_name: str, dtype: str,
                  limits: Limits, health: Callable[[], dict], size_bytes: int = 0,
                  conversation_stats: Callable[[], dict] | None = None):
         self.config, self.service, self.tasks = config, service, tasks
@@ -250,7 +250,7 @@ class HttpTransport:
         if refusal:
             return refusal
         sink = _Sink(asyncio.get_running_loop())
-        job = Job(id=f"http-{uuid.uuid4().hex[:16]}", sink=sink, **job_fields)
+        job = Job(id=f"http-{uuid.uuid4().hex[:16]}", sink=sink, origin=ORIGIN_HTTP, **job_fields)
         pending = _Pending(self.service, job, sink)
         if self.service.submit(job) is Submitted.STOPPED:
             return ApiError("stopping", "the daemon is stopping; retry shortly", RETRY_STARTING_MS)
