@@ -10,12 +10,14 @@ import errno
 import logging
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from broker import ACL_USERS, SHIPPED_ACL, Broker, daemon_config, free_port, make_certificates, wait_online
 from fake_engine import make_engine
+from polling import wait_until
 
 from llmqtt.config import Config, MqttConfig, TlsConfig
 from llmqtt.daemon import Daemon
@@ -161,6 +163,27 @@ def test_two_devices_reusing_ids_get_their_own_answers(acl_broker, start):
     alice.publish(sentiment, {"id": 9, "text": "love"}, response_topic=f"{root}/reply/alice", correlation_data=b"2")
     got = sorted(alice.expect(f"{root}/reply/alice").correlation_data for _ in range(2))
     assert got == [b"1", b"2"] and len(daemon.engine.batches) > batches
+
+
+def test_a_redelivery_after_a_broker_restart_is_answered_once(acl_broker, start, tmp_path):
+    """The request is running when the broker restarts: the broker delivers it again (same request,
+    `dup`), the daemon recognises it, and the requester gets exactly one answer, computed once."""
+    engine = make_engine(tmp_path / "prompts")
+    engine.gate = threading.Event()
+    daemon = start(acl_broker, engine=engine)
+    root = daemon.topics.root
+    device = acl_broker.client(user="device").subscribe(f"{root}/reply/once")
+    device.publish(f"{root}/request/chat", {"id": "once", "text": "a b", "reply_to": f"{root}/reply/once"})
+    wait_until(lambda: engine.histories)  # running, held by the gate, not acknowledged
+    acl_broker.restart()
+    wait_until(lambda: daemon.transport.connected.is_set(), timeout=15)
+    device = acl_broker.client(user="device").subscribe(f"{root}/reply/once")  # the old one lost the broker
+    engine.gate.set()
+    first = device.expect_json(f"{root}/reply/once", timeout=15)
+    assert first["id"] == "once" and first["status"] == "ok"
+    assert device.drain(1.0) == [] and len(engine.histories) == 1
+    redelivered = f"Sending PUBLISH to llmqtt-{daemon.config.mqtt.node} (d1, q1, r0, "
+    assert redelivered in acl_broker.log()  # the broker did deliver it twice
 
 
 # -- flow control: a backlog waits in the broker and is served in full ------------------------------------
