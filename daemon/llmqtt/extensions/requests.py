@@ -13,7 +13,7 @@ import threading
 from collections import deque
 from typing import cast
 
-from ..mqtt.messages import (BadRequest, Limits, Request, chunk_message, encode, error_reply, ok_reply,
+from ..mqtt.messages import (BadRequest, Limits, Request, chunk_message, encode, error_reply, outcome_reply,
                              parse_cancel, parse_request)
 from ..mqtt.routes import ReplyRoutes, is_publishable_topic, shorten
 from ..mqtt.topics import Topics
@@ -198,15 +198,7 @@ class RequestsExtension:
         self.transport.ack(request)
 
     def reply_for(self, outcome: Outcome) -> dict:
-        error = outcome.error
-        if error is None:
-            return ok_reply(outcome.task, outcome.id, outcome.result or {}, model=self.model_name,
-                            latency_ms=outcome.latency_ms, queue_ms=outcome.queue_ms, node=self.node)
-        details = {"retry_after_ms": error.retry_after_ms} if error.retry_after_ms is not None else None
-        extra = {"result": error.partial} if error.partial is not None else {}
-        return error_reply(outcome.task, outcome.id, error.code, error.message, model=self.model_name,
-                           latency_ms=outcome.latency_ms, queue_ms=outcome.queue_ms, details=details,
-                           node=self.node, **extra)
+        return outcome_reply(outcome, model=self.model_name, node=self.node)
 
 
 def fingerprint(message: Inbound) -> bytes:
