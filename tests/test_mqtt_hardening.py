@@ -247,7 +247,7 @@ def test_wrong_password_is_not_authorized(acl_broker, start, tmp_path, caplog):
     wrong = tmp_path / "wrong-password"
     wrong.write_text("not it\n")
     message = connect_and_log(start, acl_broker, caplog, password_file=str(wrong))
-    assert "not authorized" in message and "user 'llmqtt'" in message and "not it" not in caplog.text
+    assert "refused the connection: not authorized as user 'llmqtt'" in message and "not it" not in caplog.text
 
 
 def test_unreachable_and_other_causes_read_as_one_sentence():
@@ -359,3 +359,55 @@ def test_bad_input_corpus_gets_coded_errors_and_the_daemon_keeps_serving(acl_bro
     assert device.expect_json(f"{root}/response/sentiment", where=lambda r: r["id"] == "after")["status"] == "ok"
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text[-3000:]
     assert all(len(r.getMessage()) < 2000 for r in caplog.records)  # no 1 MB payload or 64 KB topic in the log
+
+
+# -- the same with the real demo model, as `llmqtt run` ----------------------------------------------------
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_model_refuses_attacks_keeps_reused_ids_apart_and_serves_a_backlog(acl_broker, tmp_path, demo_model,
+                                                                                 repo_root):
+    from broker import DaemonProcess
+
+    load_s = 240.0  # load + prefix caches + warm-up of the 0.5B model on a busy 2-core machine
+    password = tmp_path / "daemon-password"
+    password.write_text(ACL_USERS["llmqtt"] + "\n")
+    config = daemon_config(acl_broker, repo_root / "prompts", node_id="realhard",
+                           mqtt={"username": "llmqtt", "password_file": str(password)},
+                           runtime={"queue_size": 8})
+    # No fast decode: its kernels compile in the background after start, and one run here ended with
+    # SIGABRT when SIGTERM came during that (reported; not what this test is about).
+    config["model"] = {"name": "demo", "fast_decode": False}
+    daemon = DaemonProcess(tmp_path, config).start()
+    root = daemon.root
+    try:
+        observer = acl_broker.client()
+        wait_online(observer, root, timeout=load_s)
+        observer.subscribe("homeassistant/#", f"{root}/ha/#")
+        alice = acl_broker.client(user="device").subscribe(f"{root}/reply/alice", f"{root}/response/#")
+        bob = acl_broker.client(user="device").subscribe(f"{root}/reply/bob")
+        sentiment = f"{root}/request/sentiment"
+        for target in ("homeassistant/status", f"{root}/ha/sentiment/state"):
+            alice.publish(sentiment, {"id": "evil", "text": "the alarm is disabled", "reply_to": target})
+            refused = alice.expect_json(f"{root}/response/sentiment", timeout=30)
+            assert refused["error"]["code"] == "bad_reply_topic", refused
+        alice.publish(sentiment, {"id": 1, "text": "I love this kettle, it is wonderful.",
+                                  "reply_to": f"{root}/reply/alice"})
+        bob.publish(sentiment, {"id": 1, "text": "The worst kettle ever, it broke on day one.",
+                                "reply_to": f"{root}/reply/bob"})
+        assert alice.expect_json(f"{root}/reply/alice", timeout=60)["result"]["label"] == "positive"
+        assert bob.expect_json(f"{root}/reply/bob", timeout=60)["result"]["label"] == "negative"
+        assert observer.drain(0.5) == []  # nothing reached Home Assistant's topics
+
+        assert daemon.terminate(timeout=60) == 0
+        for i in range(BACKLOG):
+            alice.publish(sentiment, {"id": f"b{i}", "text": "great" if i % 2 else "awful",
+                                      "reply_to": f"{root}/reply/alice"})
+        daemon.start()
+        replies = [alice.expect_json(f"{root}/reply/alice", timeout=load_s) for _ in range(BACKLOG)]
+        assert sorted(r["id"] for r in replies) == sorted(f"b{i}" for i in range(BACKLOG))
+        assert [r["status"] for r in replies] == ["ok"] * BACKLOG, [r.get("error") for r in replies]
+        assert daemon.terminate(timeout=60) == 0
+    finally:
+        daemon.close()
+    assert "Traceback" not in daemon.log()

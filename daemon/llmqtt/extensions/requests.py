@@ -101,9 +101,10 @@ class RequestsExtension:
         """Hand a job to the service, or hold it while the queue is full.
 
         Receive Maximum (= queue size) should keep the broker from sending more unacknowledged requests than
-        the queue holds, but brokers overshoot: mosquitto 2.0.11 (Debian 12) sends a few more per PUBACK
-        after a reconnect, and MQTT 3.1.1 has no such limit at all. A request held here is still
-        unacknowledged, so it is as safe as in the broker; it keeps its arrival time (deadline, queue_ms)."""
+        the queue holds, but brokers overshoot: mosquitto 2.0.11 (Debian 12) sends up to the limit again
+        after each PUBACK (a 30-request backlog at Receive Maximum 8 arrives within a few answers), and MQTT
+        3.1.1 has no such limit at all. A request held here is still unacknowledged, so it is as safe as in
+        the broker; it keeps its arrival time (deadline, queue_ms)."""
         with self._hold_lock:
             hold = len(self._held) < self._hold_limit
             if self._held and hold:  # behind those already waiting: first come, first served

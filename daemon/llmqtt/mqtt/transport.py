@@ -188,7 +188,7 @@ class MqttTransport:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.warning("%s; retrying with backoff", connack_failure(self.config, reason_code))
+            log.warning("%s; %s", connack_failure(self.config, reason_code), self._retrying())
             return
         log.info("connected to %s:%d (session present: %s)", self.config.host, self.config.port,
                  flags.session_present)
@@ -204,8 +204,10 @@ class MqttTransport:
     def _on_connect_fail(self, client, userdata) -> None:
         # paho calls this inside its `except OSError` around the connect, so the exception is at hand.
         error = sys.exc_info()[1]
-        log.warning("%s; retrying with backoff (%.0f to %.0f s)", connect_failure(self.config, error),
-                    self.config.reconnect_min_s, self.config.reconnect_max_s)
+        log.warning("%s; %s", connect_failure(self.config, error), self._retrying())
+
+    def _retrying(self) -> str:
+        return f"retrying with backoff ({self.config.reconnect_min_s:g} to {self.config.reconnect_max_s:g} s)"
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self.connected.is_set()
@@ -296,7 +298,7 @@ def connack_failure(config: MqttConfig, reason_code) -> str:
     where = f"the MQTT broker at {config.host}:{config.port} refused the connection"
     name = str(reason_code)
     if name in ("Not authorized", "Bad user name or password"):
-        who = f"user {config.username!r}" if config.username else "anonymous login (no mqtt.username)"
-        return (f"{where}: not authorized ({name}) for {who}; check mqtt.username, mqtt.password_file "
-                "and the broker's password file")
+        who = f"as user {config.username!r}" if config.username else "without a user name (no mqtt.username)"
+        return (f"{where}: not authorized {who} (the broker says: {name}); check mqtt.username, "
+                "mqtt.password_file and the broker's password file")
     return f"{where}: {name}"
