@@ -434,3 +434,16 @@ def test_real_model_refuses_attacks_keeps_reused_ids_apart_and_serves_a_backlog(
     finally:
         daemon.close()
     assert "Traceback" not in daemon.log()
+
+
+def test_a_reply_route_the_acl_denies_is_logged_with_the_reason(acl_broker, start, caplog):
+    """reply_topics widened without widening the ACL: the broker drops the reply (MQTT v5 PUBACK 0x87) and
+    the daemon says so, instead of the requester waiting in silence."""
+    daemon = start(acl_broker, mqtt={"reply_topics": ["apps/+/inbox"]})
+    root = daemon.topics.root
+    observer = acl_broker.client().subscribe("apps/#")
+    device = acl_broker.client(user="device")
+    device.publish(f"{root}/request/sentiment", {"id": "acl", "text": "love", "reply_to": "apps/x/inbox"})
+    wait_until(lambda: "did not accept the message to apps/x/inbox: Not authorized" in caplog.text)
+    assert "check the broker's ACL for user llmqtt" in caplog.text
+    assert observer.drain(0.5) == []
