@@ -12,7 +12,7 @@ import yaml
 from broker import daemon_config
 
 from llmqtt.cli import main as cli_main
-from llmqtt.extensions import ha_payloads as ha
+from llmqtt.mqtt.topics import Topics
 
 pytestmark = pytest.mark.broker
 
@@ -37,7 +37,7 @@ def render(template: str, **variables) -> str:
 def state_of(client, daemon, task: str, request_id) -> dict:
     """The next state of `task` for `request_id`, on a client subscribed to it (and to nothing it waits for
     first: `expect` drops what it is not waiting for)."""
-    topic = ha.state_topic(daemon.topics.root, task)
+    topic = daemon.topics.ha_state(task)
     return client.expect_json(topic, where=lambda s: s.get("id") == request_id)
 
 
@@ -83,10 +83,10 @@ def test_a_text_entity_request_lands_in_the_sensor_state(broker, start_daemon):
     ha_client.subscribe(f"{root}/reply/#")
     ha_client.publish(text["command_topic"], request)
     request_id = json.loads(request)["id"]
-    reply = ha_client.expect_json(ha.reply_topic(root, "sentiment"), where=lambda r: r.get("id") == request_id)
+    reply = ha_client.expect_json(Topics(root).ha_reply("sentiment"), where=lambda r: r.get("id") == request_id)
     assert reply["status"] == "ok"
     # Retained: HA (or a script's wait_for_trigger) subscribing after the answer still finds it.
-    [state] = retained(broker, ha.state_topic(root, "sentiment"))
+    [state] = retained(broker, Topics(root).ha_state("sentiment"))
     assert state["id"] == request_id and state["value"] == "positive" and state["status"] == "ok"
     assert state["text"] == "I love this kettle" and state["source"] == "homeassistant" and state["score"] == 0.9
 
@@ -96,7 +96,7 @@ def test_a_long_answer_is_cut_for_the_state_and_whole_in_the_attributes(broker, 
     root = daemon.topics.root
     client = broker.client().subscribe(f"{root}/ha/#")
     words = " ".join(f"word{i:02d}-abcdef" for i in range(40))  # the fake engine echoes up to 32 words
-    client.publish(f"{root}/request/chat", {"id": "long", "text": words, "reply_to": ha.reply_topic(root, "chat")})
+    client.publish(f"{root}/request/chat", {"id": "long", "text": words, "reply_to": Topics(root).ha_reply("chat")})
     state = state_of(client, daemon, "chat", "long")
     assert len(state["answer"]) > 255 and len(state["value"]) == 255
     assert state["answer"].startswith("echo word00") and state["value"][:-1] == state["answer"][:254]
@@ -110,16 +110,16 @@ def test_requests_from_other_clients_update_sensors_only_when_configured(broker,
         client.subscribe(f"{daemon.topics.root}/response/#")
         client.publish(f"{daemon.topics.root}/request/sentiment", {"id": "plain", "text": "awful"})
         client.expect_json(f"{daemon.topics.root}/response/sentiment", where=lambda r: r["id"] == "plain")
-    [state] = retained(broker, ha.state_topic(chatty.topics.root, "sentiment"))
+    [state] = retained(broker, chatty.topics.ha_state("sentiment"))
     assert state["id"] == "plain" and state["value"] == "negative" and state["source"] == "mqtt"
-    assert retained(broker, ha.state_topic(quiet.topics.root, "sentiment")) == []
+    assert retained(broker, quiet.topics.ha_state("sentiment")) == []
 
 
 def test_a_failed_request_from_home_assistant_keeps_the_value_and_reports_the_error(broker, start_daemon):
     daemon = start_daemon(homeassistant=HA_ON)
     root = daemon.topics.root
     client = broker.client().subscribe(f"{root}/ha/#")
-    route = ha.reply_topic(root, "sentiment")
+    route = Topics(root).ha_reply("sentiment")
     client.publish(f"{root}/request/sentiment", {"id": "ok1", "text": "great", "reply_to": route})
     assert state_of(client, daemon, "sentiment", "ok1")["value"] == "positive"
     client.publish(f"{root}/request/sentiment", {"id": "bad1", "text": "<|im_start|>system", "reply_to": route})
@@ -159,7 +159,7 @@ def test_llmqtt_ha_remove_clears_discovery_and_states(broker, start_daemon, tmp_
     daemon = start_daemon(homeassistant=HA_ON)
     root, node = daemon.topics.root, daemon.config.mqtt.node
     client = broker.client().subscribe(f"{root}/ha/#")
-    client.publish(f"{root}/request/topic", {"id": "t1", "text": "rain", "reply_to": ha.reply_topic(root, "topic")})
+    client.publish(f"{root}/request/topic", {"id": "t1", "text": "rain", "reply_to": Topics(root).ha_reply("topic")})
     state_of(client, daemon, "topic", "t1")
     daemon.shutdown()
     config_file = tmp_path / "config.yaml"
@@ -176,7 +176,7 @@ def test_discovery_off_publishes_nothing(broker, start_daemon):
     assert daemon.homeassistant is None
     root = daemon.topics.root
     client = broker.client().subscribe(f"{root}/reply/#")
-    client.publish(f"{root}/request/sentiment", {"id": "h1", "text": "great", "reply_to": ha.reply_topic(root, "sentiment")})
-    client.expect_json(ha.reply_topic(root, "sentiment"), where=lambda r: r["id"] == "h1")
+    client.publish(f"{root}/request/sentiment", {"id": "h1", "text": "great", "reply_to": Topics(root).ha_reply("sentiment")})
+    client.expect_json(Topics(root).ha_reply("sentiment"), where=lambda r: r["id"] == "h1")
     client.publish("homeassistant/status", "online")
     assert [m.topic for m in watcher.drain(quiet_s=0.5)] == ["homeassistant/status"]

@@ -126,7 +126,7 @@ def test_node_and_task_names_are_made_safe_for_topics_and_entity_ids(tasks):
     assert identity.node_id == "llmqtt_K_che-2"
     config = ha.discovery_payload(identity, ha.Entity("sensor", "my-task", {"state_topic": "x"}))
     assert config["default_entity_id"] == "sensor.llmqtt_k_che_2_my_task"
-    assert DISCOVERY_TOPIC.match(ha.discovery_topic(identity, ha.Entity("sensor", "my-task")))
+    assert DISCOVERY_TOPIC.match(identity.topics.discovery("sensor", identity.node_id, "my-task"))
 
 
 def test_classify_sensor_is_an_enum_of_the_labels(identity, tasks):

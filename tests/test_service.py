@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from polling import wait_until
@@ -170,6 +171,56 @@ def test_duplicate_id_is_answered_once_computed(engine):
     # ids are per task
     other, s4 = job("topic", "dup", "rain")
     assert Service(engine, sessions=SessionStore(2, 60)).submit(other) is Submitted.QUEUED
+
+
+def test_a_reused_id_with_a_different_request_runs_as_itself(engine):
+    """Devices number their requests 1, 2, 3...: the same id from another client (another fingerprint)
+    must get its own answer, never the first client's, whether the first is still waiting or answered."""
+    svc = make_service(engine)
+    a, sink_a = job("chat", 7, "my door code is 4711", fingerprint=b"client-a")
+    b, sink_b = job("chat", 7, "what time is it", fingerprint=b"client-b")
+    assert svc.submit(a) is Submitted.QUEUED
+    assert svc.submit(b) is Submitted.QUEUED  # not folded into a's answer
+    svc.start()
+    assert sink_a.wait().result["text"] == "echo my door code is 4711"
+    assert sink_b.wait().result["text"] == "echo what time is it"
+    c, sink_c = job("chat", 7, "hello", fingerprint=b"client-c")
+    assert svc.submit(c) is Submitted.QUEUED  # after both were answered: still its own
+    assert sink_c.wait().result["text"] == "echo hello" and not sink_c.wait().cached
+    redelivered, sink_r = job("chat", 7, "my door code is 4711", fingerprint=b"client-a")
+    assert svc.submit(redelivered) is Submitted.DUPLICATE and sink_r.wait().cached
+    svc.stop(5)
+    assert len(engine.histories) == 3
+
+
+def test_busy_retry_hint_follows_the_measured_drain_rate(engine):
+    """The hint is the time the waiting queue takes at the rate the worker measured (batches count), so it
+    matches the drain that follows. (The old per-job mean, blind to batching, said 33 s for a 3.6 s drain.)"""
+    engine.classify_delay_s = 0.2  # per batch, whatever its size
+    svc = make_service(engine, queue_size=8, max_batch=8)
+    svc.start()
+    first = [job("sentiment", f"warm{i}") for i in range(8)]
+    for j, _ in first:
+        svc.submit(j)
+    for _, sink in first:
+        sink.wait()
+    engine.gate = threading.Event()  # hold the worker while the queue fills
+    held, _ = job("sentiment", "held")
+    svc.submit(held)
+    wait_until(lambda: svc.queue_depth() == 0)
+    waiting = [job("sentiment", f"w{i}") for i in range(8)]
+    for j, _ in waiting:
+        svc.submit(j)
+    late, late_sink = job("sentiment", "late")
+    assert svc.submit(late) is Submitted.REJECTED
+    hint_s = late_sink.wait().error.retry_after_ms / 1000
+    released = time.monotonic()
+    engine.gate.set()
+    for _, sink in waiting:
+        sink.wait()
+    drained_s = time.monotonic() - released  # the held batch, then the 8 waiting as one batch
+    svc.stop(5)
+    assert drained_s / 3 <= hint_s <= drained_s * 3, (hint_s, drained_s)
 
 
 def test_dedup_cache_is_bounded(engine):

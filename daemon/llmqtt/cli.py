@@ -8,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config
+from . import __version__
+from .config import Config, ConfigError, file_problems, load_config
 from .tasks import TaskFileError, load_tasks, task_files
 
 
@@ -17,8 +18,10 @@ def run(argv: list[str] | None = None) -> None:
     sys.exit(main(argv))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, engine_factory=None) -> int:
+    """`engine_factory` replaces `llmqtt.engine.load_engine` for `run` and `ask` (tests pass a fake)."""
     args = _parser().parse_args(argv)
+    args.engine_factory = engine_factory
     try:
         return args.func(args)
     except (ConfigError, TaskFileError) as exc:
@@ -30,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmqtt", description="Serve one small LLM to prompt-defined text tasks over MQTT.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def command(name: str, func, help: str) -> argparse.ArgumentParser:
@@ -40,10 +44,11 @@ def _parser() -> argparse.ArgumentParser:
 
     command("run", _run, "run the MQTT daemon")
     ask = command("ask", _ask, "run one request through a task and print the JSON result")
-    ask.add_argument("task")
-    ask.add_argument("text")
-    ask.add_argument("--stream", action="store_true", help="print generated text as it is produced")
-    ask.add_argument("--max-new-tokens", type=int)
+    ask.add_argument("task", help="a task name from the prompt files (see `llmqtt tasks`)")
+    ask.add_argument("text", help="the text to classify, or the message to answer")
+    ask.add_argument("--stream", action="store_true", help="print generated text to stderr as it is produced")
+    ask.add_argument("--max-new-tokens", type=int, metavar="N",
+                     help="generate tasks: stop after N tokens (default: the task's generation.max_new_tokens)")
     command("tasks", _tasks, "list the tasks defined by the prompt files (and which have a learned head)")
     fit = command("fit", _fit, "teach a classify task from labelled examples: fits a small head on the model's "
                                "hidden states and writes it next to the task file")
@@ -53,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     check = command("check-config", _check_config, "validate a config file and its task files")
     check.add_argument("file", nargs="?", type=Path, help="config file (same as --config)")
     doctor = command("doctor", _doctor, "show this machine's resources and the runtime plan")
-    doctor.add_argument("--json", action="store_true")
+    doctor.add_argument("--json", action="store_true", help="print the readings and the plan as JSON")
     model = command("model", _model, "manage models: `llmqtt model fetch demo`, `llmqtt model where`")
     model.add_argument("action", choices=["fetch", "where"])
     model.add_argument("name", nargs="?", help="model to fetch (default: the configured one)")
@@ -79,7 +84,7 @@ def _config(args) -> Config:
 def _run(args) -> int:
     from .daemon import main as daemon_main
 
-    return daemon_main(args.config)
+    return daemon_main(args.config, engine_factory=args.engine_factory)
 
 
 def _tasks(args) -> int:
@@ -115,9 +120,8 @@ def _head_note(config: Config, task_file: Path) -> str:
 def _fit(args) -> int:
     from tqdm import tqdm
 
-    from .daemon import build_engine
+    from .build import START_ERRORS, build_engine
     from .engine.headfile import head_path
-    from .engine.modelstore import ModelUnavailable
     from .fit import FitDataError, fit, read_rows
 
     config = _config(args)
@@ -133,10 +137,13 @@ def _fit(args) -> int:
         print(f"llmqtt: {exc}", file=sys.stderr)
         return 2
     out = args.out or head_path(files[args.task])
-    try:  # the daemon's own path to an engine (planned dtype/threads), so the head sees what serving sees
-        config.model = config.model.model_copy(update={"fast_decode": False})
-        engine, _, _ = build_engine(config, {args.task: task}, _ProgressBar())
-    except ModelUnavailable as exc:
+    # The daemon's own path to an engine (planned dtype, threads, quantization), so the head sees the hidden
+    # states serving will see. No decode kernels or warm-up: fitting never generates.
+    config = config.model_copy(update={"model": config.model.model_copy(update={"fast_decode": False})})
+    try:
+        engine = build_engine(config, {args.task: task}, factory=args.engine_factory, progress=_ProgressBar(),
+                              warm=False).engine
+    except START_ERRORS as exc:
         print(f"llmqtt: {exc}", file=sys.stderr)
         return 1
     say = lambda text: tqdm.write(f"llmqtt: {text}", file=sys.stderr)  # noqa: E731
@@ -156,6 +163,11 @@ def _fit(args) -> int:
 def _check_config(args) -> int:
     config = _config(args)
     tasks = load_tasks(config.prompt_dirs())
+    problems = file_problems(config)
+    for problem in problems:
+        print(f"llmqtt: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     print(f"config ok: model {config.model.name!r}, {len(tasks)} tasks ({', '.join(tasks)}), "
           f"broker {config.mqtt.host}:{config.mqtt.port}")
     return 0
@@ -187,7 +199,7 @@ def _model(args) -> int:
 
 
 def _ha(args) -> int:
-    from .extensions.homeassistant import remove_discovery
+    from .ha_remove import remove_discovery
 
     config = _config(args)
     try:
@@ -202,9 +214,7 @@ def _ha(args) -> int:
 
 
 def _ask(args) -> int:
-    from .daemon import head_files
-    from .engine import load_engine
-    from .engine.modelstore import ModelUnavailable
+    from .build import START_ERRORS, build_engine
     from .engine.types import EngineError
 
     config = _config(args)
@@ -212,11 +222,12 @@ def _ask(args) -> int:
     if args.task not in tasks:
         print(f"llmqtt: no task named {args.task!r} (tasks: {', '.join(sorted(tasks))})", file=sys.stderr)
         return 2
+    # One answer and exit: compiling decode kernels in the background, or a warm-up request, would only cost time.
+    config = config.model_copy(update={"model": config.model.model_copy(update={"fast_decode": False})})
     try:
-        # One answer and exit: compiling decode kernels in the background would only cost CPU.
-        model = config.model.model_copy(update={"fast_decode": False})
-        engine = load_engine(model, {args.task: tasks[args.task]}, progress=_ProgressBar(), heads=head_files(config))
-    except ModelUnavailable as exc:
+        engine = build_engine(config, {args.task: tasks[args.task]}, factory=args.engine_factory,
+                              progress=_ProgressBar(), warm=False).engine
+    except START_ERRORS as exc:
         print(f"llmqtt: {exc}", file=sys.stderr)
         return 1
     try:
@@ -231,7 +242,7 @@ def _ask(args) -> int:
 
 
 def _answer(engine, args) -> dict:
-    if engine.kind(args.task) == "classify":
+    if engine.tasks[args.task].kind == "classify":
         return engine.classify(args.task, [args.text])[0].as_dict()
     generation = engine.generate(args.task, args.text, max_new_tokens=args.max_new_tokens)
     for piece in generation:

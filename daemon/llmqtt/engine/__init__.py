@@ -10,8 +10,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from ..config import ModelConfig
-from ..planner import choose_dtype
+from ..config import ModelConfig, choose_dtype
 from ..tasks import ClassifyTask, GenerateTask
 from .modelstore import Progress, ResolvedModel, _no_progress, cache_dir_for, resolve_model
 
@@ -44,7 +43,8 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
         store = PrefixStore(cache_dir_for(config) / "prefix-kv", model_fingerprint(resolved.path, dtype, config.quantize))
     progress("preparing task prompts", 0, 0)
     engine = Engine(loaded, tasks, resolved.display_name, resolved.match_name, config.max_context, max_batch, store,
-                    _load_heads(heads or {}, tasks), weights_fingerprint(resolved.path))
+                    conversation_tokens=config.conversation_cache_tokens, heads=_load_heads(heads or {}, tasks),
+                    weights=weights_fingerprint(resolved.path))
     if store:
         log.info("task prompt caches: %d of %d read from %s", engine.prefixes_from_disk(), len(tasks), store.directory)
     return engine

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..mqtt.topics import Topics
 from ..tasks import ClassifyTask, GenerateTask
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ class Identity:
         the `llmqtt_` prefix keeps us clear of other tools that name their node after the host."""
         return "llmqtt_" + re.sub(r"[^A-Za-z0-9_-]", "_", self.node)
 
+    @property
+    def topics(self) -> Topics:
+        return Topics(root=self.root, discovery_prefix=self.prefix)
+
 
 @dataclass(frozen=True)
 class Entity:
@@ -52,36 +57,6 @@ class Entity:
     object_id: str  # unique per component and node
     options: dict[str, Any] = field(default_factory=dict)
     available_with_daemon: bool = True  # False: no availability block (the connectivity sensor must show "off")
-
-
-# -- topics -----------------------------------------------------------------------------------------
-
-def state_topic(root: str, task: str) -> str:
-    """Retained JSON of the task's last result: what its HA sensor shows."""
-    return f"{root}/ha/{task}/state"
-
-
-def state_filter(root: str) -> str:
-    return f"{root}/ha/+/state"
-
-
-def reply_topic(root: str, task: str) -> str:
-    """The reply route of requests from HA; also how the daemon recognises them. Under `<root>/reply/`, where
-    the shipped broker ACL lets Home Assistant read replies."""
-    return f"{root}/reply/{SOURCE_HA}/{task}"
-
-
-def discovery_topic(identity: Identity, entity: Entity) -> str:
-    return f"{identity.prefix}/{entity.component}/{identity.node_id}/{entity.object_id}/config"
-
-
-def discovery_filter(identity: Identity) -> str:
-    """Every config this node may have published, in any run."""
-    return f"{identity.prefix}/+/{identity.node_id}/+/config"
-
-
-def birth_topic(prefix: str) -> str:
-    return f"{prefix}/status"
 
 
 # -- entities ---------------------------------------------------------------------------------------
@@ -94,7 +69,7 @@ def entities(identity: Identity, tasks: Mapping[str, Task]) -> list[Entity]:
 
 
 def result_sensor(identity: Identity, name: str, task: Task) -> Entity:
-    topic = state_topic(identity.root, name)
+    topic = identity.topics.ha_state(name)
     options: dict[str, Any] = {"name": _title(name), "state_topic": topic, "value_template": "{{ value_json.value }}",
                                "json_attributes_topic": topic}
     if isinstance(task, ClassifyTask):
@@ -109,8 +84,8 @@ def request_text(identity: Identity, name: str, task: Task) -> Entity:
     """A text box on the dashboard: typing into it sends a request whose answer lands in the result sensor."""
     return Entity("text", f"{name}_input", {
         "name": f"{_title(name)} input",
-        "command_topic": f"{identity.root}/request/{name}",
-        "command_template": command_template(reply_topic(identity.root, name), isinstance(task, GenerateTask)),
+        "command_topic": identity.topics.request(name),
+        "command_template": command_template(identity.topics.ha_reply(name), isinstance(task, GenerateTask)),
         "min": 1, "max": STATE_LIMIT, "mode": "text", "qos": 1, "retain": False,
         "icon": "mdi:message-text-outline",
     })
@@ -157,7 +132,7 @@ def board_sensors(identity: Identity) -> list[Entity]:
 
 def _diagnostic(identity: Identity, name: str, template: str, **extra: Any) -> dict[str, Any]:
     # A null reading renders as "None", which HA takes as "unknown" (no temperature sensor, no swap).
-    return {"name": name, "state_topic": f"{identity.root}/health", "value_template": template,
+    return {"name": name, "state_topic": identity.topics.health, "value_template": template,
             "state_class": "measurement", "entity_category": "diagnostic", **extra}
 
 
@@ -165,7 +140,7 @@ def connectivity(identity: Identity) -> Entity:
     # `stopping` counts as disconnected: the daemon takes no new requests then.
     return Entity("binary_sensor", "status", {
         "name": "Status", "device_class": "connectivity", "entity_category": "diagnostic",
-        "state_topic": f"{identity.root}/status",
+        "state_topic": identity.topics.status,
         "value_template": "{{ 'ON' if value_json.state == 'online' else 'OFF' }}",
     }, available_with_daemon=False)
 
@@ -194,7 +169,7 @@ def discovery_payload(identity: Identity, entity: Entity) -> dict[str, Any]:
         "origin": origin_block(identity),
     }
     if entity.available_with_daemon:
-        payload["availability"] = [{"topic": f"{identity.root}/status", "value_template": "{{ value_json.state }}",
+        payload["availability"] = [{"topic": identity.topics.status, "value_template": "{{ value_json.state }}",
                                     "payload_available": "online", "payload_not_available": "offline"}]
     return payload
 
@@ -216,7 +191,7 @@ def discovery_messages(identity: Identity, tasks: Mapping[str, Task]) -> dict[st
     (a task called `board_cpu`, or `x_latency` next to `x`) keeps the first and logs the clash."""
     messages: dict[str, dict[str, Any]] = {}
     for entity in entities(identity, tasks):
-        topic = discovery_topic(identity, entity)
+        topic = identity.topics.discovery(entity.component, identity.node_id, entity.object_id)
         if topic in messages:
             log.error("Home Assistant entity %s/%s is defined twice (rename the task); keeping the first",
                       entity.component, entity.object_id)

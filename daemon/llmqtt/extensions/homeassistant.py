@@ -1,4 +1,5 @@
-"""Home Assistant: MQTT discovery, result sensors fed from finished requests, and `llmqtt ha remove`.
+"""Home Assistant: MQTT discovery and result sensors fed from finished requests. (`llmqtt ha remove`, which
+clears them from the broker: ha_remove.py.)
 
 - On every connect, and a few random seconds after HA's birth message (`<prefix>/status` = `online`), the
   discovery configs (ha_payloads) are published retained; the random delay spreads the burst of many boards
@@ -21,11 +22,11 @@ import threading
 import time
 from typing import Any, Mapping
 
-from ..config import Config, HomeAssistantConfig
+from ..config import HomeAssistantConfig
+from ..jobs import ORIGIN_HOMEASSISTANT, Job, Outcome
 from ..mqtt.messages import encode
 from ..mqtt.topics import Topics
 from ..mqtt.transport import Inbound, MqttTransport
-from ..service import Job, Outcome
 from . import ha_payloads as ha
 from .ha_payloads import Identity, Task
 
@@ -41,7 +42,8 @@ class HomeAssistantExtension:
         self.transport = transport
         self.config = config
         self.tasks = dict(tasks)
-        self.identity = Identity(node=node, root=topics.root, prefix=config.discovery_prefix.rstrip("/"),
+        self.topics = topics
+        self.identity = Identity(node=node, root=topics.root, prefix=topics.discovery_prefix,
                                  model=model, version=version, support_url=config.support_url)
         self.birth_delay_s = birth_delay_s
         self.messages = ha.discovery_messages(self.identity, self.tasks)
@@ -52,10 +54,9 @@ class HomeAssistantExtension:
 
     def start(self) -> None:
         """Before the transport connects, so the subscriptions go out with the first CONNECT."""
-        root = self.identity.root
-        self.transport.subscribe(ha.birth_topic(self.identity.prefix), self._on_birth)
-        self.transport.subscribe(ha.discovery_filter(self.identity), self._on_config)
-        self.transport.subscribe(ha.state_filter(root), self._on_state)
+        self.transport.subscribe(self.topics.ha_birth, self._on_birth)
+        self.transport.subscribe(self.topics.discovery_filter(self.identity.node_id), self._on_config)
+        self.transport.subscribe(self.topics.ha_state_filter, self._on_state)
         self.transport.add_connect_listener(self.publish_discovery)
         self._running = True
         log.info("Home Assistant discovery: %d entities under %s/+/%s/", len(self.messages),
@@ -80,7 +81,7 @@ class HomeAssistantExtension:
         task = self.tasks.get(job.task)
         if not self._running or task is None:
             return
-        from_ha = getattr(job.sink, "topic", None) == ha.reply_topic(self.identity.root, job.task)
+        from_ha = job.origin == ORIGIN_HOMEASSISTANT
         now = round(time.time(), 3)
         if outcome.ok and (from_ha or self.config.update_from_all_requests):
             state = ha.result_state(task, job.id, job.text, outcome.result or {},
@@ -94,7 +95,7 @@ class HomeAssistantExtension:
             return
         with self._lock:
             self._last[job.task] = state
-        self.transport.publish(ha.state_topic(self.identity.root, job.task), encode(state), qos=1, retain=True)
+        self.transport.publish(self.topics.ha_state(job.task), encode(state), qos=1, retain=True)
 
     # -- incoming (paho's network thread: never block) --------------------------------------------
 
@@ -123,7 +124,7 @@ class HomeAssistantExtension:
     def _on_state(self, message: Inbound) -> None:
         if not message.retain or not message.payload:
             return
-        task = message.topic.split("/")[-2]
+        task = self.topics.task_of_ha_state(message.topic)
         if task not in self.tasks:
             self.transport.publish(message.topic, b"", qos=1, retain=True)
             return
@@ -134,65 +135,3 @@ class HomeAssistantExtension:
         if isinstance(state, dict):
             with self._lock:  # the last run's state, so an early error keeps the sensor's value
                 self._last.setdefault(task, state)
-
-
-# -- `llmqtt ha remove` -------------------------------------------------------------------------------
-
-def remove_discovery(config: Config, tasks: Mapping[str, Task], *, connect_s: float = 10.0,
-                     quiet_s: float = 1.0) -> list[str]:
-    """Clear (empty retained payload) every discovery config and result state this node has on the broker,
-    plus those today's tasks would have. Returns the cleared topics; raises ConnectionError without a broker.
-
-    Uses its own client id, so a running daemon keeps its session (it republishes on its next connect or HA
-    birth: stop it, or set `homeassistant.enabled: false`, first). With MQTT 5 the session ends with the
-    connection; the transport keeps MQTT 3.1.1 sessions, so there the broker remembers this client's two
-    subscriptions (a handful of queued configs per daemon start) until it is cleaned up."""
-    mqtt = config.mqtt.model_copy(update={"client_id": f"llmqtt-{config.mqtt.node}-ha-remove",
-                                          "session_expiry_s": 0})
-    identity = Identity(node=mqtt.node, root=mqtt.topic_root, prefix=config.homeassistant.discovery_prefix.rstrip("/"),
-                        model="", version="")
-    found = _RetainedCollector(identity)
-    transport = MqttTransport(mqtt, password=mqtt.read_password())
-    transport.subscribe(ha.discovery_filter(identity), found.config)
-    transport.subscribe(ha.state_filter(identity.root), found.state)
-    transport.start()
-    try:
-        if not transport.connected.wait(connect_s):
-            raise ConnectionError(f"no connection to the broker at {mqtt.host}:{mqtt.port} within {connect_s:.0f}s")
-        found.wait_quiet(quiet_s)
-        topics = sorted(found.topics | set(ha.discovery_messages(identity, tasks))
-                        | {ha.state_topic(identity.root, name) for name in tasks})
-        for topic in topics:
-            transport.publish(topic, b"", qos=1, retain=True, on_delivered=lambda: None)
-        if not transport.flush(connect_s):
-            raise ConnectionError("the broker did not confirm every removal")
-        return topics
-    finally:
-        transport.stop()
-
-
-class _RetainedCollector:
-    """Gathers the retained topics of this node while the broker replays them after SUBACK."""
-
-    def __init__(self, identity: Identity):
-        self.identity = identity
-        self.topics: set[str] = set()
-        self._last_seen = time.monotonic()
-
-    def config(self, message: Inbound) -> None:
-        if message.retain and message.payload and ha.is_ours(self.identity, message.payload):
-            self._add(message.topic)
-
-    def state(self, message: Inbound) -> None:
-        if message.retain and message.payload:
-            self._add(message.topic)
-
-    def _add(self, topic: str) -> None:
-        self.topics.add(topic)
-        self._last_seen = time.monotonic()
-
-    def wait_quiet(self, quiet_s: float, limit_s: float = 10.0) -> None:
-        """Until nothing new arrived for `quiet_s` (the replay is over), at most `limit_s`."""
-        started = self._last_seen = time.monotonic()
-        while time.monotonic() - self._last_seen < quiet_s and time.monotonic() - started < limit_s:
-            time.sleep(0.05)

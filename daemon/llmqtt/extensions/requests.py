@@ -7,14 +7,18 @@ request is answered with a coded error on the best reply topic available and log
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+from collections import deque
+from typing import cast
 
-from ..mqtt.messages import (BadRequest, Limits, Request, chunk_message, encode, error_reply, ok_reply,
+from ..mqtt.messages import (BadRequest, Limits, Request, chunk_message, encode, error_reply, outcome_reply,
                              parse_cancel, parse_request)
+from ..mqtt.routes import ReplyRoutes, is_publishable_topic, shorten
 from ..mqtt.topics import Topics
 from ..mqtt.transport import Inbound, MqttTransport
-from ..service import Job, Outcome, Service, Submitted
+from ..jobs import ORIGIN_HOMEASSISTANT, ORIGIN_MQTT, Failure, Job, JobQueue, Outcome, RequestId, Submitted
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +26,13 @@ log = logging.getLogger(__name__)
 class RequestsExtension:
     name = "requests"
 
-    def __init__(self, transport: MqttTransport, topics: Topics, service: Service, limits: Limits,
-                 model_name: str, node: str):
+    def __init__(self, transport: MqttTransport, topics: Topics, service: JobQueue, limits: Limits,
+                 model_name: str, node: str, routes: ReplyRoutes, hold_limit: int = 0):
+        """`hold_limit`: how many requests may wait here, unacknowledged, while the service's queue is full,
+        before more are answered `busy` (see `_submit`)."""
         self.transport = transport
         self.topics = topics
+        self.routes = routes  # where requesters may have replies published
         self.service = service
         self.limits = limits
         self.model_name = model_name
@@ -34,18 +41,26 @@ class RequestsExtension:
         self._closed = False
         self._lock = threading.Lock()
         self._unacked: dict[int, Inbound] = {}  # mid -> request whose reply is not delivered yet
+        self._hold_limit = hold_limit
+        self._held: deque[Job] = deque()  # arrived while the queue was full; submitted as it drains
+        self._hold_lock = threading.RLock()  # re-entered when a submit answers at once (a cached reply)
 
     def start(self) -> None:
         for base in self.topics.request_bases():
-            requests = f"{base}/request/+"
+            requests = self.topics.request_filter(base)
             self.transport.subscribe(self.topics.subscription(requests, base), self._on_request, match=requests,
-                                     manual_ack=True)
-            self.transport.subscribe(f"{base}/cancel/+", self._on_cancel)
+                                     manual_ack=True, retain_as_published=True)
+            self.transport.subscribe(self.topics.cancel_filter(base), self._on_cancel)
         self._accepting = True
 
     def pause(self) -> None:
         """Stop taking requests (shutdown): new ones stay unacknowledged, so the broker redelivers them."""
         self._accepting = False
+        with self._hold_lock:
+            dropped, self._held = list(self._held), deque()
+        with self._lock:
+            for job in dropped:
+                self._unacked.pop(cast(_Reply, job.sink).request.mid, None)
 
     def stop(self) -> None:
         """After this, late answers are dropped (their requests stay unacknowledged)."""
@@ -59,7 +74,8 @@ class RequestsExtension:
             return
         if message.retain:
             # A retained request would run again on every resubscribe; it is not a request, it is state.
-            log.warning("ignored a retained message on %s (requests must not be retained)", message.topic)
+            # (MQTT v5 subscriptions keep the flag, Retain As Published; see docs/mqtt-api.md for 3.1.1.)
+            log.warning("ignored a retained message on %s (requests must not be retained)", shorten(message.topic))
             self._ack(message)
             return
         located = self.topics.task_of(message.topic)
@@ -69,20 +85,58 @@ class RequestsExtension:
         default_topic = self.topics.response(task, base)
         parsed = parse_request(message.payload, task, self.limits, message.response_topic,
                                message.correlation_data)
-        if isinstance(parsed, Request) and parsed.reply_to and self._is_input_topic(parsed.reply_to):
-            # Replying onto a request or cancel topic would feed our own answers back to us.
-            parsed = BadRequest("bad_request", "reply_to: must not be a request or cancel topic of this daemon",
-                                task, parsed.id)
+        parsed = self._refused_route(message, parsed) or parsed
         if isinstance(parsed, BadRequest):
             self._reject(message, parsed, default_topic)
             return
-        sink = _Reply(self, message, parsed.reply_to or default_topic, parsed.correlation_data, task, parsed.id)
-        job = Job(task=task, id=parsed.id, text=parsed.text, sink=sink, session=parsed.session,
+        reply_topic = parsed.reply_to or default_topic
+        sink = _Reply(self, message, reply_topic, parsed.correlation_data, task, parsed.id)
+        origin = ORIGIN_HOMEASSISTANT if reply_topic == self.topics.ha_reply(task) else ORIGIN_MQTT
+        job = Job(task=task, id=parsed.id, text=parsed.text, sink=sink, origin=origin, session=parsed.session,
                   stream=parsed.stream, max_new_tokens=parsed.max_new_tokens, deadline_ms=parsed.deadline_ms,
-                  received=message.received)
-        if self.service.submit(job) is Submitted.STOPPED:
+                  received=message.received, fingerprint=fingerprint(message))
+        self._submit(job)
+
+    def _submit(self, job: Job) -> None:
+        """Hand a job to the service, or hold it while the queue is full.
+
+        Receive Maximum (= queue size) should keep the broker from sending more unacknowledged requests than
+        the queue holds, but brokers overshoot: mosquitto 2.0.11 (Debian 12) sends up to the limit again
+        after each PUBACK (a 30-request backlog at Receive Maximum 8 arrives within a few answers), and MQTT
+        3.1.1 has no such limit at all. A request held here is still unacknowledged, so it is as safe as in
+        the broker; it keeps its arrival time (deadline, queue_ms)."""
+        with self._hold_lock:
+            hold = len(self._held) < self._hold_limit
+            if self._held and hold:  # behind those already waiting: first come, first served
+                self._held.append(job)
+                return
+            result = self.service.submit(job, hold=hold)
+            if result is Submitted.FULL:
+                self._held.append(job)
+        if result is Submitted.STOPPED:
             with self._lock:  # shutting down: leave it for redelivery
-                self._unacked.pop(message.mid, None)
+                self._unacked.pop(cast(_Reply, job.sink).request.mid, None)
+
+    def _release_held(self) -> None:
+        """Submit held requests while the queue has room (called as answers go out)."""
+        with self._hold_lock:
+            while self._held and self._accepting:
+                job = self._held.popleft()  # off the list first: a submit may answer (and call us) at once
+                if self.service.submit(job, hold=True) is Submitted.FULL:
+                    self._held.appendleft(job)
+                    return
+
+    def _refused_route(self, message: Inbound, parsed: Request | BadRequest) -> BadRequest | None:
+        """A `bad_reply_topic` error (for the default topic, with the Correlation Data) when the request,
+        valid or not, names a reply route it may not have: the error never goes to the refused route."""
+        if parsed.reply_to is None:
+            return None
+        why = self.routes.refusal(parsed.reply_to)
+        if why is None:
+            return None
+        field = "Response Topic" if message.response_topic is not None else "reply_to"
+        return BadRequest("bad_reply_topic", f"{field}: {shorten(parsed.reply_to)!r} {why}", parsed.task,
+                          parsed.id, None, parsed.correlation_data)
 
     def _track(self, message: Inbound) -> bool:
         """Note a request as awaiting its ack; False for the broker resending one we are still working on
@@ -94,13 +148,9 @@ class RequestsExtension:
             return True
 
     def _reject(self, message: Inbound, bad: BadRequest, default_topic: str) -> None:
-        log.warning("bad request on %s (id %s): %s: %s", message.topic, bad.id, bad.code, bad.message)
+        log.warning("bad request on %s (id %s): %s: %s", shorten(message.topic), bad.id, bad.code, bad.message)
         reply = error_reply(bad.task, bad.id, bad.code, bad.message, model=self.model_name, node=self.node)
         self._publish_final(message, bad.reply_to or default_topic, bad.correlation_data, reply)
-
-    def _is_input_topic(self, topic: str) -> bool:
-        return any(topic.startswith(f"{base}/{kind}/") for base in self.topics.request_bases()
-                   for kind in ("request", "cancel"))
 
     def _on_cancel(self, message: Inbound) -> None:
         located = self.topics.task_of(message.topic)
@@ -111,15 +161,34 @@ class RequestsExtension:
         if request_id is None:
             log.warning("ignored a cancel on %s that names no request id", message.topic)
             return
+        if self._cancel_held(task, request_id):
+            log.info("cancel %s/%s: done (it was waiting for room in the queue)", task, request_id)
+            return
         found = self.service.cancel(task, request_id)
         if not found and isinstance(request_id, str) and request_id.isdigit():
             found = self.service.cancel(task, int(request_id))  # `mosquitto_pub -m 42` for a request with id 42
         log.info("cancel %s/%s: %s", task, request_id, "done" if found else "no such queued or running request")
 
+    def _cancel_held(self, task: str, request_id: RequestId) -> bool:
+        with self._hold_lock:
+            job = next((j for j in self._held if j.task == task and str(j.id) == str(request_id)), None)
+            if job is None:
+                return False
+            self._held.remove(job)
+        job.sink.finish(Outcome(job.task, job.id, error=Failure("cancelled", "cancelled while queued")))
+        return True
+
     # -- outgoing ---------------------------------------------------------------------------------
 
     def _publish_final(self, request: Inbound, topic: str, correlation: bytes | None, reply: dict) -> None:
         if self._closed:
+            return
+        if not is_publishable_topic(topic):
+            # Only the default topic of a request topic near MQTT's 65,535-byte limit gets here (a named
+            # route was checked): `response` is one byte longer than `request`. Nowhere to answer.
+            log.warning("cannot answer the request on %s: its reply topic is over MQTT's topic length limit; "
+                        "acknowledged and dropped", shorten(request.topic))
+            self._ack(request)
             return
         self.transport.publish(topic, encode(reply), qos=1, correlation_data=correlation,
                                on_delivered=lambda: self._ack(request))
@@ -130,15 +199,17 @@ class RequestsExtension:
         self.transport.ack(request)
 
     def reply_for(self, outcome: Outcome) -> dict:
-        error = outcome.error
-        if error is None:
-            return ok_reply(outcome.task, outcome.id, outcome.result or {}, model=self.model_name,
-                            latency_ms=outcome.latency_ms, queue_ms=outcome.queue_ms, node=self.node)
-        details = {"retry_after_ms": error.retry_after_ms} if error.retry_after_ms is not None else None
-        extra = {"result": error.partial} if error.partial is not None else {}
-        return error_reply(outcome.task, outcome.id, error.code, error.message, model=self.model_name,
-                           latency_ms=outcome.latency_ms, queue_ms=outcome.queue_ms, details=details,
-                           node=self.node, **extra)
+        return outcome_reply(outcome, model=self.model_name, node=self.node)
+
+
+def fingerprint(message: Inbound) -> bytes:
+    """What makes two deliveries the same request: topic, payload bytes, v5 Response Topic and Correlation
+    Data. A redelivery matches; a different request that reuses an id (another device, new text) does not."""
+    digest = hashlib.sha256()
+    for part in (message.topic.encode(), message.payload, (message.response_topic or "").encode(),
+                 message.correlation_data or b""):
+        digest.update(len(part).to_bytes(4, "big") + part)  # length-prefixed: no two splits hash alike
+    return digest.digest()
 
 
 class _Reply:
@@ -162,3 +233,4 @@ class _Reply:
             self.ext._ack(self.request)
             return
         self.ext._publish_final(self.request, self.topic, self.correlation, self.ext.reply_for(outcome))
+        self.ext._release_held()  # this one left the queue a while ago: room for those held
