@@ -68,6 +68,8 @@ def mini_result(tiny_model_dir, repo_root, tmp_path_factory):
     return runner.run(Config.model_validate(settings), runner.MINI, show_progress=False)
 
 
+# Every section, six start-up subprocesses and a `llmqtt fit`: past pytest's 600 s on a loaded 2-core machine.
+@pytest.mark.timeout(1500)
 def test_mini_bench_covers_every_section(mini_result):
     from llmqtt.bench.runner import MINI
 
@@ -104,6 +106,7 @@ def test_mini_bench_covers_every_section(mini_result):
     assert r["llama_cpp"]["available"] in (True, False)
 
 
+@pytest.mark.timeout(1500)
 def test_mini_bench_writes_json_markdown_and_plot(mini_result, tmp_path):
     from llmqtt.bench import report, targets
 
@@ -136,7 +139,7 @@ def test_refused_text_counts_as_no_label_and_wrong():
     class LongTextRefusingEngine:
         tasks = {"s": type("Task", (), {"labels": {"positive": ["positive"], "negative": ["negative"]}})()}
 
-        def classify(self, task, texts):
+        def classify(self, task, texts, use_head=True):
             if any(len(t) > 10 for t in texts):
                 raise TextTooLong("too long")
             return [Classification("positive", 0.9, {"positive": 0.9, "negative": 0.1}) for _ in texts]
@@ -167,3 +170,17 @@ def test_a_missed_target_is_explained_with_this_runs_numbers():
     burst_target = by_name["burst of 64 vs seeds' throughput (c/a)"]
     assert burst_target["met"] is False and "1.25x" in burst_target["why"] and "25 % padding" in burst_target["why"]
     assert by_name["sentiment accuracy, Chinese"]["met"] is None  # not measured: no reason, no crash
+
+
+def test_fit_file_holds_dev_rows_only(repo_root, tmp_path):
+    from llmqtt.bench.data import FIT_FILE, FIT_ROWS, load_fit_rows, load_rows
+
+    data = repo_root / "bench" / "data"
+    tests = [data / f"sentiment-{lang}.jsonl" for lang in ("en", "zh")]
+    fit = load_fit_rows(data / FIT_FILE, tests)  # raises if any row is a test row
+    assert {lang: sum(r.lang == lang for r in fit.rows) for lang in FIT_ROWS} == FIT_ROWS
+    leaked = tmp_path / "fit.jsonl"
+    test_row = load_rows(tests[0], "test")[0]
+    leaked.write_text(json.dumps({**test_row.__dict__, "split": "dev", "lang": "en"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="test split"):
+        load_fit_rows(leaked, tests)

@@ -92,9 +92,9 @@ def test_logistic_regression_and_temperature_recover_a_known_rule():
 
 def test_fit_save_load_serve(tiny_model_dir, setup, tmp_path, capsys):
     _, prompts, config, data = setup
-    assert cli.main(["fit", "mood", str(data), "--config", str(config)]) == 0
+    assert cli.main(["fit", "mood", str(data), "--test", str(data), "--config", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "cross-validated accuracy" in out
+    assert "cross-validated accuracy" in out and "on 60 held-out rows" in out and "with the head" in out
     path = head_path(prompts / "mood.yaml")
     meta = read_meta(path)
     assert meta["rows"] == 60 and meta["labels"] == ["positive", "negative"] and meta["cv_accuracy"] >= 0.9

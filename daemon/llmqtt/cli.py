@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("task")
     fit.add_argument("data", type=Path, help='labelled rows, one JSON object a line: {"text": ..., "label": ...}')
     fit.add_argument("--out", type=Path, help="head file to write (default: <task file>.head.safetensors beside it)")
+    fit.add_argument("--test", type=Path, metavar="HELD_OUT.jsonl",
+                     help="rows kept out of fitting: prints the prompt's and the head's accuracy on them")
     check = command("check-config", _check_config, "validate a config file and its task files")
     check.add_argument("file", nargs="?", type=Path, help="config file (same as --config)")
     doctor = command("doctor", _doctor, "show this machine's resources and the runtime plan")
@@ -122,7 +124,7 @@ def _fit(args) -> int:
 
     from .build import START_ERRORS, build_engine
     from .engine.headfile import head_path
-    from .fit import FitDataError, fit, read_rows
+    from .fit import FitDataError, fit, held_out_accuracy, read_rows
 
     config = _config(args)
     tasks, files = load_tasks(config.prompt_dirs()), task_files(config.prompt_dirs())
@@ -133,6 +135,7 @@ def _fit(args) -> int:
         return 2
     try:
         rows = read_rows(args.data, list(task.labels))
+        test = read_rows(args.test, list(task.labels), min_per_label=1) if args.test else []
     except FitDataError as exc:
         print(f"llmqtt: {exc}", file=sys.stderr)
         return 2
@@ -146,17 +149,21 @@ def _fit(args) -> int:
     except START_ERRORS as exc:
         print(f"llmqtt: {exc}", file=sys.stderr)
         return 1
-    say = lambda text: tqdm.write(f"llmqtt: {text}", file=sys.stderr)  # noqa: E731
     digest = hashlib.sha256(args.data.read_bytes()).hexdigest()
     info = {"model": engine.model_name, "fingerprint": engine.weights, "scheme": engine.dtype,
             "data": {"file": args.data.name, "sha256": digest}}
-    with tqdm(total=len(rows), desc=f"fit {args.task}", unit="rows", file=sys.stderr) as bar:
-        result = fit(engine, args.task, rows, info, tick=bar.update, say=say)
+    bar = tqdm(total=len(rows), desc=f"fit {args.task}", unit="rows", file=sys.stderr)
+    say = lambda text: print(f"llmqtt: {text}", file=sys.stderr)  # noqa: E731
+    result = fit(engine, args.task, rows, info, tick=bar.update, say=say, collected=bar.close)
     result.head.save(out)
     meta = result.head.meta
     print(f"{args.task}: head on {result.head.features.describe()} (C={meta['C']}, temperature "
           f"{meta['temperature']}), cross-validated accuracy {100 * result.cv_accuracy:.1f} % on {meta['rows']} "
           f"rows ({meta['rows_per_s']} rows/s through the model); written to {out}")
+    if test:
+        acc = held_out_accuracy(engine, args.task, result.head, test)
+        print(f"{args.task}: on {len(test)} held-out rows ({args.test.name}): prompt alone {100 * acc['prompt']:.1f} %, "
+              f"with the head {100 * acc['head']:.1f} %")
     return 0
 
 

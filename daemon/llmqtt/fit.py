@@ -34,7 +34,7 @@ class LabelledText:
     line: int
 
 
-def read_rows(path: Path, labels: Sequence[str]) -> list[LabelledText]:
+def read_rows(path: Path, labels: Sequence[str], min_per_label: int = MIN_ROWS_PER_LABEL) -> list[LabelledText]:
     """Rows `{"text": ..., "label": ...}`, one JSON object a line; blank lines are skipped, extra keys kept
     out. Raises FitDataError on the first line that is not such a row."""
     try:
@@ -61,9 +61,9 @@ def read_rows(path: Path, labels: Sequence[str]) -> list[LabelledText]:
     if not rows:
         raise FitDataError("empty", f"{path}: no rows")
     counts = {label: sum(r.label == label for r in rows) for label in labels}
-    few = {label: n for label, n in counts.items() if n < MIN_ROWS_PER_LABEL}
+    few = {label: n for label, n in counts.items() if n < min_per_label}
     if few:
-        raise FitDataError("too_few_rows", f"{path}: every label needs at least {MIN_ROWS_PER_LABEL} rows; "
+        raise FitDataError("too_few_rows", f"{path}: every label needs at least {min_per_label} rows; "
                                            + ", ".join(f"{label!r} has {n}" for label, n in few.items()))
     return rows
 
@@ -119,7 +119,8 @@ def collect(scorer, rows: Sequence[LabelledText], layers: Sequence[int], max_bat
 
 
 def fit(engine, task_name: str, rows: Sequence[LabelledText], model_info: dict,
-        tick: Callable[[int], None] = lambda n: None, say: Callable[[str], None] = lambda s: None):
+        tick: Callable[[int], None] = lambda n: None, say: Callable[[str], None] = lambda s: None,
+        collected: Callable[[], None] = lambda: None):
     """Collect states for `rows` through the engine's scorer for `task_name` and fit a head (FitResult)."""
     import torch
 
@@ -132,6 +133,7 @@ def fit(engine, task_name: str, rows: Sequence[LabelledText], model_info: dict,
     started = time.perf_counter()
     states, kept, skipped = collect(scorer, rows, layers, engine.max_batch, tick)
     seconds = time.perf_counter() - started
+    collected()
     for row, reason in skipped[:5]:
         say(f"skipped line {row.line}: {reason}")
     if len(skipped) > 5:
@@ -142,3 +144,24 @@ def fit(engine, task_name: str, rows: Sequence[LabelledText], model_info: dict,
     meta = {**model_info, "task": task_name, "prompt": scorer.prompt_fingerprint(),
             "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows_per_s": round(len(kept) / seconds, 2)}
     return fit_head(states, y, labels, candidates(layers), meta, on_step=say)
+
+
+def held_out_accuracy(engine, task_name: str, head, rows: Sequence[LabelledText]) -> dict[str, float]:
+    """Accuracy on rows the head never saw: the task's prompt alone, and with `head`. A row the task cannot
+    serve (too long) counts as wrong."""
+    from .engine.types import EngineError
+
+    scorer = engine._scorers[task_name]
+    before, scorer.head = scorer.head, head
+    right = {"prompt": 0, "head": 0}
+    try:
+        for row in rows:
+            for read_out in right:
+                try:
+                    label = engine.classify(task_name, [row.text], use_head=read_out == "head")[0].label
+                except EngineError:
+                    continue
+                right[read_out] += label == row.label
+    finally:
+        scorer.head = before
+    return {read_out: n / len(rows) for read_out, n in right.items()}

@@ -73,6 +73,7 @@ class Head:
         tmp = path.with_suffix(".tmp")
         save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, tmp,
                   metadata={META_KEY: json.dumps(meta, ensure_ascii=False)})
+        tmp.chmod(0o644)  # readable by the daemon's service user, like the task file beside it
         tmp.replace(path)
 
 
