@@ -83,18 +83,19 @@ class Daemon:
         self.availability = AvailabilityExtension(self.transport, self.topics, {
             "node": mqtt.node, "model": engine.model_name, "dtype": engine.dtype,
             "tasks": sorted(engine.tasks), "version": __version__})
-        self.requests = RequestsExtension(self.transport, self.topics, self.service,
-                                          Limits(runtime.max_payload_bytes, runtime.max_text_chars),
-                                          model_name=engine.model_name, node=mqtt.node)
-        self.health = HealthExtension(self.transport, self.topics, self.service, mqtt.health_interval_s,
-                                      threads=threads if threads is not None else getattr(engine, "threads", None),
-                                      started=self.started, memory_state=memory.state if memory else None)
         self.homeassistant: HomeAssistantExtension | None = None
         if config.homeassistant.enabled:
             self.homeassistant = HomeAssistantExtension(
                 self.transport, self.topics, config.homeassistant, engine.tasks, node=mqtt.node,
                 model=engine.model_name, version=__version__)
             observers.append(self.homeassistant.observe)
+        self.requests = RequestsExtension(self.transport, self.topics, self.service,
+                                          Limits(runtime.max_payload_bytes, runtime.max_text_chars),
+                                          model_name=engine.model_name, node=mqtt.node,
+                                          ha_answer=self.homeassistant.answer if self.homeassistant else None)
+        self.health = HealthExtension(self.transport, self.topics, self.service, mqtt.health_interval_s,
+                                      threads=threads if threads is not None else getattr(engine, "threads", None),
+                                      started=self.started, memory_state=memory.state if memory else None)
         self.extensions: list[Extension] = []
         self._shut_down = False
 

@@ -73,12 +73,18 @@ class ReplySink(Protocol):
     def finish(self, outcome: Outcome) -> None: ...
 
 
+# Where a request came from: the transport sets it, observers (Home Assistant's sensors) read it.
+ORIGIN_MQTT = "mqtt"
+ORIGIN_HOMEASSISTANT = "homeassistant"  # arrived on the HA request topic, which only HA's broker user may write
+
+
 @dataclass(eq=False)
 class Job:
     task: str
     id: RequestId
     text: str
     sink: ReplySink
+    origin: str = ORIGIN_MQTT
     session: str | None = None
     stream: bool = False
     max_new_tokens: int | None = None

@@ -15,14 +15,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..mqtt.topics import Topics
 from ..tasks import ClassifyTask, GenerateTask
 
 log = logging.getLogger(__name__)
 
 STATE_LIMIT = 255  # HA ignores a state longer than this (MAX_LENGTH_STATE_STATE)
 TEXT_ATTRIBUTE_LIMIT = 1000  # the request text echoed in attributes; HA's recorder skips attributes over 16 KiB
-SOURCE_HA = "homeassistant"
-SOURCE_OTHER = "mqtt"
+SOURCE_HA = "homeassistant"  # the request came on the HA request topic (only HA's broker user may write it)
+SOURCE_OTHER = "mqtt"  # any other client's request, shown only with update_from_all_requests
 HA_SESSION = "homeassistant"  # dashboard chats share one conversation per generate task
 
 Task = ClassifyTask | GenerateTask
@@ -33,11 +34,15 @@ class Identity:
     """What ties every entity of one daemon together: node, topics, device and origin facts."""
 
     node: str  # mqtt.node_id
-    root: str  # <base_topic>/<node>
+    topics: Topics  # the node's topics (root = <base_topic>/<node>)
     prefix: str  # HA's discovery prefix
     model: str
     version: str
     support_url: str | None = None
+
+    @property
+    def root(self) -> str:
+        return self.topics.root
 
     @property
     def node_id(self) -> str:
@@ -54,22 +59,7 @@ class Entity:
     available_with_daemon: bool = True  # False: no availability block (the connectivity sensor must show "off")
 
 
-# -- topics -----------------------------------------------------------------------------------------
-
-def state_topic(root: str, task: str) -> str:
-    """Retained JSON of the task's last result: what its HA sensor shows."""
-    return f"{root}/ha/{task}/state"
-
-
-def state_filter(root: str) -> str:
-    return f"{root}/ha/+/state"
-
-
-def reply_topic(root: str, task: str) -> str:
-    """The reply route of requests from HA; also how the daemon recognises them. Under `<root>/reply/`, where
-    the shipped broker ACL lets Home Assistant read replies."""
-    return f"{root}/reply/{SOURCE_HA}/{task}"
-
+# -- topics (the node's own come from Topics; these are HA's) --------------------------------------
 
 def discovery_topic(identity: Identity, entity: Entity) -> str:
     return f"{identity.prefix}/{entity.component}/{identity.node_id}/{entity.object_id}/config"
@@ -94,7 +84,7 @@ def entities(identity: Identity, tasks: Mapping[str, Task]) -> list[Entity]:
 
 
 def result_sensor(identity: Identity, name: str, task: Task) -> Entity:
-    topic = state_topic(identity.root, name)
+    topic = identity.topics.ha_state(name)
     options: dict[str, Any] = {"name": _title(name), "state_topic": topic, "value_template": "{{ value_json.value }}",
                                "json_attributes_topic": topic}
     if isinstance(task, ClassifyTask):
@@ -106,22 +96,24 @@ def result_sensor(identity: Identity, name: str, task: Task) -> Entity:
 
 
 def request_text(identity: Identity, name: str, task: Task) -> Entity:
-    """A text box on the dashboard: typing into it sends a request whose answer lands in the result sensor."""
+    """A text box on the dashboard: typing into it sends a request on HA's own request topic; the answer (or
+    the error) lands in the result sensor."""
     return Entity("text", f"{name}_input", {
         "name": f"{_title(name)} input",
-        "command_topic": f"{identity.root}/request/{name}",
-        "command_template": command_template(reply_topic(identity.root, name), isinstance(task, GenerateTask)),
+        "command_topic": identity.topics.ha_request(name),
+        "command_template": command_template(isinstance(task, GenerateTask)),
         "min": 1, "max": STATE_LIMIT, "mode": "text", "qos": 1, "retain": False,
         "icon": "mdi:message-text-outline",
     })
 
 
-def command_template(reply_to: str, with_session: bool) -> str:
-    """HA renders this with the typed text as `value`: a JSON request with a unique id (HA's clock in ms plus
-    a random number, so two quick requests differ), the text escaped by `tojson`, and the HA reply route."""
-    parts = ['"id": "ha-{{ (now().timestamp() * 1000) | int }}-{{ range(100000, 1000000) | random }}"',
-             '"text": {{ value | tojson }}',
-             f'"reply_to": {json.dumps(reply_to)}']
+def command_template(with_session: bool) -> str:
+    """HA renders this with the typed text as `value`: a JSON request with a fresh id and the text escaped by
+    `tojson`. The id is HA's clock in microseconds plus a number below 1000, so two quick requests differ.
+    Only what HA's sandbox allows: its `range` refuses more than 100,000 items (jinja2's MAX_RANGE), so no
+    `range(100000, 1000000)`."""
+    parts = ['"id": "ha-{{ (now().timestamp() * 1000000) | int }}-{{ range(1000) | random }}"',
+             '"text": {{ value | tojson }}']
     if with_session:
         parts.append(f'"session": {json.dumps(HA_SESSION)}')
     return "{" + ", ".join(parts) + "}"
@@ -157,7 +149,7 @@ def board_sensors(identity: Identity) -> list[Entity]:
 
 def _diagnostic(identity: Identity, name: str, template: str, **extra: Any) -> dict[str, Any]:
     # A null reading renders as "None", which HA takes as "unknown" (no temperature sensor, no swap).
-    return {"name": name, "state_topic": f"{identity.root}/health", "value_template": template,
+    return {"name": name, "state_topic": identity.topics.health, "value_template": template,
             "state_class": "measurement", "entity_category": "diagnostic", **extra}
 
 
@@ -165,7 +157,7 @@ def connectivity(identity: Identity) -> Entity:
     # `stopping` counts as disconnected: the daemon takes no new requests then.
     return Entity("binary_sensor", "status", {
         "name": "Status", "device_class": "connectivity", "entity_category": "diagnostic",
-        "state_topic": f"{identity.root}/status",
+        "state_topic": identity.topics.status,
         "value_template": "{{ 'ON' if value_json.state == 'online' else 'OFF' }}",
     }, available_with_daemon=False)
 
@@ -194,7 +186,7 @@ def discovery_payload(identity: Identity, entity: Entity) -> dict[str, Any]:
         "origin": origin_block(identity),
     }
     if entity.available_with_daemon:
-        payload["availability"] = [{"topic": f"{identity.root}/status", "value_template": "{{ value_json.state }}",
+        payload["availability"] = [{"topic": identity.topics.status, "value_template": "{{ value_json.state }}",
                                     "payload_available": "online", "payload_not_available": "offline"}]
     return payload
 
@@ -253,12 +245,12 @@ def result_state(task: Task, request_id: str | int, text: str, result: Mapping[s
     return state
 
 
-def error_state(previous: Mapping[str, Any] | None, request_id: str | int, text: str, code: str, message: str,
-                *, ts: float) -> dict[str, Any]:
-    """A failed request from HA: the sensor keeps its last good value and attributes (an enum sensor cannot
-    show an error), and `status`/`error`/`id` tell the waiting script what happened."""
+def error_state(previous: Mapping[str, Any] | None, request_id: str | int | None, text: str,
+                error: Mapping[str, Any], *, ts: float) -> dict[str, Any]:
+    """A failed request from HA, refused or not: the sensor keeps its last good value and attributes (an enum
+    sensor cannot show an error), and `status`/`error`/`id` tell the waiting script what happened."""
     base = dict(previous) if previous else {"value": None, "text": _clip(text), "source": SOURCE_HA}
-    return {**base, "id": request_id, "status": "error", "error": {"code": code, "message": message}, "ts": ts}
+    return {**base, "id": request_id, "status": "error", "error": dict(error), "ts": ts}
 
 
 def _clip(text: str, limit: int = TEXT_ATTRIBUTE_LIMIT) -> str:

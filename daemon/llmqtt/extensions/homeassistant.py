@@ -7,9 +7,13 @@
   published for a task that is gone: they are cleared (empty retained payload), and so are the retained
   state topics of gone tasks. Only retained messages count (they predate this connection), and only configs
   whose unique id is ours.
-- `observe` is chained into the service's observer: results of requests that came back on the HA reply
-  route (the text entities, the deploy/homeassistant script) are published retained on the task's state
-  topic; with `update_from_all_requests` any successful request is.
+- Requests from HA arrive on `<root>/ha/<task>/request` (the text entities and the deploy/homeassistant
+  script publish there; the shipped ACL lets only HA's broker user write it). The requests extension runs
+  them like any request and hands each answer, errors and refusals included, to `answer`, which turns it
+  into the task's state, published retained on `<root>/ha/<task>/state`: what its sensor shows and what
+  the script waits for.
+- `observe` is chained into the service's observer: with `update_from_all_requests`, successful requests
+  of other clients update the state too.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from ..config import Config, HomeAssistantConfig
 from ..mqtt.messages import encode
 from ..mqtt.topics import Topics
 from ..mqtt.transport import Inbound, MqttTransport
-from ..service import Job, Outcome
+from ..service import ORIGIN_HOMEASSISTANT, Job, Outcome
 from . import ha_payloads as ha
 from .ha_payloads import Identity, Task
 
@@ -41,7 +45,7 @@ class HomeAssistantExtension:
         self.transport = transport
         self.config = config
         self.tasks = dict(tasks)
-        self.identity = Identity(node=node, root=topics.root, prefix=config.discovery_prefix.rstrip("/"),
+        self.identity = Identity(node=node, topics=topics, prefix=config.discovery_prefix.rstrip("/"),
                                  model=model, version=version, support_url=config.support_url)
         self.birth_delay_s = birth_delay_s
         self.messages = ha.discovery_messages(self.identity, self.tasks)
@@ -52,10 +56,9 @@ class HomeAssistantExtension:
 
     def start(self) -> None:
         """Before the transport connects, so the subscriptions go out with the first CONNECT."""
-        root = self.identity.root
         self.transport.subscribe(ha.birth_topic(self.identity.prefix), self._on_birth)
         self.transport.subscribe(ha.discovery_filter(self.identity), self._on_config)
-        self.transport.subscribe(ha.state_filter(root), self._on_state)
+        self.transport.subscribe(self.identity.topics.ha_states, self._on_state)
         self.transport.add_connect_listener(self.publish_discovery)
         self._running = True
         log.info("Home Assistant discovery: %d entities under %s/+/%s/", len(self.messages),
@@ -74,27 +77,35 @@ class HomeAssistantExtension:
         for topic, payload in self.messages.items():
             self.transport.publish(topic, encode(payload), qos=1, retain=True)
 
-    # -- requests finishing (the service's worker thread; publish never blocks) ------------------
+    # -- answers (the service's worker thread or paho's network thread; publish never blocks) -----
+
+    def answer(self, task: str, request_id: str | int | None, text: str, reply: Mapping[str, Any]) -> bytes:
+        """The state for the answer to a request from HA (`reply` as the daemon would send it on MQTT):
+        the result, or the error on top of the last good state. The caller publishes it retained on
+        `topics.ha_state(task)`."""
+        now = round(time.time(), 3)
+        spec = self.tasks.get(task)
+        with self._lock:
+            if reply.get("status") == "ok" and spec is not None:
+                state = ha.result_state(spec, request_id if request_id is not None else "", text,
+                                        reply.get("result") or {}, source=ha.SOURCE_HA,
+                                        latency_ms=reply.get("latency_ms", 0.0), ts=now)
+            else:
+                state = ha.error_state(self._last.get(task), request_id, text, reply.get("error") or {}, ts=now)
+            self._last[task] = state
+        return encode(state)
 
     def observe(self, job: Job, outcome: Outcome) -> None:
+        """Other clients' successful requests, with update_from_all_requests (HA's own come via `answer`)."""
         task = self.tasks.get(job.task)
-        if not self._running or task is None:
+        if (not self._running or task is None or job.origin == ORIGIN_HOMEASSISTANT or not outcome.ok
+                or not self.config.update_from_all_requests):
             return
-        from_ha = getattr(job.sink, "topic", None) == ha.reply_topic(self.identity.root, job.task)
-        now = round(time.time(), 3)
-        if outcome.ok and (from_ha or self.config.update_from_all_requests):
-            state = ha.result_state(task, job.id, job.text, outcome.result or {},
-                                    source=ha.SOURCE_HA if from_ha else ha.SOURCE_OTHER,
-                                    latency_ms=outcome.latency_ms, ts=now)
-        elif from_ha and outcome.error is not None:
-            with self._lock:
-                previous = self._last.get(job.task)
-            state = ha.error_state(previous, job.id, job.text, outcome.error.code, outcome.error.message, ts=now)
-        else:
-            return
+        state = ha.result_state(task, job.id, job.text, outcome.result or {}, source=ha.SOURCE_OTHER,
+                                latency_ms=outcome.latency_ms, ts=round(time.time(), 3))
         with self._lock:
             self._last[job.task] = state
-        self.transport.publish(ha.state_topic(self.identity.root, job.task), encode(state), qos=1, retain=True)
+        self.transport.publish(self.identity.topics.ha_state(job.task), encode(state), qos=1, retain=True)
 
     # -- incoming (paho's network thread: never block) --------------------------------------------
 
@@ -149,19 +160,20 @@ def remove_discovery(config: Config, tasks: Mapping[str, Task], *, connect_s: fl
     subscriptions (a handful of queued configs per daemon start) until it is cleaned up."""
     mqtt = config.mqtt.model_copy(update={"client_id": f"llmqtt-{config.mqtt.node}-ha-remove",
                                           "session_expiry_s": 0})
-    identity = Identity(node=mqtt.node, root=mqtt.topic_root, prefix=config.homeassistant.discovery_prefix.rstrip("/"),
+    topics = Topics.from_config(mqtt)
+    identity = Identity(node=mqtt.node, topics=topics, prefix=config.homeassistant.discovery_prefix.rstrip("/"),
                         model="", version="")
     found = _RetainedCollector(identity)
     transport = MqttTransport(mqtt, password=mqtt.read_password())
     transport.subscribe(ha.discovery_filter(identity), found.config)
-    transport.subscribe(ha.state_filter(identity.root), found.state)
+    transport.subscribe(topics.ha_states, found.state)
     transport.start()
     try:
         if not transport.connected.wait(connect_s):
             raise ConnectionError(f"no connection to the broker at {mqtt.host}:{mqtt.port} within {connect_s:.0f}s")
         found.wait_quiet(quiet_s)
         topics = sorted(found.topics | set(ha.discovery_messages(identity, tasks))
-                        | {ha.state_topic(identity.root, name) for name in tasks})
+                        | {topics.ha_state(name) for name in tasks})
         for topic in topics:
             transport.publish(topic, b"", qos=1, retain=True, on_delivered=lambda: None)
         if not transport.flush(connect_s):

@@ -1,4 +1,6 @@
 """Requests: `<base>/request/<task>` -> service -> reply topic; `<base>/cancel/<task>` -> service.cancel.
+With Home Assistant on, also `<root>/ha/<task>/request` -> service -> the task's retained HA state (built by
+the `ha_answer` callback), so HA's asks and their errors, refusals included, land where HA reads them.
 
 Delivery contract: a request is acknowledged (PUBACK) only after its final reply has reached the broker,
 so a daemon that dies mid-request gets it again after a restart. Everything that can go wrong with a
@@ -9,12 +11,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any, Callable, Mapping
 
 from ..mqtt.messages import (BadRequest, Limits, Request, chunk_message, encode, error_reply, ok_reply,
                              parse_cancel, parse_request)
 from ..mqtt.topics import Topics
 from ..mqtt.transport import Inbound, MqttTransport
-from ..service import Job, Outcome, Service, Submitted
+from ..service import ORIGIN_HOMEASSISTANT, ORIGIN_MQTT, Job, Outcome, Service, Submitted
+
+# (task, request id, text, the reply as it would go out on MQTT) -> the HA state payload for it
+HaAnswer = Callable[[str, "str | int | None", str, Mapping[str, Any]], bytes]
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +29,9 @@ class RequestsExtension:
     name = "requests"
 
     def __init__(self, transport: MqttTransport, topics: Topics, service: Service, limits: Limits,
-                 model_name: str, node: str):
+                 model_name: str, node: str, ha_answer: HaAnswer | None = None):
         self.transport = transport
+        self.ha_answer = ha_answer
         self.topics = topics
         self.service = service
         self.limits = limits
@@ -41,6 +48,8 @@ class RequestsExtension:
             self.transport.subscribe(self.topics.subscription(requests, base), self._on_request, match=requests,
                                      manual_ack=True)
             self.transport.subscribe(f"{base}/cancel/+", self._on_cancel)
+        if self.ha_answer is not None:
+            self.transport.subscribe(self.topics.ha_requests, self._on_ha_request, manual_ack=True)
         self._accepting = True
 
     def pause(self) -> None:
@@ -55,6 +64,16 @@ class RequestsExtension:
     # -- incoming (paho's network thread: never block) --------------------------------------------
 
     def _on_request(self, message: Inbound) -> None:
+        located = self.topics.task_of(message.topic)
+        if located is not None:  # always: we subscribed to these
+            self._handle(message, *located)
+
+    def _on_ha_request(self, message: Inbound) -> None:
+        task = self.topics.ha_task_of(message.topic)
+        if task is not None:
+            self._handle(message, self.topics.root, task, ORIGIN_HOMEASSISTANT)
+
+    def _handle(self, message: Inbound, base: str, task: str, origin: str = ORIGIN_MQTT) -> None:
         if not self._accepting:
             return
         if message.retain:
@@ -62,10 +81,8 @@ class RequestsExtension:
             log.warning("ignored a retained message on %s (requests must not be retained)", message.topic)
             self._ack(message)
             return
-        located = self.topics.task_of(message.topic)
-        if located is None or not self._track(message):  # None cannot happen: we subscribed to these
+        if not self._track(message):
             return
-        base, task = located
         default_topic = self.topics.response(task, base)
         parsed = parse_request(message.payload, task, self.limits, message.response_topic,
                                message.correlation_data)
@@ -74,11 +91,17 @@ class RequestsExtension:
             parsed = BadRequest("bad_request", "reply_to: must not be a request or cancel topic of this daemon",
                                 task, parsed.id)
         if isinstance(parsed, BadRequest):
-            self._reject(message, parsed, default_topic)
+            self._reject(message, parsed, default_topic, origin)
             return
-        sink = _Reply(self, message, parsed.reply_to or default_topic, parsed.correlation_data, task, parsed.id)
-        job = Job(task=task, id=parsed.id, text=parsed.text, sink=sink, session=parsed.session,
-                  stream=parsed.stream, max_new_tokens=parsed.max_new_tokens, deadline_ms=parsed.deadline_ms,
+        if origin == ORIGIN_HOMEASSISTANT:
+            # HA's answer is the task's state, whatever route the request named; HA shows no streaming.
+            sink: _Reply = _StateReply(self, message, self.topics.ha_state(task), task, parsed.id, parsed.text)
+            stream = False
+        else:
+            sink = _Reply(self, message, parsed.reply_to or default_topic, parsed.correlation_data, task, parsed.id)
+            stream = parsed.stream
+        job = Job(task=task, id=parsed.id, text=parsed.text, sink=sink, origin=origin, session=parsed.session,
+                  stream=stream, max_new_tokens=parsed.max_new_tokens, deadline_ms=parsed.deadline_ms,
                   received=message.received)
         if self.service.submit(job) is Submitted.STOPPED:
             with self._lock:  # shutting down: leave it for redelivery
@@ -93,10 +116,14 @@ class RequestsExtension:
             self._unacked[message.mid] = message
             return True
 
-    def _reject(self, message: Inbound, bad: BadRequest, default_topic: str) -> None:
+    def _reject(self, message: Inbound, bad: BadRequest, default_topic: str, origin: str = ORIGIN_MQTT) -> None:
         log.warning("bad request on %s (id %s): %s: %s", message.topic, bad.id, bad.code, bad.message)
         reply = error_reply(bad.task, bad.id, bad.code, bad.message, model=self.model_name, node=self.node)
-        self._publish_final(message, bad.reply_to or default_topic, bad.correlation_data, reply)
+        if origin == ORIGIN_HOMEASSISTANT and self.ha_answer is not None:
+            payload = self.ha_answer(bad.task, bad.id, "", reply)
+            self._publish_final(message, self.topics.ha_state(bad.task), None, payload, retain=True)
+            return
+        self._publish_final(message, bad.reply_to or default_topic, bad.correlation_data, encode(reply))
 
     def _is_input_topic(self, topic: str) -> bool:
         return any(topic.startswith(f"{base}/{kind}/") for base in self.topics.request_bases()
@@ -118,10 +145,11 @@ class RequestsExtension:
 
     # -- outgoing ---------------------------------------------------------------------------------
 
-    def _publish_final(self, request: Inbound, topic: str, correlation: bytes | None, reply: dict) -> None:
+    def _publish_final(self, request: Inbound, topic: str, correlation: bytes | None, payload: bytes, *,
+                       retain: bool = False) -> None:
         if self._closed:
             return
-        self.transport.publish(topic, encode(reply), qos=1, correlation_data=correlation,
+        self.transport.publish(topic, payload, qos=1, retain=retain, correlation_data=correlation,
                                on_delivered=lambda: self._ack(request))
 
     def _ack(self, request: Inbound) -> None:
@@ -144,6 +172,8 @@ class RequestsExtension:
 class _Reply:
     """The service's `ReplySink` for one MQTT request."""
 
+    retain = False
+
     def __init__(self, ext: RequestsExtension, request: Inbound, topic: str, correlation: bytes | None,
                  task: str, request_id: str | int):
         self.ext, self.request, self.topic, self.correlation = ext, request, topic, correlation
@@ -155,10 +185,31 @@ class _Reply:
         message = chunk_message(self.task, self.id, seq, delta)
         self.ext.transport.publish(self.topic, encode(message), qos=1, correlation_data=self.correlation)
 
+    def payload(self, outcome: Outcome) -> bytes:
+        return encode(self.ext.reply_for(outcome))
+
     def finish(self, outcome: Outcome) -> None:
         if outcome.cached and self.request.dup:
             # The broker resent a request we answered already (our ack was lost with the connection):
             # the requester has its answer; just acknowledge.
             self.ext._ack(self.request)
             return
-        self.ext._publish_final(self.request, self.topic, self.correlation, self.ext.reply_for(outcome))
+        self.ext._publish_final(self.request, self.topic, self.correlation, self.payload(outcome), retain=self.retain)
+
+
+class _StateReply(_Reply):
+    """The answer to a request from Home Assistant: the task's state, retained (built by `ha_answer`), so a
+    script that subscribes after the answer was published still gets it."""
+
+    retain = True
+
+    def __init__(self, ext: RequestsExtension, request: Inbound, topic: str, task: str, request_id: str | int,
+                 text: str):
+        super().__init__(ext, request, topic, None, task, request_id)
+        self.text = text
+
+    def chunk(self, seq: int, delta: str) -> None:
+        return None  # HA requests never stream (HA shows the finished answer)
+
+    def payload(self, outcome: Outcome) -> bytes:
+        return self.ext.ha_answer(self.task, self.id, self.text, self.ext.reply_for(outcome))

@@ -35,6 +35,29 @@ class Topics:
     def cancel(self, task: str, base: str | None = None) -> str:
         return f"{base or self.root}/cancel/{task}"
 
+    # Home Assistant's own routes. Requests from HA arrive on `ha_request`, which the shipped broker ACL lets
+    # only HA's user write: that, not a reply route, is what makes a request count as HA's. Their answers
+    # (errors too) land retained on `ha_state`, which the task's sensor shows.
+    def ha_request(self, task: str) -> str:
+        return f"{self.root}/ha/{task}/request"
+
+    def ha_state(self, task: str) -> str:
+        return f"{self.root}/ha/{task}/state"
+
+    @property
+    def ha_requests(self) -> str:
+        return f"{self.root}/ha/+/request"
+
+    @property
+    def ha_states(self) -> str:
+        return f"{self.root}/ha/+/state"
+
+    def ha_task_of(self, topic: str) -> str | None:
+        """`<root>/ha/<task>/request` -> task; None for anything else."""
+        head, _, kind = topic.rpartition("/")
+        base, _, task = head.rpartition("/")
+        return task if kind == "request" and base == f"{self.root}/ha" and task else None
+
     def request_bases(self) -> list[str]:
         """Topic prefixes requests arrive under: the node's own, and the fleet's."""
         return [self.root] + ([self.fleet] if self.fleet else [])
