@@ -62,7 +62,9 @@ def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
 
 
 class Broker:
-    def __init__(self, executable: str, workdir: Path, users: dict[str, str] | None = None, tls: bool = False):
+    def __init__(self, executable: str, workdir: Path, users: dict[str, str] | None = None, tls: bool = False,
+                 acl: str | None = None, extra: list[str] | None = None):
+        """`acl`: the text of an ACL file; `extra`: more mosquitto.conf lines (e.g. `max_inflight_messages 0`)."""
         self.executable = executable
         self.dir = workdir
         self.host = "127.0.0.1"
@@ -89,6 +91,10 @@ class Broker:
         if tls:
             self.ca_file, cert, key = make_certificates(workdir / "tls")
             lines += [f"cafile {self.ca_file}", f"certfile {cert}", f"keyfile {key}"]
+        if acl is not None:
+            (workdir / "acl").write_text(acl, encoding="utf-8")
+            lines.append(f"acl_file {workdir / 'acl'}")
+        lines += extra or []
         self.conf = workdir / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -134,8 +140,8 @@ class Broker:
         path = self.dir / "mosquitto.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def client(self, protocol: str = "5") -> TestClient:
-        return TestClient(self, protocol)
+    def client(self, protocol: str = "5", user: str | None = None) -> TestClient:
+        return TestClient(self, protocol, user)
 
 
 @dataclass
@@ -154,7 +160,8 @@ class TestClient:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, broker: Broker, protocol: str = "5"):
+    def __init__(self, broker: Broker, protocol: str = "5", user: str | None = None):
+        """Logs in as `user` (default: the broker's first user, if it has any)."""
         self.v5 = protocol == "5"
         self.messages: queue.Queue[Received] = queue.Queue()
         self._subscribed: dict[int, threading.Event] = {}
@@ -165,8 +172,8 @@ class TestClient:
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda c, u, mid, *a: self._subscribed.setdefault(mid, threading.Event()).set()
         if broker.users:
-            user, password = next(iter(broker.users.items()))
-            self.client.username_pw_set(user, password)
+            user = user or next(iter(broker.users))
+            self.client.username_pw_set(user, broker.users[user])
         if broker.ca_file is not None:
             self.client.tls_set(ca_certs=str(broker.ca_file))
         self.client.connect(broker.host, broker.port, keepalive=30)
@@ -245,7 +252,7 @@ def _run_broker(tmp_path: Path, **options):
     instance = Broker(executable, tmp_path / "mosquitto", **options)
     instance.start()
     clients: list[TestClient] = []
-    instance.client = lambda protocol="5": clients.append(TestClient(instance, protocol)) or clients[-1]
+    instance.client = lambda protocol="5", user=None: clients.append(TestClient(instance, protocol, user)) or clients[-1]
     yield instance
     for client in clients:
         client.close()
@@ -258,6 +265,20 @@ def broker(tmp_path):
     yield from _run_broker(tmp_path)
 
 
+SHIPPED_ACL = TESTS.parent / "deploy" / "mosquitto" / "acl"
+ACL_USERS = {"observer": "pw-observer", "llmqtt": "pw-llmqtt", "homeassistant": "pw-homeassistant",
+             "device": "pw-device"}
+
+
+@pytest.fixture
+def acl_broker(tmp_path):
+    """Password file + the shipped deploy/mosquitto/acl: users `llmqtt` (the daemon), `homeassistant`,
+    `device`, each with password `pw-<user>`, plus a test-only `observer` that reads everything (`#`) and is
+    the default user of `client()`: it sees whatever the ACL lets through."""
+    acl = SHIPPED_ACL.read_text(encoding="utf-8") + "\nuser observer\ntopic read #\n"
+    yield from _run_broker(tmp_path, users=ACL_USERS, acl=acl)
+
+
 @pytest.fixture
 def secure_broker(tmp_path):
     """TLS (a throw-away CA in `ca_file`) and a password file with one user, `llmqtt` / `s3cret pw`."""
@@ -267,8 +288,11 @@ def secure_broker(tmp_path):
 # -- the daemon as a process: `python -m llmqtt run --config ...` ------------------------------------------
 
 class DaemonProcess:
-    def __init__(self, workdir: Path, config: dict, env: dict[str, str] | None = None):
+    """`llmqtt run` in a subprocess; with `fake_engine`, through tests/fake_daemon.py (no model loaded)."""
+
+    def __init__(self, workdir: Path, config: dict, env: dict[str, str] | None = None, fake_engine: bool = False):
         self.workdir = workdir
+        self.command = [sys.executable, str(TESTS / "fake_daemon.py")] if fake_engine else [sys.executable, "-m", "llmqtt"]
         self.config_path = workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
@@ -280,7 +304,7 @@ class DaemonProcess:
     def start(self, **env: str) -> DaemonProcess:
         self.runs += 1
         log = open(self.workdir / f"daemon-{self.runs}.log", "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "llmqtt", "run", "--config", str(self.config_path)],
+        self.process = subprocess.Popen([*self.command, "run", "--config", str(self.config_path)],
                                         env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         return self

@@ -1,11 +1,13 @@
 """A small fake `InferenceEngine` for service, MQTT and daemon tests that need no torch.
 
-Also loadable by a subprocess daemon through the test-only hook `LLMQTT_FAKE_ENGINE=fake_engine:load_engine`
-(with this directory on PYTHONPATH); `LLMQTT_FAKE_TOKEN_DELAY_S` slows generation down per token.
+`load_engine` is an engine factory for `llmqtt.build.build_engine` (a subprocess daemon gets it through
+tests/fake_daemon.py); `LLMQTT_FAKE_TOKEN_DELAY_S` slows its generation down per token. `write_model_dir`
+makes a model directory with only a config.json: enough to resolve and plan for, nothing to load.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -73,7 +75,7 @@ class FakeEngine:
     """Classifies by keyword ("love"/"great" -> positive); generates `echo <words of the text>`."""
 
     dtype = "float32"
-    threads = 1
+    max_batch = 16
 
     def __init__(self, tasks: Mapping[str, ClassifyTask | GenerateTask], token_delay_s: float = 0.0,
                  model_name: str = "fake-model"):
@@ -82,14 +84,21 @@ class FakeEngine:
         self.token_delay_s = token_delay_s
         self.batches: list[tuple[str, int]] = []  # (task, batch size) of every classify call
         self.histories: list[list[Turn]] = []
-        self.gate: threading.Event | None = None  # when set to an unset Event, generation waits on it
+        self.gate: threading.Event | None = None  # when set to an unset Event, generation and classify wait on it
+        self.classify_delay_s = 0.0  # per classify call (a batch), like a forward pass
         self.warmed_up = False
 
     def warmup(self) -> None:
         self.warmed_up = True
 
+    def start_fast_decode(self) -> None:
+        pass
+
     def classify(self, task: str, texts: Sequence[str]) -> list[Classification]:
         self.batches.append((task, len(texts)))
+        if self.gate is not None:
+            self.gate.wait(30)
+        time.sleep(self.classify_delay_s)
         for text in texts:
             if "<|im_start|>" in text:
                 raise InvalidText("text contains chat-control tokens")
@@ -111,10 +120,25 @@ class FakeEngine:
         return FakeStream(words, cancel, self.token_delay_s, len(history) // 2, self.gate)
 
 
-def load_engine(model_config, tasks) -> FakeEngine:
-    """Same signature as `llmqtt.engine.load_engine`; for the daemon's test-only fake-engine hook."""
-    return FakeEngine(tasks, token_delay_s=float(os.environ.get("LLMQTT_FAKE_TOKEN_DELAY_S", "0")),
-                      model_name=f"fake:{model_config.name}")
+def load_engine(model_config, tasks, *, max_batch: int = 16, progress=None, resolved=None) -> FakeEngine:
+    """Same signature as `llmqtt.engine.load_engine`: an engine factory for `build_engine`."""
+    engine = FakeEngine(tasks, token_delay_s=float(os.environ.get("LLMQTT_FAKE_TOKEN_DELAY_S", "0")),
+                        model_name=f"fake:{Path(model_config.name).name}")
+    engine.max_batch = max_batch
+    engine.dtype = model_config.dtype
+    return engine
+
+
+# A small Qwen2-shaped config.json: the planner reads these numbers (no weights: counted from the config).
+FAKE_MODEL_CONFIG = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "vocab_size": 600, "intermediate_size": 128,
+                     "tie_word_embeddings": True}
+
+
+def write_model_dir(directory: Path, **overrides) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps({**FAKE_MODEL_CONFIG, **overrides}), encoding="utf-8")
+    return directory
 
 
 def make_engine(prompts_dir: Path, **kwargs) -> FakeEngine:

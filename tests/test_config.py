@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from llmqtt.config import Config, ConfigError, load_config
+from llmqtt.config import Config, ConfigError, file_problems, load_config
 
 
 def test_no_file_means_working_defaults():
@@ -58,3 +58,36 @@ def test_environment_variables_expand_in_paths(tmp_path, monkeypatch, repo_root)
     config = load_config(repo_root / "configs" / "pi5-4gb.yaml")  # check-config from a shell still works
     with pytest.raises(ConfigError, match="mqtt.password_file: .*not set"):
         config.mqtt.read_password()
+
+
+def test_files_named_in_the_config_are_checked_naming_the_field(tmp_path):
+    (tmp_path / "model").mkdir()  # a directory without config.json
+    (tmp_path / "not-a-cert.pem").write_text("hello\n")
+    path = tmp_path / "c.yaml"
+    path.write_text("model: ./model\n"
+                    "mqtt: {username: u, password_file: missing-pw,\n"
+                    "       tls: {ca_file: missing-ca.crt, cert_file: not-a-cert.pem, key_file: missing.key}}\n")
+    problems = file_problems(load_config(path))
+    assert f"mqtt.password_file: {tmp_path / 'missing-pw'} does not exist" in problems
+    assert f"mqtt.tls.ca_file: {tmp_path / 'missing-ca.crt'} does not exist" in problems
+    assert f"mqtt.tls.key_file: {tmp_path / 'missing.key'} does not exist" in problems
+    assert any(p.startswith("model.name: ") and "no config.json" in p for p in problems), problems
+    assert len(problems) == 4, problems
+    path.write_text("model: ./gone.gguf\nmqtt: {tls: {ca_file: not-a-cert.pem}}\n")
+    problems = file_problems(load_config(path))
+    assert problems[0].startswith("mqtt.tls.ca_file: ") and "no PEM certificate" in problems[0]
+    assert problems[1] == f"model.name: {tmp_path / 'gone.gguf'} does not exist"
+    assert file_problems(load_config(None)) == []  # demo model, no files
+
+
+def test_check_config_reports_missing_files_and_fails(tmp_path, capsys):
+    from llmqtt.cli import main
+
+    (tmp_path / "model").mkdir()
+    path = tmp_path / "c.yaml"
+    path.write_text("model: ./model\nmqtt: {username: u, password_file: pw, tls: {ca_file: ca.crt}}\n")
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    for field in ("mqtt.password_file", "mqtt.tls.ca_file", "model.name"):
+        assert f"llmqtt: {field}: " in err
+    assert "config ok" not in err

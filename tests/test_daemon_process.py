@@ -6,7 +6,7 @@ import signal
 
 import pytest
 from broker import WAIT_S, DaemonProcess, daemon_config, wait_online
-from fake_engine import write_prompts
+from fake_engine import write_model_dir, write_prompts
 
 pytestmark = pytest.mark.broker
 
@@ -19,9 +19,9 @@ def spawn(broker, tmp_path):
 
     def make(env: dict[str, str] | None = None, **sections) -> DaemonProcess:
         config = daemon_config(broker, prompts, **sections)
+        config["model"] = str(write_model_dir(tmp_path / "model"))
         config["logging"] = {"level": "DEBUG", "format": "text"}
-        env = {"LLMQTT_FAKE_ENGINE": "fake_engine:load_engine", **(env or {})}
-        proc = DaemonProcess(tmp_path, config, env)
+        proc = DaemonProcess(tmp_path, config, env, fake_engine=True)
         processes.append(proc)
         return proc
 

@@ -19,10 +19,10 @@ def test_demo_model_answers_over_mqtt(broker, tmp_path, demo_model, repo_root):
         status = wait_online(client, daemon.root, timeout=LOAD_S)
         assert status["model"].startswith("Qwen2.5-Coder-0.5B") and status["dtype"] == "float32"
 
-        client.subscribe("e2e-replies/#", f"{daemon.root}/response/#")
+        client.subscribe(f"{daemon.root}/reply/#", f"{daemon.root}/response/#")
         client.publish(f"{daemon.root}/request/sentiment", {"id": "s1", "text": "这家餐厅太难吃了，服务也很差。"},
-                       response_topic="e2e-replies/s", correlation_data=b"\x01corr")
-        reply = client.expect("e2e-replies/s", timeout=60)
+                       response_topic=f"{daemon.root}/reply/s", correlation_data=b"\x01corr")
+        reply = client.expect(f"{daemon.root}/reply/s", timeout=60)
         assert reply.correlation_data == b"\x01corr"
         body = reply.json()
         assert body["status"] == "ok" and body["id"] == "s1", body

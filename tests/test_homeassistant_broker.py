@@ -12,7 +12,6 @@ from broker import daemon_config
 from ha.templates import render
 
 from llmqtt.cli import main as cli_main
-from llmqtt.extensions import ha_payloads as ha
 
 pytestmark = pytest.mark.broker
 

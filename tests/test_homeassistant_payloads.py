@@ -19,7 +19,6 @@ from ha.templates import render
 
 from llmqtt.extensions import ha_payloads as ha
 from llmqtt.extensions.health import MachineReadings, build_health
-from llmqtt.mqtt.topics import Topics
 from llmqtt.tasks import load_tasks
 
 COMMON = {"availability", "availability_mode", "availability_template", "availability_topic", "payload_available",
@@ -54,7 +53,7 @@ def tasks(tmp_path):
 
 @pytest.fixture
 def identity():
-    return ha.Identity(node="kitchen", topics=Topics("llmqtt/kitchen"), prefix="homeassistant", model="fake-model",
+    return ha.Identity(node="kitchen", root="llmqtt/kitchen", prefix="homeassistant", model="fake-model",
                        version="0.1.0")
 
 
@@ -106,7 +105,7 @@ def test_shared_device_origin_and_availability(identity, tasks):
 def test_unique_ids_and_entity_ids_are_stable_and_readable(identity, tasks):
     first = ha.discovery_messages(identity, tasks)
     # Another run, another model: same topics, same ids; only the device's model changes.
-    again = ha.discovery_messages(ha.Identity("kitchen", Topics("llmqtt/kitchen"), "homeassistant", "other", "0.2.0"), tasks)
+    again = ha.discovery_messages(ha.Identity("kitchen", "llmqtt/kitchen", "homeassistant", "other", "0.2.0"), tasks)
     assert list(first) == list(again)
     for topic, config in first.items():
         component, object_id = DISCOVERY_TOPIC.match(topic).group("component", "object_id")
@@ -117,11 +116,11 @@ def test_unique_ids_and_entity_ids_are_stable_and_readable(identity, tasks):
 
 
 def test_node_and_task_names_are_made_safe_for_topics_and_entity_ids(tasks):
-    identity = ha.Identity(node="Küche-2", topics=Topics("llmqtt/Küche-2"), prefix="homeassistant", model="m", version="v")
+    identity = ha.Identity(node="Küche-2", root="llmqtt/Küche-2", prefix="homeassistant", model="m", version="v")
     assert identity.node_id == "llmqtt_K_che-2"
     config = ha.discovery_payload(identity, ha.Entity("sensor", "my-task", {"state_topic": "x"}))
     assert config["default_entity_id"] == "sensor.llmqtt_k_che_2_my_task"
-    assert DISCOVERY_TOPIC.match(ha.discovery_topic(identity, ha.Entity("sensor", "my-task")))
+    assert DISCOVERY_TOPIC.match(identity.topics.discovery("sensor", identity.node_id, "my-task"))
 
 
 def test_classify_sensor_is_an_enum_of_the_labels(identity, tasks):

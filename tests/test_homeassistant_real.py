@@ -150,10 +150,9 @@ def test_a_device_cannot_write_home_assistants_results(home_assistant, ha_broker
 def test_home_assistant_renders_every_template_we_ship(home_assistant, repo_root):
     """Each template through HA's own engine (POST /api/template), with the variables it would see."""
     hass = home_assistant
-    from llmqtt.mqtt.topics import Topics
     from llmqtt.tasks import load_tasks
 
-    identity = ha.Identity("kitchen", Topics("llmqtt/kitchen"), "homeassistant", "m", "v")
+    identity = ha.Identity("kitchen", "llmqtt/kitchen", "homeassistant", "m", "v")
     configs = ha.discovery_messages(identity, load_tasks([repo_root / "prompts"]))
     state = {"value": "negative", "id": "ha-1", "status": "ok", "text": "x", "score": 0.9}
     health = {"cpu_percent": 3.0, "memory": {"used_mb": 1.0}, "swap": {"used_mb": None}, "temperature_c": None,

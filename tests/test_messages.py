@@ -42,8 +42,9 @@ def test_json_without_id_gets_one():
 def test_response_topic_and_correlation_data_win_over_reply_to():
     req = parse({"id": 1, "text": "x", "reply_to": "a/b"}, response_topic="c/d", correlation_data=b"\x01")
     assert req.reply_to == "c/d" and req.correlation_data == b"\x01"
+    # the route is not judged here (mqtt.routes does): an unusable Response Topic is kept, to be refused
     req = parse({"id": 1, "text": "x", "reply_to": "a/b"}, response_topic="bad/#")
-    assert req.reply_to == "a/b"
+    assert req.reply_to == "bad/#"
 
 
 @pytest.mark.parametrize("payload, code, field", [
@@ -56,7 +57,7 @@ def test_response_topic_and_correlation_data_win_over_reply_to():
     ('{"id": [1], "text": "x"}', "bad_request", "id"),
     ('{"id": 1, "text": "x", "deadline_ms": 0}', "bad_request", "deadline_ms"),
     ('{"id": 1, "text": "x", "max_new_tokens": "5"}', "bad_request", "max_new_tokens"),
-    ('{"id": 1, "text": "x", "reply_to": "a/+/b"}', "bad_request", "reply_to"),
+    ('{"id": 1, "text": "x", "reply_to": 5}', "bad_request", "reply_to"),
     ('{"id": 1, "text": "x", "session": ""}', "bad_request", "session"),
     ('{"id": 1, "text": "   "}', "bad_request", "text"),
     ("", "bad_request", "text"),
@@ -70,15 +71,34 @@ def test_bad_requests_are_coded_and_name_the_field(payload, code, field):
         assert field in bad.message
 
 
+@pytest.mark.parametrize("payload, message", [
+    ('{"a":' * 3000, "nested too deeply"),  # 15 KB: json's parser recurses once per level
+    ('{"text": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
+    ('{"id": 1' + "0" * 5000 + ', "text": "x"}', "digits"),
+])
+def test_hostile_json_is_bad_json_not_a_crash(payload, message):
+    bad = parse_request(payload.encode(), "chat", Limits(max_payload_bytes=16384, max_text_chars=50))
+    assert bad.code == "bad_json" and message in bad.message
+    assert parse_cancel(payload.encode()) is None
+
+
 def test_invalid_utf8():
     bad = parse(b'{"id": 1, "text": "\xff\xfe"}')
     assert bad.code == "bad_encoding"
 
 
+def test_escaped_lone_surrogates_are_bad_encoding_not_an_unencodable_reply():
+    for payload in (r'{"id": 1, "text": "a\ud800b"}', r'{"id": "\udfff", "text": "x"}'):
+        bad = parse(payload)
+        assert bad.code == "bad_encoding" and bad.id is None
+        encode(error_reply("chat", bad.id, bad.code, bad.message, model="m"))  # the error reply itself encodes
+    assert parse(r'{"id": 1, "text": "a\ud83d\ude00b"}').text == "a\U0001F600b"  # a surrogate *pair* is fine
+
+
 def test_errors_keep_the_valid_id_and_reply_route():
     bad = parse({"id": "keep", "text": 3, "reply_to": "dev/1"})
     assert (bad.id, bad.reply_to) == ("keep", "dev/1")
-    bad = parse({"id": {"x": 1}, "text": 3, "reply_to": "dev/+"})
+    bad = parse({"id": {"x": 1}, "text": 3, "reply_to": ["dev"]})
     assert (bad.id, bad.reply_to) == (None, None)
     bad = parse("{oops", response_topic="rt/1", correlation_data=b"c")
     assert (bad.reply_to, bad.correlation_data) == ("rt/1", b"c")

@@ -15,7 +15,7 @@ def test_broker_restart_reconnects_without_reloading(start_daemon, broker, tmp_p
     engine = make_engine(tmp_path / "prompts")
     warmups = []
     engine.warmup = lambda: warmups.append("warm-up")
-    engine.start_fast_decode = lambda: warmups.append("fast decode")  # after warm-up and READY, once
+    engine.start_fast_decode = lambda: warmups.append("fast decode")  # after READY, once
     daemon = start_daemon(engine=engine)
     root = daemon.topics.root
     client = broker.client().subscribe(f"{root}/response/#")
@@ -28,7 +28,7 @@ def test_broker_restart_reconnects_without_reloading(start_daemon, broker, tmp_p
     client.subscribe(f"{root}/response/#")
     client.publish(f"{root}/request/chat", {"id": "after", "text": "still here"})
     assert client.expect_json(where=lambda r: r["id"] == "after")["result"]["text"] == "echo still here"
-    assert warmups == ["warm-up", "fast decode"] and daemon.engine is engine
+    assert warmups == ["fast decode"] and daemon.engine is engine  # warm-up is build_engine's, before the daemon
 
 
 def test_requests_published_while_the_daemon_is_away_are_served_after_reconnect(start_daemon, broker, tmp_path):
@@ -58,9 +58,9 @@ def test_fleet_shares_work_and_answers_each_request_once(start_daemon, broker, t
     by_node = collections.Counter(r["node"] for r in replies)
     assert set(by_node) == {d.config.mqtt.node for d in daemons}, by_node
     # a fleet request can still name its own reply route
-    client.subscribe("replies/fleet")
-    client.publish("test/fleet/request/chat", {"id": "own", "text": "x"}, response_topic="replies/fleet")
-    assert client.expect_json("replies/fleet")["id"] == "own"
+    client.subscribe("test/fleet/reply/me")
+    client.publish("test/fleet/request/chat", {"id": "own", "text": "x"}, response_topic="test/fleet/reply/me")
+    assert client.expect_json("test/fleet/reply/me")["id"] == "own"
 
 
 def test_fleet_cancel_reaches_the_member_running_the_request(start_daemon, broker, tmp_path):

@@ -118,7 +118,7 @@ def test_unknown_memory_does_not_block() -> None:
 
 def test_add_swap_suggested_when_it_would_help() -> None:
     p = plan_for(board(), replace(qwen25_05b(), stored_dtype="BF16"), quantize="int8")
-    assert p.verdict == "refuse" and "Loading needs more than RAM plus free swap (int8: the loader" in p.explanation
+    assert p.verdict == "refuse" and "Loading needs more than RAM plus free swap (int8: the float weights" in p.explanation
     assert any(s.startswith("add swap of at least") for s in p.suggestions)
 
 

@@ -172,6 +172,55 @@ def test_duplicate_id_is_answered_once_computed(engine):
     assert Service(engine, sessions=SessionStore(2, 60)).submit(other) is Submitted.QUEUED
 
 
+def test_a_reused_id_with_a_different_request_runs_as_itself(engine):
+    """Devices number their requests 1, 2, 3...: the same id from another client (another fingerprint)
+    must get its own answer, never the first client's, whether the first is still waiting or answered."""
+    svc = make_service(engine)
+    a, sink_a = job("chat", 7, "my door code is 4711", fingerprint=b"client-a")
+    b, sink_b = job("chat", 7, "what time is it", fingerprint=b"client-b")
+    assert svc.submit(a) is Submitted.QUEUED
+    assert svc.submit(b) is Submitted.QUEUED  # not folded into a's answer
+    svc.start()
+    assert sink_a.wait().result["text"] == "echo my door code is 4711"
+    assert sink_b.wait().result["text"] == "echo what time is it"
+    c, sink_c = job("chat", 7, "hello", fingerprint=b"client-c")
+    assert svc.submit(c) is Submitted.QUEUED  # after both were answered: still its own
+    assert sink_c.wait().result["text"] == "echo hello" and not sink_c.wait().cached
+    redelivered, sink_r = job("chat", 7, "my door code is 4711", fingerprint=b"client-a")
+    assert svc.submit(redelivered) is Submitted.DUPLICATE and sink_r.wait().cached
+    svc.stop(5)
+    assert len(engine.histories) == 3
+
+
+def test_busy_retry_hint_follows_the_measured_drain_rate(engine):
+    """The hint is the time the waiting queue takes at the rate the worker measured (batches count)."""
+    engine.classify_delay_s = 0.2  # per batch, whatever its size
+    svc = make_service(engine, queue_size=8, max_batch=8)
+    svc.start()
+    first = [job("sentiment", f"warm{i}") for i in range(8)]
+    for j, _ in first:
+        svc.submit(j)
+    for _, sink in first:
+        sink.wait()
+    wait_until(lambda: svc.stats._work.get("classify"))
+    engine.gate = threading.Event()  # hold the worker while the queue fills
+    held, held_sink = job("sentiment", "held")
+    svc.submit(held)
+    wait_until(lambda: svc.queue_depth() == 0)
+    waiting = [job("sentiment", f"w{i}") for i in range(8)]
+    for j, _ in waiting:
+        svc.submit(j)
+    late, late_sink = job("sentiment", "late")
+    assert svc.submit(late) is Submitted.REJECTED
+    hint_ms = late_sink.wait().error.retry_after_ms
+    engine.gate.set()
+    for _, sink in waiting:
+        sink.wait()
+    svc.stop(5)
+    # 8 waiting at the measured seconds per job; a batch of 8 took ~0.2 s, the held single one ~0.2 s
+    assert 100 <= hint_ms <= 1500, hint_ms
+
+
 def test_dedup_cache_is_bounded(engine):
     svc = make_service(engine, dedup_size=1)
     svc.start()

@@ -51,10 +51,3 @@ def test_idle_sessions_expire():
     assert store.history("chat", "old") == []
     assert store.history("chat", "new") != []
     assert len(store) == 1
-
-
-def test_forget():
-    store = SessionStore(max_sessions=2, idle_ttl_s=60)
-    store.append("chat", "a", "u", "a", max_turns=4)
-    assert store.forget("chat", "a") is True
-    assert store.forget("chat", "a") is False

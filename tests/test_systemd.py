@@ -17,7 +17,7 @@ import pytest
 from needs import missing
 import yaml
 from broker import daemon_config, wait_online
-from fake_engine import write_prompts
+from fake_engine import write_model_dir, write_prompts
 
 from llmqtt.systemd import Notifier, Watchdog, watchdog_interval_s
 
@@ -140,7 +140,7 @@ def test_no_op_without_notify_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     assert notifier.ready() is False
     assert notifier.status("x") is False
     watchdog = Watchdog.from_environ(notifier)
-    assert not watchdog.enabled
+    assert watchdog.interval_s is None
     watchdog.start()  # nothing to start; must not spawn a thread or raise
     watchdog.beat()
     watchdog.stop()
@@ -268,16 +268,18 @@ def test_daemon_process_speaks_to_systemd(broker, fake_systemd: FakeSystemd, tmp
     and the per-request log line."""
     # `broker` comes first: mosquitto itself sends READY=1 when it finds NOTIFY_SOCKET set.
     config = daemon_config(broker, write_prompts(tmp_path / "prompts"))
+    config["model"] = str(write_model_dir(tmp_path / "model"))
     config["logging"] = {"level": "INFO", "format": "json"}
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     tests_dir = str(Path(__file__).resolve().parent)
     env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_PID", "JOURNAL_STREAM")}
     env.update(PYTHONPATH=os.pathsep.join([tests_dir, env.get("PYTHONPATH", "")]), WATCHDOG_USEC="1000000",
-               LLMQTT_FAKE_ENGINE="fake_engine:load_engine", LLMQTT_FAKE_TOKEN_DELAY_S="0.15")
+               LLMQTT_FAKE_TOKEN_DELAY_S="0.15")
     log_path = tmp_path / "daemon.log"
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "llmqtt", "run", "--config", str(config_path)],
+        process = subprocess.Popen([sys.executable, str(Path(tests_dir) / "fake_daemon.py"), "run", "--config",
+                                    str(config_path)],
                                    env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         start = fake_systemd.receive_until("READY=1", timeout=60)

@@ -80,6 +80,7 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     ("TimeoutStopSec", "30"),
     ("Restart", "on-failure"),
     ("RestartSec", "5"),
+    ("RestartPreventExitStatus", "2"),
     ("User", "llmqtt"),
     ("NoNewPrivileges", "yes"),
     ("ProtectSystem", "strict"),

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config
+from . import __version__
+from .config import Config, ConfigError, file_problems, load_config
 from .tasks import TaskFileError, load_tasks
 
 
@@ -16,8 +17,10 @@ def run(argv: list[str] | None = None) -> None:
     sys.exit(main(argv))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, engine_factory=None) -> int:
+    """`engine_factory` replaces `llmqtt.engine.load_engine` for `run` and `ask` (tests pass a fake)."""
     args = _parser().parse_args(argv)
+    args.engine_factory = engine_factory
     try:
         return args.func(args)
     except (ConfigError, TaskFileError) as exc:
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmqtt", description="Serve one small LLM to prompt-defined text tasks over MQTT.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def command(name: str, func, help: str) -> argparse.ArgumentParser:
@@ -39,15 +43,16 @@ def _parser() -> argparse.ArgumentParser:
 
     command("run", _run, "run the MQTT daemon")
     ask = command("ask", _ask, "run one request through a task and print the JSON result")
-    ask.add_argument("task")
-    ask.add_argument("text")
-    ask.add_argument("--stream", action="store_true", help="print generated text as it is produced")
-    ask.add_argument("--max-new-tokens", type=int)
+    ask.add_argument("task", help="a task name from the prompt files (see `llmqtt tasks`)")
+    ask.add_argument("text", help="the text to classify, or the message to answer")
+    ask.add_argument("--stream", action="store_true", help="print generated text to stderr as it is produced")
+    ask.add_argument("--max-new-tokens", type=int, metavar="N",
+                     help="generate tasks: stop after N tokens (default: the task's generation.max_new_tokens)")
     command("tasks", _tasks, "list the tasks defined by the prompt files")
     check = command("check-config", _check_config, "validate a config file and its task files")
     check.add_argument("file", nargs="?", type=Path, help="config file (same as --config)")
     doctor = command("doctor", _doctor, "show this machine's resources and the runtime plan")
-    doctor.add_argument("--json", action="store_true")
+    doctor.add_argument("--json", action="store_true", help="print the readings and the plan as JSON")
     model = command("model", _model, "manage models: `llmqtt model fetch demo`, `llmqtt model where`")
     model.add_argument("action", choices=["fetch", "where"])
     model.add_argument("name", nargs="?", help="model to fetch (default: the configured one)")
@@ -73,7 +78,7 @@ def _config(args) -> Config:
 def _run(args) -> int:
     from .daemon import main as daemon_main
 
-    return daemon_main(args.config)
+    return daemon_main(args.config, engine_factory=args.engine_factory)
 
 
 def _tasks(args) -> int:
@@ -87,6 +92,11 @@ def _tasks(args) -> int:
 def _check_config(args) -> int:
     config = _config(args)
     tasks = load_tasks(config.prompt_dirs())
+    problems = file_problems(config)
+    for problem in problems:
+        print(f"llmqtt: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     print(f"config ok: model {config.model.name!r}, {len(tasks)} tasks ({', '.join(tasks)}), "
           f"broker {config.mqtt.host}:{config.mqtt.port}")
     return 0
@@ -133,8 +143,7 @@ def _ha(args) -> int:
 
 
 def _ask(args) -> int:
-    from .engine import load_engine
-    from .engine.modelstore import ModelUnavailable
+    from .build import START_ERRORS, build_engine
     from .engine.types import EngineError
 
     config = _config(args)
@@ -142,11 +151,12 @@ def _ask(args) -> int:
     if args.task not in tasks:
         print(f"llmqtt: no task named {args.task!r} (tasks: {', '.join(sorted(tasks))})", file=sys.stderr)
         return 2
+    # One answer and exit: compiling decode kernels in the background, or a warm-up request, would only cost time.
+    config = config.model_copy(update={"model": config.model.model_copy(update={"fast_decode": False})})
     try:
-        # One answer and exit: compiling decode kernels in the background would only cost CPU.
-        model = config.model.model_copy(update={"fast_decode": False})
-        engine = load_engine(model, {args.task: tasks[args.task]}, progress=_ProgressBar())
-    except ModelUnavailable as exc:
+        engine = build_engine(config, {args.task: tasks[args.task]}, factory=args.engine_factory,
+                              progress=_ProgressBar(), warm=False).engine
+    except START_ERRORS as exc:
         print(f"llmqtt: {exc}", file=sys.stderr)
         return 1
     try:
@@ -161,7 +171,7 @@ def _ask(args) -> int:
 
 
 def _answer(engine, args) -> dict:
-    if engine.kind(args.task) == "classify":
+    if engine.tasks[args.task].kind == "classify":
         return engine.classify(args.task, [args.text])[0].as_dict()
     generation = engine.generate(args.task, args.text, max_new_tokens=args.max_new_tokens)
     for piece in generation:

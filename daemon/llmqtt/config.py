@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .mqtt.routes import is_topic_filter
+
+from .validation import describe
 
 
 class ConfigError(ValueError):
@@ -103,7 +108,24 @@ class MqttConfig(_Section):
     reconnect_max_s: float = Field(default=60.0, gt=0)
     health_interval_s: float = Field(default=30.0, ge=1)
     dedup_cache_size: int = Field(default=512, ge=0)
+    # Requests that arrive while the queue (runtime.queue_size) is full wait, unacknowledged, in the daemon up
+    # to this many, then go to the queue as it drains; only beyond this are they answered `busy`. Brokers
+    # send more than Receive Maximum allows (mosquitto 2.0.11), and 3.1.1 has no such limit. Memory: at most
+    # this many payloads (runtime.max_payload_bytes each; a typical request is ~100 bytes).
+    max_held_requests: int = Field(default=1000, ge=0)
+    # Topic filters a request may name as its reply route (MQTT v5 Response Topic or `reply_to`). Default:
+    # `<root>/reply/#` and `<root>/response/+` (and the fleet's). The discovery prefix, other nodes' roots,
+    # `$` topics and this node's status/health/request/cancel/ha topics are refused whatever this says.
+    reply_topics: list[str] | None = None
     fleet: FleetConfig = FleetConfig()
+
+    @field_validator("reply_topics")
+    @classmethod
+    def _filters(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or []:
+            if not is_topic_filter(item) or item.startswith("$"):
+                raise ValueError(f"{item!r} is not a topic filter (`+`/`#` only as whole levels, no `$` topics)")
+        return value
 
     @model_validator(mode="after")
     def _password_needs_user(self) -> MqttConfig:
@@ -191,12 +213,8 @@ def load_config(path: Path | None) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
+        raise ConfigError(f"{path}: {describe(exc, whole='config')}") from None
     return _resolve_paths(config, Path(path).resolve().parent)
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
@@ -223,3 +241,72 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         tls.cert_file = fix(tls.cert_file, "mqtt.tls.cert_file")
         tls.key_file = fix(tls.key_file, "mqtt.tls.key_file")
     return config
+
+
+def file_problems(config: Config) -> list[str]:
+    """Every file the config names, checked before anything slow happens (the model load takes minutes on a
+    board): one line per problem, naming the field, e.g. `mqtt.tls.ca_file: /etc/x/ca.crt does not exist`.
+    `llmqtt run` refuses to start with any; `llmqtt check-config` lists them."""
+    problems = []
+    mqtt = config.mqtt
+    for field, path in (("mqtt.password_file", mqtt.password_file),
+                        *((f"mqtt.tls.{name}", getattr(mqtt.tls, name)) for name in ("ca_file", "cert_file", "key_file")
+                          if mqtt.tls is not None)):
+        problem = _unreadable(path)
+        if problem:
+            problems.append(f"{field}: {problem}")
+    tls = mqtt.tls
+    if tls is not None and tls.ca_file is not None and not _unreadable(tls.ca_file):
+        try:
+            ssl.create_default_context(cafile=str(tls.ca_file))
+        except (ssl.SSLError, ValueError) as exc:
+            problems.append(f"mqtt.tls.ca_file: {tls.ca_file} holds no PEM certificate ({exc})")
+    if tls is not None and tls.cert_file and tls.key_file and not (_unreadable(tls.cert_file) or _unreadable(tls.key_file)):
+        try:
+            ssl.create_default_context().load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        except (ssl.SSLError, ValueError) as exc:
+            problems.append(f"mqtt.tls.cert_file/key_file: {tls.cert_file} and {tls.key_file} are not a "
+                            f"certificate and its key ({exc})")
+    problem = _model_problem(config.model.name)
+    if problem:
+        problems.append(f"model.name: {problem}")
+    return problems
+
+
+def _unreadable(path: Path | None) -> str | None:
+    if path is None or "$" in str(path):  # a variable set only where it runs (systemd's CREDENTIALS_DIRECTORY)
+        return None
+    try:
+        with open(path, "rb"):
+            return None
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except IsADirectoryError:
+        return f"{path} is a directory, not a file"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+
+
+def _model_problem(name: str) -> str | None:
+    """A local model that is not there or not a model; `demo` and hub ids are resolved when the daemon starts."""
+    path = Path(name)
+    if name == "demo":
+        return None
+    if path.is_dir():
+        return None if (path / "config.json").is_file() else \
+            f"model directory {path} has no config.json (not a Hugging Face model directory)"
+    if path.is_absolute() or name.endswith(".gguf"):
+        return _unreadable(path)
+    return None
+
+
+def choose_dtype(requested: str) -> str:
+    """The compute dtype: what the config asks for; `auto` is float32, chosen explicitly.
+
+    transformers 5's own `auto` takes the checkpoint's dtype (usually bf16), which on a CPU without bf16
+    instructions (the Pi 5's Cortex-A76) runs ~2x slower than fp32. With native bf16 (the AVX512-BF16 x86
+    bench machine, docs/bench) it is mixed: decode ~1.8x faster, prompt prefill slower, the first call at
+    each new input shape very slow (oneDNN compiles kernels), and sentiment accuracy lower on the bench
+    sample. So bf16 is opt-in where someone has measured it to pay off. torch's dynamic int8 needs float32.
+    """
+    return "float32" if requested == "auto" else requested

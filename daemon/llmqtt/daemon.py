@@ -1,7 +1,7 @@
-"""The composition root: config -> tasks -> plan -> engine -> warm-up -> service -> MQTT -> extensions.
+"""The composition root: config -> tasks -> warm engine (build.py) -> service -> MQTT -> extensions.
 
-`main(config_path)` is what `llmqtt run` calls. `Daemon(config, engine)` builds the same daemon around an
-engine you hand it (tests use a fake one), and `Daemon.run()` serves until SIGTERM/SIGINT.
+`main(config_path)` is what `llmqtt run` calls. `Daemon(config, engine)` builds the same daemon around a
+warm engine you hand it (tests use a fake one), and `Daemon.run()` serves until SIGTERM/SIGINT.
 
 Shutdown keeps the delivery promise: stop taking requests, let the running one finish (or leave it
 unacknowledged, so the broker redelivers it to the next start), publish `stopping` then `offline`, and
@@ -10,38 +10,33 @@ disconnect cleanly, so the broker does not publish the Last Will.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from . import __version__
-from .config import Config, load_config
+from .build import START_ERRORS, EngineFactory, build_engine
+from .config import Config, ConfigError, file_problems, load_config
 from .engine.types import InferenceEngine
 from .extensions.availability import AvailabilityExtension
 from .extensions.base import Extension, start_all, stop_all
 from .extensions.health import HealthExtension
 from .extensions.homeassistant import HomeAssistantExtension
 from .extensions.requests import RequestsExtension
+from .jobs import Job, Outcome
 from .mqtt.messages import Limits
+from .mqtt.routes import ReplyRoutes, shorten
 from .mqtt.topics import Topics
 from .mqtt.transport import MqttTransport
-from .service import Job, Outcome, Service
+from .planner import MemoryGuard
+from .service import Service
 from .sessions import SessionStore
 from .tasks import load_tasks
 
-if TYPE_CHECKING:
-    from .planner import MemoryGuard
-
 log = logging.getLogger(__name__)
-
-# TEST-ONLY: `module:factory` builds the engine instead of `llmqtt.engine.load_engine`, called as
-# `factory(model_config, tasks)`. Lets subprocess tests run the real daemon without torch or a model.
-FAKE_ENGINE_ENV = "LLMQTT_FAKE_ENGINE"
 
 
 class _NoSystemd:
@@ -69,17 +64,19 @@ class Daemon:
         self.stop_requested = threading.Event()
         self.started = time.monotonic()
         runtime, mqtt = config.runtime, config.mqtt
-        self.topics = Topics.from_config(mqtt)
+        self.topics = Topics.from_config(mqtt, config.homeassistant)
         observers: list[Callable[[Job, Outcome], None]] = [request_log or log_outcome]  # HOOK(logs)
         self.service = Service(
             engine, sessions=SessionStore(runtime.sessions.max_sessions, runtime.sessions.idle_ttl_s),
             queue_size=runtime.queue_size,
-            max_batch=min(runtime.max_batch, getattr(engine, "max_batch", runtime.max_batch)),  # planned batch
+            max_batch=min(runtime.max_batch, engine.max_batch),  # the planned batch
             default_deadline_ms=runtime.default_deadline_ms, dedup_size=mqtt.dedup_cache_size,
             memory=memory,  # HOOK(planner): MemoryGuard
             observer=_fan_out(observers),  # the request log line, then Home Assistant's sensors
             heartbeat=self.watchdog.beat, idle_wait_s=self.watchdog.idle_wait_s)
-        self.transport = MqttTransport(mqtt, password=mqtt.read_password())
+        # Receive Maximum = queue size: a backlog (requests sent while we were down) stays in the broker and
+        # comes as the queue drains, instead of arriving at once and overflowing the queue as `busy`.
+        self.transport = MqttTransport(mqtt, password=mqtt.read_password(), receive_maximum=runtime.queue_size)
         self.availability = AvailabilityExtension(self.transport, self.topics, {
             "node": mqtt.node, "model": engine.model_name, "dtype": engine.dtype,
             "tasks": sorted(engine.tasks), "version": __version__})
@@ -89,12 +86,14 @@ class Daemon:
                 self.transport, self.topics, config.homeassistant, engine.tasks, node=mqtt.node,
                 model=engine.model_name, version=__version__)
             observers.append(self.homeassistant.observe)
+        routes = ReplyRoutes.build(self.topics, mqtt.reply_topics)
         self.requests = RequestsExtension(self.transport, self.topics, self.service,
                                           Limits(runtime.max_payload_bytes, runtime.max_text_chars),
-                                          model_name=engine.model_name, node=mqtt.node,
+                                          model_name=engine.model_name, node=mqtt.node, routes=routes,
+                                          hold_limit=mqtt.max_held_requests,
                                           ha_answer=self.homeassistant.answer if self.homeassistant else None)
         self.health = HealthExtension(self.transport, self.topics, self.service, mqtt.health_interval_s,
-                                      threads=threads if threads is not None else getattr(engine, "threads", None),
+                                      threads=threads,
                                       started=self.started, memory_state=memory.state if memory else None)
         self.extensions: list[Extension] = []
         self._shut_down = False
@@ -102,11 +101,6 @@ class Daemon:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.config.runtime.warmup and hasattr(self.engine, "warmup"):
-            self.notifier.status("warming up")
-            started = time.monotonic()
-            self.engine.warmup()
-            log.info("warm-up took %.1fs", time.monotonic() - started)
         self.service.start()
         # Subscriptions are registered before connecting: a persistent session delivers waiting requests
         # right after CONNACK, and each must find its handler.
@@ -118,8 +112,7 @@ class Daemon:
         # systemd kill us at TimeoutStartSec and reload the model in a loop; we keep reconnecting instead.
         self.notifier.ready()
         self.notifier.status(f"serving {len(self.engine.tasks)} tasks with {self.engine.model_name}")
-        if hasattr(self.engine, "start_fast_decode"):
-            self.engine.start_fast_decode()  # in the background, now that start-up no longer needs the CPU
+        self.engine.start_fast_decode()  # in the background, now that start-up no longer needs the CPU
         self.watchdog.start()
         log.info("serving %d task(s) on %s/request/<task>%s", len(self.engine.tasks), self.topics.root,
                  f" and fleet {self.topics.fleet}" if self.topics.fleet else "")
@@ -198,63 +191,34 @@ def log_outcome(job: Job, outcome: Outcome) -> None:
     try:
         from .logs import log_request
     except ImportError:
-        log.info("request id=%s task=%s status=%s latency_ms=%.1f %s", job.id, job.task, status,
+        log.info("request id=%s task=%s status=%s latency_ms=%.1f %s", job.id, shorten(job.task), status,
                  outcome.latency_ms, fields)
         return
-    log_request(log, request_id=str(job.id), task=job.task, status=status, latency_ms=outcome.latency_ms,
+    # shortened: an unknown task's name comes from the request topic, which may be 64 KB long
+    log_request(log, request_id=str(job.id), task=shorten(job.task), status=status, latency_ms=outcome.latency_ms,
                 queue_ms=outcome.queue_ms, **fields)
 
 
-# -- building the real thing -------------------------------------------------------------------------
+# -- the real thing ------------------------------------------------------------------------------------
 
-def build_engine(config: Config, tasks: dict, progress: Callable[[str, int, int], None] | None = None,
-                 ) -> tuple[InferenceEngine, int | None, MemoryGuard | None]:
-    """(engine, planned threads, low-memory check). Plans before torch is imported."""
-    fake = os.environ.get(FAKE_ENGINE_ENV)
-    if fake:
-        module, _, factory = fake.partition(":")
-        log.warning("%s=%s: using a fake engine (tests only)", FAKE_ENGINE_ENV, fake)
-        return getattr(importlib.import_module(module), factory)(config.model, tasks), None, None
-    from .engine import load_engine
-    from .engine.modelstore import resolve_model
-
-    resolved = resolve_model(config.model, progress)
-    # HOOK(planner): threads, dtype, batch and context sized to this machine; refuse what cannot fit.
-    from .planner import MemoryGuard, apply_threads, check_fits, plan
-    from .readings import live_available_bytes, read_model_facts, read_system
-
-    p = plan(read_system(), read_model_facts(resolved.path), config.model, config.runtime)
-    check_fits(p)  # ModelTooLarge explains why and what to change
-    if p.verdict == "swap":
-        log.warning("%s", p.explanation)
-    for note in p.notes:
-        log.warning("%s", note)
-    apply_threads(p)
-    log.info("plan: %d threads, %s%s, batch %d, context %d tokens", p.threads, p.dtype,
-             "" if p.quantize == "none" else f"+{p.quantize}", p.max_batch, p.max_context)
-    model_config = config.model.model_copy(update={"max_context": p.max_context, "dtype": p.dtype})
-    engine = load_engine(model_config, tasks, max_batch=p.max_batch, resolved=resolved)
-    return engine, p.threads, MemoryGuard(p.low_memory_bytes, live_available_bytes)
-
-
-def main(config_path: Path | None) -> int:
-    """`llmqtt run`: load once, serve until SIGTERM/SIGINT. ConfigError/TaskFileError propagate to the CLI."""
+def main(config_path: Path | None, *, engine_factory: EngineFactory | None = None) -> int:
+    """`llmqtt run`: load once, serve until SIGTERM/SIGINT. ConfigError/TaskFileError (a task the model cannot
+    serve included) propagate to the CLI, which says so in one line. `engine_factory`: tests pass a fake."""
     config = load_config(config_path)
+    problems = file_problems(config)  # before minutes of model loading, not after
+    if problems:
+        raise ConfigError("; ".join(problems))
     notifier, watchdog = _systemd()
     _setup_logging(config)
     tasks = load_tasks(config.prompt_dirs())
     notifier.extend_timeout(600)  # fetching/converting/loading a model can take minutes on a board
     notifier.status("loading model")
-    from .engine.modelstore import ModelUnavailable
-    from .planner import ModelTooLarge
-    from .readings import ModelFactsError
-
     try:
-        engine, threads, memory = build_engine(config, tasks, _startup_progress(notifier))
-    except (ModelUnavailable, ModelTooLarge, ModelFactsError) as exc:
+        warm = build_engine(config, tasks, factory=engine_factory, progress=_startup_progress(notifier))
+    except START_ERRORS as exc:
         log.error("%s", exc)
         return 1
-    daemon = Daemon(config, engine, threads=threads, memory=memory, notifier=notifier,
+    daemon = Daemon(config, warm.engine, threads=warm.threads, memory=warm.memory, notifier=notifier,
                     watchdog=watchdog)
     return daemon.run()
 

@@ -8,13 +8,13 @@ refused, or cannot be found with fetching turned off), else 0.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from .config import Config, ModelConfig
+from .engine.modelstore import locate_model, looks_like_hub_id
 from .planner import choose_dtype, dtype_notes, fmt_bytes, low_memory_threshold, plan, plan_threads
 from .readings import ModelFacts, ModelFactsError, SystemReadings, read_model_facts, read_system
 
@@ -22,7 +22,6 @@ GiB = 2**30
 SMALL_RAM = 4 * GiB + GiB // 2  # "4 GB" boards report a little under 4 GiB; 8 GB boards are well above
 HOT_C = 80.0  # the Pi 5 firmware starts throttling at 80 °C and throttles hard at 85 °C
 SUPPORTED_ARCHES = ("aarch64", "arm64", "x86_64", "AMD64")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as modelstore recognises it
 
 Severity = Literal["fatal", "warning", "info"]
 Locator = Callable[[ModelConfig], "Path | None"]
@@ -42,12 +41,12 @@ def build_report(config: Config, model_dir: Path | None = None, *, readings: Sys
                  locate: Locator | None = None) -> dict[str, Any]:
     """Readings, model facts, plan and problems as plain JSON-ready data.
 
-    `model_dir` None: look the model up without downloading (modelstore.locate_model, when available).
+    `model_dir` None: look the model up without downloading (modelstore.locate_model).
     """
     readings = readings or read_system()
     problems: list[Problem] = []
     if model_dir is None:
-        model_dir = _locate(config.model, locate or default_locator(), problems)
+        model_dir = _locate(config.model, locate or locate_model, problems)
     facts = _facts(model_dir, problems)
     if model_dir is None and not any(p.code.startswith("model_") for p in problems):
         problems.append(_model_missing(config.model))
@@ -61,20 +60,6 @@ def build_report(config: Config, model_dir: Path | None = None, *, readings: Sys
         "plan": plan_data,
         "problems": [asdict(p) for p in problems],
     }
-
-
-def default_locator() -> Locator:
-    """modelstore.locate_model when that module exists; else only a plain local directory is found."""
-    try:
-        from .engine.modelstore import locate_model
-    except ImportError:
-        return _local_dir
-    return locate_model
-
-
-def _local_dir(model_config: ModelConfig) -> Path | None:
-    path = Path(model_config.name).expanduser()
-    return path if (path / "config.json").is_file() else None
 
 
 def _locate(model_config: ModelConfig, locate: Locator, problems: list[Problem]) -> Path | None:
@@ -98,7 +83,7 @@ def _facts(model_dir: Path | None, problems: list[Problem]) -> ModelFacts | None
 
 def _model_missing(model_config: ModelConfig) -> Problem:
     name = model_config.name
-    if model_config.auto_fetch and (name == "demo" or _HUB_ID.fullmatch(name)):
+    if model_config.auto_fetch and (name == "demo" or looks_like_hub_id(name)):
         return Problem("model_not_fetched", "info",
                        f"model {name!r} is not on disk yet: it is fetched on first start, so its size is"
                        " unknown and the memory fit is not checked; run doctor again after the first start")

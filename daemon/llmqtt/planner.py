@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
-from .config import ModelConfig, RuntimeConfig
+from .config import ModelConfig, RuntimeConfig, choose_dtype  # noqa: F401 (choose_dtype re-exported)
 from .readings import ModelFacts, SystemReadings
 
 MiB = 2**20
@@ -30,11 +30,6 @@ RUNTIME_BYTES = 512 * MiB
 # Shrinking the context below this saves little (a 0.5B model's KV cache + activations are ~100 KiB per
 # token at fp32, so 512 tokens are ~50 MiB) and leaves too little room for a system prompt plus text.
 MIN_PLANNED_CONTEXT = 512
-
-# engine/loader.py quantizes with torch's quantize_dynamic(inplace=False), which first deep-copies the
-# float model into anonymous memory (measured on the demo model: 3.6 GiB peak anonymous memory for a
-# model that serves in 1.5 GiB; in place it peaks at 1.2 GiB). Set to False if the loader goes in place.
-INT8_QUANTIZES_A_COPY = False
 
 # Bytes per Linear parameter after dynamic int8 quantization: 1 for the int8 values plus the backend's
 # packed copy and scales (measured with fbgemm on x86: 666 MiB for the demo model's 494M Linear params).
@@ -55,18 +50,6 @@ class ModelTooLarge(Exception):
 
 
 # --------------------------------------------------------------------------- dtype
-
-
-def choose_dtype(requested: str) -> str:
-    """The compute dtype: what the config asks for; `auto` is float32, chosen explicitly.
-
-    transformers 5's own `auto` takes the checkpoint's dtype (usually bf16), which on a CPU without bf16
-    instructions (the Pi 5's Cortex-A76) runs ~2x slower than fp32. With native bf16 (the AVX512-BF16 x86
-    bench machine, docs/bench) it is mixed: decode ~1.8x faster, prompt prefill slower, the first call at
-    each new input shape very slow (oneDNN compiles kernels), and sentiment accuracy lower on the bench
-    sample. So bf16 is opt-in where someone has measured it to pay off. torch's dynamic int8 needs float32.
-    """
-    return "float32" if requested == "auto" else requested
 
 
 def dtype_notes(readings: SystemReadings, dtype: str, quantize: str = "none") -> list[str]:
@@ -186,11 +169,12 @@ def estimate_memory(facts: ModelFacts, dtype: str, quantize: str, max_context: i
 
 
 def _int8_load_peak(facts: ModelFacts, dtype: str, float_weights: int, int8_weights: int) -> int:
-    # Weights stored at the compute dtype are mmapped: the kernel can drop those pages once they are read,
-    # so they do not count. Converted ones (a bf16 file loaded as fp32) are anonymous memory until freed.
+    # engine/loader.py quantizes in place (a copy first would peak at 3.6 GiB anonymous memory for the demo
+    # model instead of 1.2 GiB). Weights stored at the compute dtype are mmapped: the kernel can drop those
+    # pages once they are read, so they do not count. Converted ones (a bf16 file loaded as fp32) are
+    # anonymous memory until freed.
     converted = _STORED_DTYPES.get(facts.stored_dtype or "") != dtype
-    float_copies = int(INT8_QUANTIZES_A_COPY) + int(converted)
-    return float_copies * float_weights + int8_weights + RUNTIME_BYTES
+    return int(converted) * float_weights + int8_weights + RUNTIME_BYTES
 
 
 def _activations(facts: ModelFacts, width: int, tokens: int, batch: int) -> int:
@@ -371,7 +355,7 @@ def _verdict_sentence(p: Plan) -> str:
     if m.resident > (b.ram_available if b.ram_available is not None else b.usable):
         return "It does not fit in RAM, and the weights cannot live in swap: every token would read them back from disk."
     if m.load_peak > m.steady:
-        why = " (int8: the loader quantizes a float copy of the model)" if p.quantize == "int8" else ""
+        why = " (int8: the float weights and their int8 form are in memory together)" if p.quantize == "int8" else ""
         return f"Loading needs more than RAM plus free swap{why}."
     return "Its KV cache and activations do not fit in RAM plus free swap, even at the smallest batch and context."
 
@@ -412,9 +396,9 @@ def _smaller_model(p: Plan, target: int) -> str:
     loading_room = target - m.runtime
     if p.quantize == "int8":
         # Count every parameter as a Linear weight: ~1.4 bytes while serving; while loading, the float
-        # model plus the copy that quantize_dynamic makes (as for a converted checkpoint: conservative).
+        # weights beside their int8 form (as for a converted checkpoint: conservative).
         per_param_serving = INT8_BYTES_PER_PARAM
-        per_param_loading = (INT8_QUANTIZES_A_COPY + 1) * width + INT8_BYTES_PER_PARAM
+        per_param_loading = width + INT8_BYTES_PER_PARAM
     else:
         per_param_serving = per_param_loading = width
     params = min(serving_room / per_param_serving, loading_room / per_param_loading)

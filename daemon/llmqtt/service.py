@@ -8,22 +8,21 @@ accepted gets exactly one `ReplySink.finish`; what is refused at the door (queue
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol, Union, cast
+from dataclasses import replace
+from typing import Callable, Protocol
 
 from .engine.types import EngineError, GenerationResult, InferenceEngine
+from .jobs import Failure, Job, Outcome, ReplySink, RequestId, ServiceHealth, Submitted  # noqa: F401 (re-exported)
 from .sessions import SessionStore
 from .stats import ServiceStats
 from .tasks import ClassifyTask, GenerateTask
 
 log = logging.getLogger(__name__)
 
-RequestId = Union[str, int]  # as the client sent it; echoed back unchanged
 # Outcomes that say something about the request itself may be replayed to a retry with the same id;
 # transient refusals (busy, expired, low memory, cancelled, internal) must not be.
 _TRANSIENT = frozenset({"busy", "expired", "cancelled", "low_memory", "internal"})
@@ -35,77 +34,6 @@ class MemoryPressure(Protocol):
     def allow_generation(self) -> bool: ...
 
     def batch_limit(self, max_batch: int) -> int: ...
-
-
-@dataclass(frozen=True)
-class Failure:
-    code: str
-    message: str
-    retry_after_ms: int | None = None  # set with `busy`
-    partial: dict | None = None  # a cancelled generation's text so far
-
-
-@dataclass(frozen=True)
-class Outcome:
-    task: str
-    id: RequestId
-    result: dict | None = None
-    error: Failure | None = None
-    latency_ms: float = 0.0
-    queue_ms: float = 0.0
-    cached: bool = False  # replayed for a duplicate id, not computed for this delivery
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def code(self) -> str:
-        """`ok`, or the error code."""
-        return "ok" if self.error is None else self.error.code
-
-
-class ReplySink(Protocol):
-    """Where a job's answer goes (the MQTT layer implements it). Called from the worker thread."""
-
-    def chunk(self, seq: int, delta: str) -> None: ...
-
-    def finish(self, outcome: Outcome) -> None: ...
-
-
-# Where a request came from: the transport sets it, observers (Home Assistant's sensors) read it.
-ORIGIN_MQTT = "mqtt"
-ORIGIN_HOMEASSISTANT = "homeassistant"  # arrived on the HA request topic, which only HA's broker user may write
-
-
-@dataclass(eq=False)
-class Job:
-    task: str
-    id: RequestId
-    text: str
-    sink: ReplySink
-    origin: str = ORIGIN_MQTT
-    session: str | None = None
-    stream: bool = False
-    max_new_tokens: int | None = None
-    deadline_ms: int | None = None  # relative to `received`
-    received: float | None = None  # clock() when it arrived; set by submit() when missing
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def key(self) -> tuple[str, RequestId]:
-        return (self.task, self.id)
-
-    @property
-    def arrived(self) -> float:
-        return cast(float, self.received)  # set by Service.submit before the job goes anywhere
-
-
-class Submitted(enum.Enum):
-    QUEUED = "queued"
-    DUPLICATE = "duplicate"  # same (task, id) is running or was answered: answered from that
-    REJECTED = "rejected"  # answered at once (busy, unknown task)
-    STOPPED = "stopped"  # the service is shutting down: not answered, so the caller leaves it for redelivery
 
 
 class Service:
@@ -145,14 +73,17 @@ class Service:
         self._worker = threading.Thread(target=self._run, name="llmqtt-worker", daemon=True)
         self._worker.start()
 
-    def submit(self, job: Job) -> Submitted:
-        """Queue a job without blocking; answers at once when it cannot be queued."""
+    def submit(self, job: Job, *, hold: bool = False) -> Submitted:
+        """Queue a job without blocking; answers at once when it cannot be queued. With `hold`, a full queue
+        is not answered `busy` but returned as FULL: the caller keeps the job and submits it again later
+        (MQTT can, as the request stays unacknowledged at the broker meanwhile)."""
         if job.received is None:
             job.received = self._clock()
         if job.deadline_ms is None:
             job.deadline_ms = self._default_deadline_ms
         if job.task not in self.engine.tasks:
-            self._finish_now(job, Failure("unknown_task", f"no task named {job.task!r}"))
+            name = job.task if len(job.task) <= 80 else f"{job.task[:80]}..."  # the name comes from a client
+            self._finish_now(job, Failure("unknown_task", f"no task named {name!r}"))
             return Submitted.REJECTED
         with self._cond:
             if self._stopping:
@@ -164,17 +95,20 @@ class Service:
                 self._inflight[job.key].append(job.sink)  # answered together with the running one
                 return Submitted.DUPLICATE
             else:
-                depth = len(self._classify_q) + len(self._generate_q)
+                waiting = {"classify": len(self._classify_q), "generate": len(self._generate_q)}
+                depth = sum(waiting.values())
                 if depth < self._queue_size:
                     self._inflight[job.key] = []
                     self._queue_for(job).append(job)
                     self._cond.notify()
                     return Submitted.QUEUED
+                if hold:
+                    return Submitted.FULL
         if replay is not None:
             job.sink.finish(replace(replay, cached=True))
             return Submitted.DUPLICATE
         self._finish_now(job, Failure("busy", f"queue full ({depth} waiting)",
-                                      retry_after_ms=self.stats.retry_after_ms(depth)))
+                                      retry_after_ms=self.stats.retry_after_ms(waiting)))
         return Submitted.REJECTED
 
     def cancel(self, task: str, request_id: RequestId) -> bool:
@@ -182,12 +116,12 @@ class Service:
         key = (task, request_id)
         with self._cond:
             for queue in (self._classify_q, self._generate_q):
-                job = next((j for j in queue if j.key == key), None)
+                job = next((j for j in queue if (j.task, j.id) == key), None)
                 if job is not None:
                     queue.remove(job)
                     break
             else:
-                running = next((j for j in self._running if j.key == key), None)
+                running = next((j for j in self._running if (j.task, j.id) == key), None)
                 if running is not None:
                     running.cancel.set()  # the engine stops at the next token; the worker answers
                 return running is not None
@@ -197,6 +131,10 @@ class Service:
     def queue_depth(self) -> int:
         with self._cond:
             return len(self._classify_q) + len(self._generate_q)
+
+    def health(self) -> ServiceHealth:
+        return ServiceHealth(model=self.engine.model_name, dtype=self.engine.dtype, queue_depth=self.queue_depth(),
+                             sessions=len(self.sessions), stats=self.stats.snapshot())
 
     def stop(self, timeout: float) -> bool:
         """Take no more work; wait up to `timeout` for the running job. Queued jobs are dropped unanswered
@@ -233,8 +171,10 @@ class Service:
             jobs = self._take()
             if jobs is None:
                 return
+            kind = "classify" if isinstance(self.engine.tasks[jobs[0].task], ClassifyTask) else "generate"
+            started = self._clock()
             try:
-                if isinstance(self.engine.tasks[jobs[0].task], ClassifyTask):
+                if kind == "classify":
                     self._classify(jobs)
                 else:
                     self._generate(jobs[0])
@@ -243,6 +183,7 @@ class Service:
                 for job in jobs:
                     self._complete(job, Failure("internal", "internal error"), started=None)
             finally:
+                self.stats.record_work(kind, len(jobs), self._clock() - started)  # the drain rate for `busy`
                 with self._cond:
                     self._running = []
                 self._heartbeat()

@@ -53,10 +53,6 @@ class SessionStore:
             while len(self._sessions) > self._max:
                 self._sessions.popitem(last=False)
 
-    def forget(self, task: str, session: str) -> bool:
-        with self._lock:
-            return self._sessions.pop((task, session), None) is not None
-
     def __len__(self) -> int:
         with self._lock:
             self._expire()

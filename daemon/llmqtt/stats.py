@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .service import Outcome
+from .jobs import Outcome
 
 
 class ServiceStats:
     """Counters and recent latencies for the health topic; cheap to update from the worker thread."""
 
     _SAMPLES = 256
+    _WORK_SAMPLES = 32  # units of work behind the drain rate: recent enough to follow load, enough to be steady
+    _UNMEASURED_S = 0.5  # per job, before the first unit of that kind has run
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -22,16 +22,15 @@ class ServiceStats:
         self._error_codes: dict[str, int] = {}
         self._latency: dict[str, deque[float]] = {}
         self._tokens_per_s: deque[float] = deque(maxlen=32)
-        self._job_ms = 500.0  # running mean of one job's run time, seeds the `busy` retry hint
+        # (jobs, seconds) of the worker's last units of work per kind ("classify": batches, "generate"):
+        # the measured drain rate behind `busy`'s retry hint.
+        self._work: dict[str, deque[tuple[int, float]]] = {}
 
     def record(self, outcome: Outcome) -> None:
         with self._lock:
             if outcome.ok:
                 self._ok[outcome.task] = self._ok.get(outcome.task, 0) + 1
                 self._latency.setdefault(outcome.task, deque(maxlen=self._SAMPLES)).append(outcome.latency_ms)
-                run_ms = max(0.0, outcome.latency_ms - outcome.queue_ms)
-                if not outcome.cached:
-                    self._job_ms = 0.8 * self._job_ms + 0.2 * run_ms
             else:
                 self._errors[outcome.task] = self._errors.get(outcome.task, 0) + 1
                 code = outcome.code
@@ -42,10 +41,23 @@ class ServiceStats:
             with self._lock:
                 self._tokens_per_s.append(value)
 
-    def retry_after_ms(self, depth: int) -> int:
-        """A hint for a refused client: roughly how long the queue ahead of it takes to drain."""
+    def record_work(self, kind: str, jobs: int, seconds: float) -> None:
+        """One unit of the worker's work: a classification batch of `jobs`, or one generation."""
+        if jobs > 0:
+            with self._lock:
+                self._work.setdefault(kind, deque(maxlen=self._WORK_SAMPLES)).append((jobs, seconds))
+
+    def retry_after_ms(self, waiting: dict[str, int]) -> int:
+        """A hint for a refused client: how long the queue (`waiting` jobs per kind) takes to drain at the
+        rate the worker measured over its last units of work; the seconds per job of a kind are total time
+        over total jobs, so batching counts. A kind not measured yet counts `_UNMEASURED_S` per job."""
         with self._lock:
-            return int(min(60_000, max(100, (depth + 1) * self._job_ms)))
+            drain_s = 0.0
+            for kind, count in waiting.items():
+                work = self._work.get(kind)
+                per_job = sum(s for _, s in work) / sum(n for n, _ in work) if work else self._UNMEASURED_S
+                drain_s += count * per_job
+        return int(min(60_000, max(100, drain_s * 1000)))
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -58,12 +70,13 @@ class ServiceStats:
                     "tokens_per_s": round(tps, 2) if tps is not None else None}
 
 
-def _percentiles(samples) -> dict:
+def percentile(samples, q: float) -> float:
+    """Nearest-rank percentile (q in 0..1) of a non-empty collection: always one of the samples."""
     ordered = sorted(samples)
-    if not ordered:
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
+
+
+def _percentiles(samples) -> dict:
+    if not samples:
         return {"p50_ms": None, "p95_ms": None}
-
-    def rank(q: float) -> float:  # nearest-rank percentile
-        return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
-
-    return {"p50_ms": rank(0.50), "p95_ms": rank(0.95)}
+    return {"p50_ms": percentile(samples, 0.50), "p95_ms": percentile(samples, 0.95)}

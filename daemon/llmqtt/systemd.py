@@ -148,10 +148,6 @@ class Watchdog:
         return cls(notifier, watchdog_interval_s())
 
     @property
-    def enabled(self) -> bool:
-        return self.interval_s is not None
-
-    @property
     def idle_wait_s(self) -> float:
         """How long the worker's idle wait may block before it beats; well under the interval."""
         return min(self.interval_s / 4, 5.0) if self.interval_s else 5.0

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .validation import describe
+
 TASK_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 
@@ -153,12 +155,8 @@ def parse_task(data: Any, source: str, default_name: str) -> ClassifyTask | Gene
 
 
 def _describe(exc: ValidationError, skip: int = 2) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"][skip:] if p not in ("classify", "generate"))
-        message = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {message}" if loc else message)
-    return "; ".join(parts)
+    # skip 2: the `_TaskFile.task` wrapper; the kind is the union's tag, not something the file spells out.
+    return describe(exc, skip=skip, hide=("classify", "generate"))
 
 
 def load_task_file(path: Path) -> ClassifyTask | GenerateTask:

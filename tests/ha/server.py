@@ -26,12 +26,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import pytest
 import yaml
-from broker import Broker, TestClient, free_port, mosquitto_path
+from broker import SHIPPED_ACL, Broker, TestClient, free_port, mosquitto_path
 from needs import missing
 
 REPO = Path(__file__).resolve().parents[2]
@@ -241,23 +240,19 @@ class HomeAssistant:
 # -- the session's broker and Home Assistant ---------------------------------------------------------
 
 class AclBroker(Broker):
-    """mosquitto with the shipped ACL and a password per ACL user."""
+    """mosquitto with the shipped ACL and a password per ACL user (`users`)."""
 
     def __init__(self, executable: str, workdir: Path):
         users = {name: f"{name}-pw" for name in ("llmqtt", "homeassistant", "device", "doorbell")}
-        super().__init__(executable, workdir, users=users)
-        acl = workdir / "acl"
-        shipped = (REPO / "deploy" / "mosquitto" / "acl").read_text(encoding="utf-8")
         # Test additions: a doorbell publishing notes that HA's automation example reads.
-        shipped = shipped.replace("user homeassistant\n", "user homeassistant\ntopic read doorbell/#\n", 1)
-        acl.write_text(shipped + "\nuser doorbell\ntopic write doorbell/#\n", encoding="utf-8")
-        self.conf.write_text(self.conf.read_text() + f"acl_file {acl}\n", encoding="utf-8")
+        acl = SHIPPED_ACL.read_text(encoding="utf-8")
+        acl = acl.replace("user homeassistant\n", "user homeassistant\ntopic read doorbell/#\n", 1)
+        super().__init__(executable, workdir, users=users, acl=acl + "\nuser doorbell\ntopic write doorbell/#\n")
         self.clients: list[TestClient] = []
 
     def client_as(self, user: str, protocol: str = "5") -> TestClient:
         """A test client logged in as one of the ACL's users."""
-        login = SimpleNamespace(host=self.host, port=self.port, users={user: self.users[user]}, ca_file=None)
-        client = TestClient(login, protocol)
+        client = TestClient(self, protocol, user=user)
         self.clients.append(client)
         return client
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -14,12 +13,11 @@ CHUNK = 16  # rows handed to engine.classify at a time: the engine's batch size,
 
 @dataclass
 class Scored:
-    """What a classifier said about labelled rows: predicted labels (None = unparseable) and margins."""
+    """What a classifier said about labelled rows: predicted labels (None = unparseable) and their gold labels."""
 
     labels: list[str]  # the task's label names, in order
     gold: list[str] = field(default_factory=list)
     predicted: list[str | None] = field(default_factory=list)
-    margin: list[float] = field(default_factory=list)  # log p(first label) - log p(second), when known
 
     def summary(self) -> dict:
         n = len(self.gold)
@@ -45,7 +43,6 @@ def classify_rows(engine, task: str, rows: Sequence[Row], tick: Callable[[int], 
         for row, result in zip(chunk, _classify_chunk(engine, task, chunk)):
             scored.gold.append(row.label)
             scored.predicted.append(result.label if result else None)
-            scored.margin.append(_log_ratio(result.scores, labels) if result else 0.0)
         tick(len(chunk))
     return scored
 
@@ -60,21 +57,3 @@ def _classify_chunk(engine, task: str, chunk: Sequence[Row]) -> list:
             return [None]
         return [result for row in chunk for result in _classify_chunk(engine, task, [row])]
 
-
-def _log_ratio(scores: dict[str, float], labels: list[str]) -> float:
-    first, second = (max(scores[name], 1e-12) for name in labels[:2])
-    return math.log(first) - math.log(second)
-
-
-def best_offset(scored: Scored, grid: Sequence[float] = tuple(x / 4 for x in range(-16, 17))) -> tuple[float, float]:
-    """(offset, accuracy): the logit offset added to the first label that is most accurate on these rows.
-
-    Only for two-label tasks; meant for the dev split, never the test split.
-    """
-    first, second = scored.labels[:2]
-
-    def accuracy(offset: float) -> float:
-        hits = sum((first if m + offset > 0 else second) == g for m, g in zip(scored.margin, scored.gold))
-        return hits / len(scored.gold)
-
-    return max(((o, accuracy(o)) for o in grid), key=lambda pair: (pair[1], -abs(pair[0])))

@@ -73,6 +73,7 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
             dtype, quantize = VARIANTS[name]
             bar.set_description(f"loading {name}")
             engine = _engine(resolved, config, tasks, dtype, quantize)
+            result["meta"]["torch_threads"] = torch_threads()  # as planned for this machine by build_engine
             if name == "fp32":
                 bar.set_description("accuracy fp32")
                 result["accuracy"] = accuracy_section(engine, tasks, rows, tick)
@@ -95,12 +96,13 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
 
 
 def _engine(resolved, config: Config, tasks: dict, dtype: str, quantize: str):
-    """Loaded as `llmqtt run` loads it (load_engine: prompt cache, fast decode kernels), at this variant."""
-    from ..engine import load_engine
+    """Built as `llmqtt run` builds it (build_engine: planned threads, batch and context; prompt cache;
+    warm-up), at this variant; then its fast decode kernels start, as the daemon's do once ready."""
+    from ..build import build_engine
 
     wanted = {n: t for n, t in tasks.items() if n in DATASETS or n in (SPEED_TASK, CHAT_TASK)}
     model = config.model.model_copy(update={"dtype": dtype, "quantize": quantize})
-    engine = load_engine(model, wanted, resolved=resolved)
+    engine = build_engine(config.model_copy(update={"model": model}), wanted, resolved=resolved).engine
     engine.start_fast_decode()
     return engine
 
@@ -191,25 +193,24 @@ def _work_units(sizes: Sizes, rows: dict) -> int:
     return accuracy + per_variant(sizes.compare_rows) + others + 3 * sizes.startup + 1
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def machine() -> dict:
     import psutil
     import torch
     import transformers
 
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from ..readings import read_cpuinfo
+
+    cpu = read_cpuinfo().model or platform.processor() or platform.machine()
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch_threads(),
             "ram_bytes": psutil.virtual_memory().total, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "platform": platform.platform()}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def data_note(data_dir: Path) -> dict:

@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 from ..engine.classify import length_chunks
 from ..engine.prompt import encode
 from ..engine.types import EngineError
-from ..service import Job, Outcome, Service
+from ..jobs import Job, Outcome
+from ..service import Service
 from ..sessions import SessionStore
 from .accuracy import Scored
 from .data import Row

@@ -3,7 +3,8 @@
 `bare`:  AutoModelForCausalLM.from_pretrained at fp32, nothing else (the floor). transformers maps the
          safetensors file, so this does not yet read the weights: see its peak RSS.
 `bare_forward`: the same plus one token through the model, which pages every weight in.
-`ready`: what `llmqtt run` does before it serves: load (+ int8), every task's prefix cache, warm-up. Run
+`ready`: what `llmqtt run` does before it serves (build.build_engine): plan, load (+ int8), every task's
+         prefix cache, warm-up. Run
          twice on one empty prefix store: the first start computes and stores the prefixes, a restart (every
          start after the first, until the model or a prompt changes) reads them.
 
@@ -38,8 +39,8 @@ def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quanti
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..config import ModelConfig
-    from ..engine import load_engine
+    from ..build import build_engine
+    from ..config import Config, ModelConfig
     from ..engine.loader import _bytes_in_memory
     from ..engine.modelstore import ResolvedModel
     from ..tasks import load_tasks
@@ -57,16 +58,16 @@ def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quanti
                 model(torch.tensor([[0]]))
     else:  # exactly what `llmqtt run` calls; its progress stages mark the phases
         marks: dict[str, float] = {}
-        config = ModelConfig(name=str(model_dir), dtype="float32", quantize=quantize,
-                             cache_dir=Path(cache_dir) if cache_dir else None, prefix_cache=bool(cache_dir))
-        engine = load_engine(config, tasks, resolved=ResolvedModel(model_dir, match_name, match_name),
-                             progress=lambda stage, done, total: marks.setdefault(stage.split()[0], time.perf_counter()))
-        built = time.perf_counter()
+        model = ModelConfig(name=str(model_dir), dtype="float32", quantize=quantize,
+                            cache_dir=Path(cache_dir) if cache_dir else None, prefix_cache=bool(cache_dir))
+        engine = build_engine(Config(model=model), tasks, resolved=ResolvedModel(model_dir, match_name, match_name),
+                              progress=lambda stage, done, total: marks.setdefault(stage.split()[0], time.perf_counter()),
+                              warm=True).engine
+        ready = time.perf_counter()
         phases["load_s"] = marks["preparing"] - start
-        phases["prefix_s"] = built - marks["preparing"]
+        phases["prefix_s"] = marks["warming"] - marks["preparing"]
         phases["tasks"], phases["prefixes_from_disk"] = len(tasks), engine.prefixes_from_disk()
-        engine.warmup()
-        phases["warmup_s"] = time.perf_counter() - built
+        phases["warmup_s"] = ready - marks["warming"]
         engine.start_fast_decode()  # as the daemon does, once ready
         weight_bytes = engine.loaded.weight_bytes
         kernels = engine.loaded.kernels

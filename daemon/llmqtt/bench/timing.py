@@ -5,13 +5,9 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterable, TypeVar
 
+from ..stats import percentile
+
 T = TypeVar("T")
-
-
-def percentile(samples: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..1) of a non-empty list."""
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
 
 
 def latency_stats(seconds: list[float], wall_s: float | None = None) -> dict:

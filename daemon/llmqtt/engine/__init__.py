@@ -9,8 +9,7 @@ import logging
 import os
 from typing import Mapping
 
-from ..config import ModelConfig
-from ..planner import choose_dtype
+from ..config import ModelConfig, choose_dtype
 from ..tasks import ClassifyTask, GenerateTask
 from .modelstore import Progress, ResolvedModel, _no_progress, cache_dir_for, resolve_model
 

@@ -14,11 +14,7 @@ from ..tasks import ClassifyTask
 from .kvprefix import KVPrefix
 from .prefixstore import PrefixStore
 from .prompt import ControlTokenGuard, encode, split_at_user_text
-from .types import Classification, TextTooLong
-
-
-class TaskNotServable(ValueError):
-    """A task file that this model cannot serve (e.g. two labels start with the same token)."""
+from .types import Classification, TaskNotServable, TextTooLong  # noqa: F401 (TaskNotServable re-exported)
 
 
 class LabelScorer:

@@ -128,19 +128,20 @@ def resolve_model(config: ModelConfig, progress: Progress | None = None) -> Reso
             raise ModelUnavailable(f"model file {local} does not exist")
         path = convert_gguf_cached(local, cache, progress)
         return ResolvedModel(path, local.name, local.stem.lower())
-    if _looks_like_hub_id(name):
+    if looks_like_hub_id(name):
         return ResolvedModel(_hub_model(name, config.auto_fetch, progress), name, name.lower())
     raise ModelUnavailable(
         f"model {name!r} is not `demo`, an existing directory, a .gguf file or a hub id like "
         "`Qwen/Qwen2.5-0.5B-Instruct`")
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
+    """`owner/name`, as on the Hugging Face hub."""
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
 
 
 def _hub_snapshot(repo_id: str, local_only: bool) -> Path | None:
-    if not _looks_like_hub_id(repo_id):
+    if not looks_like_hub_id(repo_id):
         return None
     try:
         from huggingface_hub import snapshot_download

@@ -9,7 +9,12 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator, Literal, Mapping, Protocol, Sequence
 
-from ..tasks import ClassifyTask, GenerateTask
+from ..tasks import ClassifyTask, GenerateTask, TaskFileError
+
+
+class TaskNotServable(TaskFileError):
+    """A task file that this model cannot serve (e.g. two labels start with the same token). Raised while
+    loading; a config error like any other bad task file: `llmqtt run`/`ask` say so in one line, exit 2."""
 
 
 class EngineError(Exception):
@@ -81,11 +86,18 @@ class GenerationStream(Protocol):
 
 
 class InferenceEngine(Protocol):
-    """What the service layer needs from an engine (the real one, or a fake in tests)."""
+    """What the service and the daemon need from an engine (the real one, or a fake in tests)."""
 
     model_name: str
-    dtype: str
+    dtype: str  # as shown in status and health: "float32", "float32+int8"
     tasks: Mapping[str, ClassifyTask | GenerateTask]
+    max_batch: int  # the largest classification batch it was sized for (the plan's)
+
+    def warmup(self) -> None:
+        """One small request through the serving path, so a broken task fails at start."""
+
+    def start_fast_decode(self) -> None:
+        """Begin any background optimisation (compiling decode kernels) once serving; may do nothing."""
 
     def classify(self, task: str, texts: Sequence[str]) -> list[Classification]: ...
 

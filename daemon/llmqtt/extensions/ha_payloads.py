@@ -34,21 +34,21 @@ class Identity:
     """What ties every entity of one daemon together: node, topics, device and origin facts."""
 
     node: str  # mqtt.node_id
-    topics: Topics  # the node's topics (root = <base_topic>/<node>)
+    root: str  # <base_topic>/<node>
     prefix: str  # HA's discovery prefix
     model: str
     version: str
     support_url: str | None = None
 
     @property
-    def root(self) -> str:
-        return self.topics.root
-
-    @property
     def node_id(self) -> str:
         """The discovery topic's node segment and the unique-id prefix. HA only accepts [a-zA-Z0-9_-] there;
         the `llmqtt_` prefix keeps us clear of other tools that name their node after the host."""
         return "llmqtt_" + re.sub(r"[^A-Za-z0-9_-]", "_", self.node)
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(root=self.root, discovery_prefix=self.prefix)
 
 
 @dataclass(frozen=True)
@@ -57,21 +57,6 @@ class Entity:
     object_id: str  # unique per component and node
     options: dict[str, Any] = field(default_factory=dict)
     available_with_daemon: bool = True  # False: no availability block (the connectivity sensor must show "off")
-
-
-# -- topics (the node's own come from Topics; these are HA's) --------------------------------------
-
-def discovery_topic(identity: Identity, entity: Entity) -> str:
-    return f"{identity.prefix}/{entity.component}/{identity.node_id}/{entity.object_id}/config"
-
-
-def discovery_filter(identity: Identity) -> str:
-    """Every config this node may have published, in any run."""
-    return f"{identity.prefix}/+/{identity.node_id}/+/config"
-
-
-def birth_topic(prefix: str) -> str:
-    return f"{prefix}/status"
 
 
 # -- entities ---------------------------------------------------------------------------------------
@@ -208,7 +193,7 @@ def discovery_messages(identity: Identity, tasks: Mapping[str, Task]) -> dict[st
     (a task called `board_cpu`, or `x_latency` next to `x`) keeps the first and logs the clash."""
     messages: dict[str, dict[str, Any]] = {}
     for entity in entities(identity, tasks):
-        topic = discovery_topic(identity, entity)
+        topic = identity.topics.discovery(entity.component, identity.node_id, entity.object_id)
         if topic in messages:
             log.error("Home Assistant entity %s/%s is defined twice (rename the task); keeping the first",
                       entity.component, entity.object_id)

@@ -18,7 +18,7 @@ from ..mqtt.messages import encode
 from ..mqtt.topics import Topics
 from ..mqtt.transport import MqttTransport
 from ..readings import read_memory, read_temperature
-from ..service import Service
+from ..jobs import JobQueue
 
 log = logging.getLogger(__name__)
 MiB = 2**20
@@ -82,7 +82,7 @@ def build_health(machine: MachineReadings, service_stats: dict, *, queue_depth: 
 class HealthExtension:
     name = "health"
 
-    def __init__(self, transport: MqttTransport, topics: Topics, service: Service, interval_s: float,
+    def __init__(self, transport: MqttTransport, topics: Topics, service: JobQueue, interval_s: float,
                  threads: int | None, started: float,
                  read: Callable[[], MachineReadings] | None = None,
                  memory_state: Callable[[], str] | None = None):
@@ -113,10 +113,10 @@ class HealthExtension:
             self._thread.join(5)
 
     def snapshot(self) -> dict:
-        engine = self.service.engine
-        return build_health(self._read(), self.service.stats.snapshot(), queue_depth=self.service.queue_depth(),
-                            sessions=len(self.service.sessions), uptime_s=time.monotonic() - self.started,
-                            model=engine.model_name, dtype=engine.dtype, threads=self.threads,
+        service = self.service.health()
+        return build_health(self._read(), service.stats, queue_depth=service.queue_depth,
+                            sessions=service.sessions, uptime_s=time.monotonic() - self.started,
+                            model=service.model, dtype=service.dtype, threads=self.threads,
                             memory_state=self.memory_state() if self.memory_state else None)
 
     def _run(self) -> None:

@@ -29,7 +29,7 @@ from ..config import Config, HomeAssistantConfig
 from ..mqtt.messages import encode
 from ..mqtt.topics import Topics
 from ..mqtt.transport import Inbound, MqttTransport
-from ..service import ORIGIN_HOMEASSISTANT, Job, Outcome
+from ..jobs import ORIGIN_HOMEASSISTANT, Job, Outcome
 from . import ha_payloads as ha
 from .ha_payloads import Identity, Task
 
@@ -45,7 +45,8 @@ class HomeAssistantExtension:
         self.transport = transport
         self.config = config
         self.tasks = dict(tasks)
-        self.identity = Identity(node=node, topics=topics, prefix=config.discovery_prefix.rstrip("/"),
+        self.topics = topics
+        self.identity = Identity(node=node, root=topics.root, prefix=topics.discovery_prefix,
                                  model=model, version=version, support_url=config.support_url)
         self.birth_delay_s = birth_delay_s
         self.messages = ha.discovery_messages(self.identity, self.tasks)
@@ -56,9 +57,9 @@ class HomeAssistantExtension:
 
     def start(self) -> None:
         """Before the transport connects, so the subscriptions go out with the first CONNECT."""
-        self.transport.subscribe(ha.birth_topic(self.identity.prefix), self._on_birth)
-        self.transport.subscribe(ha.discovery_filter(self.identity), self._on_config)
-        self.transport.subscribe(self.identity.topics.ha_states, self._on_state)
+        self.transport.subscribe(self.topics.ha_birth, self._on_birth)
+        self.transport.subscribe(self.topics.discovery_filter(self.identity.node_id), self._on_config)
+        self.transport.subscribe(self.topics.ha_state_filter, self._on_state)
         self.transport.add_connect_listener(self.publish_discovery)
         self._running = True
         log.info("Home Assistant discovery: %d entities under %s/+/%s/", len(self.messages),
@@ -105,7 +106,7 @@ class HomeAssistantExtension:
                                 latency_ms=outcome.latency_ms, ts=round(time.time(), 3))
         with self._lock:
             self._last[job.task] = state
-        self.transport.publish(self.identity.topics.ha_state(job.task), encode(state), qos=1, retain=True)
+        self.transport.publish(self.topics.ha_state(job.task), encode(state), qos=1, retain=True)
 
     # -- incoming (paho's network thread: never block) --------------------------------------------
 
@@ -134,7 +135,7 @@ class HomeAssistantExtension:
     def _on_state(self, message: Inbound) -> None:
         if not message.retain or not message.payload:
             return
-        task = message.topic.split("/")[-2]
+        task = self.topics.task_of_ha_state(message.topic)
         if task not in self.tasks:
             self.transport.publish(message.topic, b"", qos=1, retain=True)
             return
@@ -160,13 +161,12 @@ def remove_discovery(config: Config, tasks: Mapping[str, Task], *, connect_s: fl
     subscriptions (a handful of queued configs per daemon start) until it is cleaned up."""
     mqtt = config.mqtt.model_copy(update={"client_id": f"llmqtt-{config.mqtt.node}-ha-remove",
                                           "session_expiry_s": 0})
-    topics = Topics.from_config(mqtt)
-    identity = Identity(node=mqtt.node, topics=topics, prefix=config.homeassistant.discovery_prefix.rstrip("/"),
-                        model="", version="")
+    topics = Topics.from_config(mqtt, config.homeassistant)
+    identity = Identity(node=mqtt.node, root=topics.root, prefix=topics.discovery_prefix, model="", version="")
     found = _RetainedCollector(identity)
     transport = MqttTransport(mqtt, password=mqtt.read_password())
-    transport.subscribe(ha.discovery_filter(identity), found.config)
-    transport.subscribe(topics.ha_states, found.state)
+    transport.subscribe(topics.discovery_filter(identity.node_id), found.config)
+    transport.subscribe(topics.ha_state_filter, found.state)
     transport.start()
     try:
         if not transport.connected.wait(connect_s):

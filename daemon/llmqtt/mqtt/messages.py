@@ -13,6 +13,8 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
 
+from ..validation import describe
+
 RequestId = Union[StrictStr, StrictInt]
 
 
@@ -66,17 +68,6 @@ class _Body(BaseModel):
             raise ValueError("must be 1 to 128 characters")
         return value
 
-    @field_validator("reply_to")
-    @classmethod
-    def _publishable(cls, value: str | None) -> str | None:
-        if value is not None and not is_publishable_topic(value):
-            raise ValueError("must be a topic without wildcards, not starting with $")
-        return value
-
-
-def is_publishable_topic(topic: str) -> bool:
-    return bool(topic) and not any(c in topic for c in "+#\0") and not topic.startswith("$") \
-        and len(topic.encode("utf-8")) <= 65535
 
 
 def new_request_id() -> str:
@@ -85,10 +76,8 @@ def new_request_id() -> str:
 
 def parse_request(payload: bytes, task: str, limits: Limits, response_topic: str | None = None,
                   correlation_data: bytes | None = None) -> Request | BadRequest:
-    """MQTT v5 Response Topic + Correlation Data (if any) come in as arguments and win over `reply_to`."""
-    if response_topic is not None and not is_publishable_topic(response_topic):
-        response_topic = None  # unusable: fall back to reply_to or the default topic
-
+    """MQTT v5 Response Topic + Correlation Data (if any) come in as arguments and win over `reply_to`.
+    The reply route is not judged here: the caller checks it against its allowed routes (mqtt.routes)."""
     def bad(code: str, message: str, id: str | int | None = None, reply_to: str | None = None) -> BadRequest:
         return BadRequest(code, message, task, id, response_topic or reply_to, correlation_data)
 
@@ -105,13 +94,17 @@ def parse_request(payload: bytes, task: str, limits: Limits, response_topic: str
             fields = json.loads(raw)
         except ValueError as exc:
             return bad("bad_json", f"payload starts with {{ but is not valid JSON: {exc}")
+        except RecursionError:  # ~1000 nested levels fit in a few KB; json's parser recurses per level
+            return bad("bad_json", "payload is JSON nested too deeply")
         if not isinstance(fields, dict):
             return bad("bad_json", "payload must be a JSON object")
+        if _has_lone_surrogate(raw, fields):
+            return bad("bad_encoding", "payload escapes a lone UTF-16 surrogate (\\ud800-\\udfff), which is not a character")
     try:
         body = _Body.model_validate(fields)
     except ValidationError as exc:
         id_, reply_to = _salvage(fields)
-        return bad("bad_request", _describe(exc), id_, reply_to)
+        return bad("bad_request", describe(exc, whole="request"), id_, reply_to)
     id_ = body.id if body.id is not None else new_request_id()
     if not body.text.strip():
         return bad("bad_request", "text: must not be empty", id_, body.reply_to)
@@ -123,19 +116,27 @@ def parse_request(payload: bytes, task: str, limits: Limits, response_topic: str
                    deadline_ms=body.deadline_ms, max_new_tokens=body.max_new_tokens)
 
 
+def _has_lone_surrogate(raw: str, fields: dict) -> bool:
+    """JSON's `\\ud800` escapes decode to strings UTF-8 cannot encode: every reply echoing them would fail."""
+    if "\\u" not in raw:
+        return False
+    try:
+        json.dumps(fields, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _salvage(fields: dict) -> tuple[str | int | None, str | None]:
     """The id and reply_to of an invalid request, if they are themselves valid, to route the error."""
     id_ = fields.get("id")
     if isinstance(id_, bool) or not isinstance(id_, (str, int)) or isinstance(id_, str) and len(id_) > 128:
         id_ = None
     reply_to = fields.get("reply_to")
-    if not isinstance(reply_to, str) or not is_publishable_topic(reply_to):
+    if not isinstance(reply_to, str):
         reply_to = None
     return id_, reply_to
 
-
-def _describe(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors())
 
 
 def parse_cancel(payload: bytes) -> str | int | None:
@@ -147,7 +148,7 @@ def parse_cancel(payload: bytes) -> str | int | None:
     if raw.startswith("{"):
         try:
             value = json.loads(raw).get("id")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             return None
         return value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
     return raw or None

@@ -1,10 +1,14 @@
-"""Every topic the daemon uses, derived from the config in one place. Pure."""
+"""Every topic the daemon and its tools use, derived from the config in one place. Pure.
+
+Nothing else builds a topic string: the transports, extensions, Home Assistant payloads and `llmqtt ha
+remove` all ask a `Topics`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import MqttConfig
+from ..config import HomeAssistantConfig, MqttConfig
 
 
 @dataclass(frozen=True)
@@ -12,11 +16,20 @@ class Topics:
     root: str  # <base>/<node>
     fleet: str | None = None  # the fleet topic when fleet mode is on
     fleet_group: str = "llmqtt"
+    discovery_prefix: str = "homeassistant"  # Home Assistant's MQTT discovery prefix
 
     @classmethod
-    def from_config(cls, config: MqttConfig) -> Topics:
+    def from_config(cls, config: MqttConfig, homeassistant: HomeAssistantConfig | None = None) -> Topics:
         fleet = config.fleet.topic.rstrip("/") if config.fleet.enabled else None
-        return cls(root=config.topic_root, fleet=fleet, fleet_group=config.fleet.group)
+        prefix = (homeassistant or HomeAssistantConfig()).discovery_prefix.rstrip("/")
+        return cls(root=config.topic_root, fleet=fleet, fleet_group=config.fleet.group, discovery_prefix=prefix)
+
+    # -- the daemon's own ---------------------------------------------------------------------------
+
+    @property
+    def base(self) -> str:
+        """`<base_topic>`: every node's root is one level below it."""
+        return self.root.rpartition("/")[0]
 
     @property
     def status(self) -> str:
@@ -35,28 +48,25 @@ class Topics:
     def cancel(self, task: str, base: str | None = None) -> str:
         return f"{base or self.root}/cancel/{task}"
 
-    # Home Assistant's own routes. Requests from HA arrive on `ha_request`, which the shipped broker ACL lets
-    # only HA's user write: that, not a reply route, is what makes a request count as HA's. Their answers
-    # (errors too) land retained on `ha_state`, which the task's sensor shows.
-    def ha_request(self, task: str) -> str:
-        return f"{self.root}/ha/{task}/request"
+    def request_filter(self, base: str) -> str:
+        return self.request("+", base)
 
-    def ha_state(self, task: str) -> str:
-        return f"{self.root}/ha/{task}/state"
+    def cancel_filter(self, base: str) -> str:
+        return self.cancel("+", base)
 
-    @property
-    def ha_requests(self) -> str:
-        return f"{self.root}/ha/+/request"
+    def reply(self, client: str, base: str | None = None) -> str:
+        """A requester's own reply route under the node's reply namespace (`<root>/reply/<client>`)."""
+        return f"{base or self.root}/reply/{client}"
 
-    @property
-    def ha_states(self) -> str:
-        return f"{self.root}/ha/+/state"
+    def default_reply_filters(self) -> list[str]:
+        """What `mqtt.reply_topics` allows by default: each request base's reply namespace and response topics."""
+        return [f"{base}/{kind}" for base in self.request_bases() for kind in ("reply/#", "response/+")]
 
-    def ha_task_of(self, topic: str) -> str | None:
-        """`<root>/ha/<task>/request` -> task; None for anything else."""
-        head, _, kind = topic.rpartition("/")
-        base, _, task = head.rpartition("/")
-        return task if kind == "request" and base == f"{self.root}/ha" and task else None
+    def reserved_filters(self) -> list[str]:
+        """This daemon's own topics that no requester may have it publish on: its state, its inputs, and the
+        topics Home Assistant reads as this node's sensor states (`<root>/ha/...`)."""
+        own = [f"{self.root}/{name}" for name in ("status/#", "health/#", "ha/#")]
+        return own + [f"{base}/{kind}/#" for base in self.request_bases() for kind in ("request", "cancel")]
 
     def request_bases(self) -> list[str]:
         """Topic prefixes requests arrive under: the node's own, and the fleet's."""
@@ -74,3 +84,47 @@ class Topics:
         base, _, task = topic.rpartition("/")
         base, _, _kind = base.rpartition("/")
         return (base, task) if base in self.request_bases() and task else None
+
+    # -- Home Assistant -----------------------------------------------------------------------------
+
+    # Requests from HA arrive on `ha_request`, which the shipped broker ACL lets only HA's user write: that,
+    # not a reply route, is what makes a request count as HA's. Their answers (errors and refusals too) land
+    # retained on `ha_state`, which the task's sensor shows and the deploy/homeassistant script waits on.
+    def ha_request(self, task: str) -> str:
+        return f"{self.root}/ha/{task}/request"
+
+    @property
+    def ha_request_filter(self) -> str:
+        return self.ha_request("+")
+
+    def ha_task_of(self, topic: str) -> str | None:
+        """`<root>/ha/<task>/request` -> task; None for anything else."""
+        head, _, kind = topic.rpartition("/")
+        base, _, task = head.rpartition("/")
+        return task if kind == "request" and base == f"{self.root}/ha" and task else None
+
+    def ha_state(self, task: str) -> str:
+        """Retained JSON of the task's last result: what its HA sensor shows."""
+        return f"{self.root}/ha/{task}/state"
+
+    @property
+    def ha_state_filter(self) -> str:
+        return self.ha_state("+")
+
+    @staticmethod
+    def task_of_ha_state(topic: str) -> str:
+        """`<root>/ha/<task>/state` -> task."""
+        return topic.split("/")[-2]
+
+    @property
+    def ha_birth(self) -> str:
+        """Home Assistant's own status topic: `online` when it (re)starts."""
+        return f"{self.discovery_prefix}/status"
+
+    def discovery(self, component: str, node_id: str, object_id: str) -> str:
+        """HA's per-component discovery config topic of one entity."""
+        return f"{self.discovery_prefix}/{component}/{node_id}/{object_id}/config"
+
+    def discovery_filter(self, node_id: str) -> str:
+        """Every config this node may have published, in any run."""
+        return self.discovery("+", node_id, "+")

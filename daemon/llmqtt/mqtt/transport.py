@@ -9,8 +9,12 @@ acknowledged only after its response reached the broker, without ever blocking p
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
+import socket
+import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from ..config import MqttConfig
 
 log = logging.getLogger(__name__)
+_MAX_INFLIGHT = 100  # our QoS 1 publishes awaiting PUBACK at once (streamed chunks are QoS 1 too)
 
 
 @dataclass(frozen=True)
@@ -51,12 +56,17 @@ class _Subscription:
     match: str  # what incoming topics are matched against
     handler: Handler
     manual_ack: bool  # the handler acks itself (later); otherwise acked when it returns
+    retain_as_published: bool = False  # v5: live messages keep their retain flag (requests ignore retained)
 
 
 class MqttTransport:
-    def __init__(self, config: MqttConfig, password: str | None = None):
+    def __init__(self, config: MqttConfig, password: str | None = None, receive_maximum: int | None = None):
+        """`receive_maximum` (MQTT v5): at most this many unacknowledged QoS 1 messages are sent to us at a
+        time; the broker keeps the rest. Requests are acknowledged only once answered, so the daemon passes
+        its queue size: a backlog waits in the broker instead of overflowing the queue as `busy`."""
         self.config = config
         self.v5 = config.protocol == "5"
+        self.receive_maximum = None if receive_maximum is None else max(1, min(receive_maximum, 65535))
         self.client_id = config.client_id or f"llmqtt-{config.node}"
         self.connected = threading.Event()
         self._subs: list[_Subscription] = []
@@ -86,8 +96,9 @@ class MqttTransport:
             client.tls_set(ca_certs=_str(tls.ca_file), certfile=_str(tls.cert_file), keyfile=_str(tls.key_file))
             client.tls_insecure_set(tls.insecure)
         client.reconnect_delay_set(self.config.reconnect_min_s, self.config.reconnect_max_s)  # type: ignore[arg-type]
-        client.max_inflight_messages_set(100)  # streamed chunks are QoS 1 too
+        client.max_inflight_messages_set(_MAX_INFLIGHT)  # streamed chunks are QoS 1 too
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
@@ -102,16 +113,12 @@ class MqttTransport:
         self._connect_listeners.append(listener)
 
     def subscribe(self, topic_filter: str, handler: Handler, *, match: str | None = None,
-                  manual_ack: bool = False) -> None:
+                  manual_ack: bool = False, retain_as_published: bool = False) -> None:
         """Register a handler; (re)sent to the broker on every connect. `match` for `$share/` filters."""
-        sub = _Subscription(topic_filter, match or topic_filter, handler, manual_ack)
+        sub = _Subscription(topic_filter, match or topic_filter, handler, manual_ack, retain_as_published)
         self._subs.append(sub)
         if self.connected.is_set():
             self._client.subscribe(self._subscribe_list([sub]))
-
-    def unsubscribe_all(self) -> None:
-        """Forget handlers locally; the broker-side subscriptions stay in the persistent session."""
-        self._subs.clear()
 
     def start(self) -> None:
         """Connect in the background; paho retries with backoff until the broker answers."""
@@ -121,6 +128,8 @@ class MqttTransport:
         if self.v5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = self.config.session_expiry_s
+            if self.receive_maximum is not None:
+                properties.ReceiveMaximum = self.receive_maximum
         log.info("connecting to %s:%d as %s (MQTT %s)", self.config.host, self.config.port, self.client_id,
                  self.config.protocol)
         self._client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive_s,
@@ -179,7 +188,7 @@ class MqttTransport:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.error("broker %s:%d refused the connection: %s", self.config.host, self.config.port, reason_code)
+            log.warning("%s; retrying with backoff", connack_failure(self.config, reason_code))
             return
         log.info("connected to %s:%d (session present: %s)", self.config.host, self.config.port,
                  flags.session_present)
@@ -192,10 +201,18 @@ class MqttTransport:
             except Exception:
                 log.exception("connect listener failed")
 
+    def _on_connect_fail(self, client, userdata) -> None:
+        # paho calls this inside its `except OSError` around the connect, so the exception is at hand.
+        error = sys.exc_info()[1]
+        log.warning("%s; retrying with backoff (%.0f to %.0f s)", connect_failure(self.config, error),
+                    self.config.reconnect_min_s, self.config.reconnect_max_s)
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
-        if not self._stopping:
-            log.warning("lost the broker connection (%s); reconnecting", reason_code)
+        if not self._stopping and was_connected:
+            log.warning("lost the broker connection to %s:%d (%s); reconnecting", self.config.host,
+                        self.config.port, reason_code)
 
     def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
         props = message.properties
@@ -219,6 +236,8 @@ class MqttTransport:
             self.ack(inbound)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if reason_code.is_failure:  # v5 PUBACK, e.g. 0x87: the broker's ACL does not let us write there
+            log.warning("the broker did not accept publish %d: %s (check the ACL for this user)", mid, reason_code)
         self._delivered.put(mid)  # no locks here: paho holds its own message lock while calling us
 
     # -- internals --------------------------------------------------------------------------------
@@ -239,9 +258,45 @@ class MqttTransport:
 
     def _subscribe_list(self, subs: list[_Subscription]) -> list:
         if self.v5:
-            return [(s.topic_filter, SubscribeOptions(qos=1)) for s in subs]
+            return [(s.topic_filter, SubscribeOptions(qos=1, retainAsPublished=s.retain_as_published)) for s in subs]
         return [(s.topic_filter, 1) for s in subs]
 
 
 def _str(path) -> str | None:
     return None if path is None else str(path)
+
+
+# -- why a connection failed, in one sentence ---------------------------------------------------------
+
+def connect_failure(config: MqttConfig, error: BaseException | None) -> str:
+    """The cause of a failed TCP/TLS connect, e.g. `cannot connect to the MQTT broker at x:1883: connection
+    refused (nothing listens on that port, or a firewall rejects it)`."""
+    where = f"cannot connect to the MQTT broker at {config.host}:{config.port}"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        ca = config.tls.ca_file if config.tls is not None else None
+        trust = f"the CA in mqtt.tls.ca_file ({ca})" if ca else "the system's CAs (no mqtt.tls.ca_file set)"
+        return f"{where}: TLS certificate check failed against {trust}: {error.verify_message}"
+    if isinstance(error, ssl.SSLError):
+        return f"{where}: TLS handshake failed ({error.reason or error}); is this port TLS, and is it the right one?"
+    if isinstance(error, socket.gaierror):
+        return f"{where}: host name {config.host!r} not found (DNS: {error.strerror})"
+    if isinstance(error, ConnectionRefusedError):
+        return f"{where}: connection refused (no broker listens on that port, or a firewall rejects it)"
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return f"{where}: no answer (host down or unreachable, or a firewall drops the packets)"
+    if isinstance(error, OSError) and error.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN):
+        return f"{where}: host unreachable ({error.strerror})"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{where}: {error.strerror}"
+    return f"{where}: {error!r}"
+
+
+def connack_failure(config: MqttConfig, reason_code) -> str:
+    """The broker answered but refused us (CONNACK with a failure code)."""
+    where = f"the MQTT broker at {config.host}:{config.port} refused the connection"
+    name = str(reason_code)
+    if name in ("Not authorized", "Bad user name or password"):
+        who = f"user {config.username!r}" if config.username else "anonymous login (no mqtt.username)"
+        return (f"{where}: not authorized ({name}) for {who}; check mqtt.username, mqtt.password_file "
+                "and the broker's password file")
+    return f"{where}: {name}"

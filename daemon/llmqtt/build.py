@@ -1,0 +1,91 @@
+"""Config -> a warm engine, the one way: resolve -> read the machine -> plan -> check fit -> load -> warm.
+
+`llmqtt run` (daemon.main), `llmqtt ask`, `llmqtt bench` and the bench's start-up children all call
+`build_engine`, so what the bench measures is what the daemon serves: the same threads, dtype, batch and
+context for this machine. Planning happens before torch is imported (`apply_threads` must reach OpenMP
+before it starts), and a model that cannot fit is refused with an explanation before any weight is read.
+
+The load step is a parameter (`factory`, `llmqtt.engine.load_engine` by default): tests pass a fake engine
+and still go through resolve, plan and warm-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Mapping, Protocol
+
+from .config import Config, ModelConfig
+from .engine.modelstore import ModelUnavailable, Progress, ResolvedModel, _no_progress, resolve_model
+from .engine.types import InferenceEngine
+from .planner import MemoryGuard, ModelTooLarge, Plan, apply_threads, check_fits, plan
+from .readings import ModelFactsError, live_available_bytes, read_model_facts, read_system
+from .tasks import ClassifyTask, GenerateTask
+
+log = logging.getLogger(__name__)
+
+# What stops a start on this machine (exit status 1: the config is fine, the model or the room is not).
+# A task file the model cannot serve is a TaskNotServable, a TaskFileError: a config error (exit 2).
+START_ERRORS = (ModelUnavailable, ModelTooLarge, ModelFactsError)
+
+Tasks = Mapping[str, ClassifyTask | GenerateTask]
+
+
+class EngineFactory(Protocol):
+    """The load step; `llmqtt.engine.load_engine` is the real one."""
+
+    def __call__(self, config: ModelConfig, tasks: Tasks, *, max_batch: int, progress: Progress,
+                  resolved: ResolvedModel) -> InferenceEngine: ...
+
+
+@dataclass(frozen=True)
+class WarmEngine:
+    engine: InferenceEngine
+    plan: Plan
+    memory: MemoryGuard  # watches free memory while serving, at the plan's threshold
+    resolved: ResolvedModel
+
+    @property
+    def threads(self) -> int:
+        return self.plan.threads
+
+
+def build_engine(config: Config, tasks: Tasks, *, factory: EngineFactory | None = None,
+                 progress: Progress | None = None, resolved: ResolvedModel | None = None,
+                 warm: bool | None = None) -> WarmEngine:
+    """Raises one of START_ERRORS, or TaskNotServable. `warm` defaults to `runtime.warmup`."""
+    progress = progress or _no_progress
+    resolved = resolved or resolve_model(config.model, progress)
+    p = plan_for(config, resolved)
+    apply_threads(p)
+    model_config = config.model.model_copy(update={"max_context": p.max_context, "dtype": p.dtype})
+    engine = (factory or _load_engine)(model_config, tasks, max_batch=p.max_batch, progress=progress,
+                                       resolved=resolved)
+    if config.runtime.warmup if warm is None else warm:
+        progress("warming up", 0, 0)
+        started = time.monotonic()
+        engine.warmup()
+        log.info("warm-up took %.1fs", time.monotonic() - started)
+    return WarmEngine(engine, p, MemoryGuard(p.low_memory_bytes, live_available_bytes), resolved)
+
+
+def plan_for(config: Config, resolved: ResolvedModel) -> Plan:
+    """Threads, dtype, batch and context sized to this machine; ModelTooLarge explains why not and what to change."""
+    p = plan(read_system(), read_model_facts(resolved.path), config.model, config.runtime)
+    check_fits(p)
+    if p.verdict == "swap":
+        log.warning("%s", p.explanation)
+    for note in p.notes:
+        log.warning("%s", note)
+    log.info("plan: %d threads, %s%s, batch %d, context %d tokens", p.threads, p.dtype,
+             "" if p.quantize == "none" else f"+{p.quantize}", p.max_batch, p.max_context)
+    return p
+
+
+def _load_engine(config: ModelConfig, tasks: Tasks, *, max_batch: int, progress: Progress,
+                 resolved: ResolvedModel) -> InferenceEngine:
+    from .engine import load_engine  # imports torch: only after apply_threads
+
+    return load_engine(config, tasks, max_batch=max_batch, progress=progress, resolved=resolved)
+
