@@ -15,7 +15,7 @@ from fake_engine import write_model_dir, write_prompts
 from llmqtt.build import build_engine
 from llmqtt.cli import main as cli_main
 from llmqtt.config import Config
-from llmqtt.planner import ModelTooLarge
+from llmqtt.explain import ModelTooLarge
 from llmqtt.tasks import load_tasks
 
 

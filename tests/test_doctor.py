@@ -13,8 +13,8 @@ from llmqtt.config import Config
 from llmqtt.doctor import build_report, format_report
 from llmqtt.planner import GiB, MiB
 
+from test_modelfacts import write_model
 from test_planner import board
-from test_readings import write_model
 
 KiB = 1024
 

@@ -8,11 +8,24 @@ import sys
 from dataclasses import replace
 
 import pytest
-
 from llmqtt.config import ModelConfig, RuntimeConfig
-from llmqtt.planner import (INT8_BYTES_PER_PARAM, GiB, MiB, RUNTIME_BYTES, MemoryGuard, ModelTooLarge, check_fits, choose_dtype,
-                            estimate_memory, judge, low_memory_threshold, memory_budget, plan, plan_threads)
-from llmqtt.readings import ModelFacts, SystemReadings
+from llmqtt.explain import ModelTooLarge, check_fits, explain, suggest
+from llmqtt.memoryguard import MemoryGuard
+from llmqtt.modelfacts import ModelFacts
+from llmqtt.planner import (
+    INT8_BYTES_PER_PARAM,
+    RUNTIME_BYTES,
+    GiB,
+    MiB,
+    choose_dtype,
+    estimate_memory,
+    judge,
+    low_memory_threshold,
+    memory_budget,
+    plan,
+    plan_threads,
+)
+from llmqtt.readings import SystemReadings
 
 KiB = 1024
 
@@ -55,22 +68,23 @@ def test_pi5_4gb_fits_fp32_after_lowering_the_batch() -> None:
     # need 3.8 GiB of them, batch 2 x 2048 486 MiB, batch 1 x 2048 243 MiB.
     assert p.verdict == "ok"
     assert (p.max_batch, p.max_context) == (1, 2048)
-    assert "To fit, max_batch 1 (configured 16)." in p.explanation
+    assert "To fit, max_batch 1 (configured 16)." in explain(p, facts)
     assert p.memory.steady <= p.budget.usable - p.low_memory_bytes
     assert estimate_memory(facts, "float32", "none", 2048, 2).steady > p.budget.usable - p.low_memory_bytes
-    assert p.suggestions == ()
-    check_fits(p)
+    assert suggest(p, facts) == []
+    check_fits(p, facts)
 
 
 def test_2gb_board_is_refused_with_suggestions() -> None:
-    p = plan_for(board(ram_total=2_000_000 * KiB, ram_available=1_700_000 * KiB))
+    facts = qwen25_05b()
+    p = plan_for(board(ram_total=2_000_000 * KiB, ram_available=1_700_000 * KiB), facts)
     assert p.verdict == "refuse"
     assert (p.max_batch, p.max_context) == (1, 512)  # tried everything down to the floor
-    assert "does not fit in RAM" in p.explanation
-    text = "\n".join(p.suggestions)
+    assert "does not fit in RAM" in explain(p, facts)
+    text = "\n".join(suggest(p, facts))
     assert "model.quantize: int8" in text and "a smaller model: up to about" in text
     with pytest.raises(ModelTooLarge) as caught:
-        check_fits(p)
+        check_fits(p, facts)
     assert caught.value.plan is p and "model.quantize: int8" in str(caught.value)
 
 
@@ -78,10 +92,11 @@ def test_cgroup_limit_refuses_even_with_lots_of_host_ram() -> None:
     container = board(arch="x86_64", cpu_flags=frozenset({"avx2"}), physical_cores=16, logical_cores=32,
                       ram_total=64 * GiB, ram_available=60 * GiB, swap_total=8 * GiB, swap_free=8 * GiB,
                       cgroup_memory_max=GiB, cgroup_memory_current=50 * MiB)
-    p = plan_for(container)
+    facts = qwen25_05b()
+    p = plan_for(container, facts)
     assert p.budget.usable == GiB - 50 * MiB
-    assert p.verdict == "refuse" and "cgroup memory limit" in p.explanation
-    assert any(s.startswith("raise the cgroup memory limit") for s in p.suggestions)
+    assert p.verdict == "refuse" and "cgroup memory limit" in explain(p, facts)
+    assert any(s.startswith("raise the cgroup memory limit") for s in suggest(p, facts))
 
 
 def test_cgroup_without_memory_controller_uses_ram_only() -> None:
@@ -95,8 +110,8 @@ def test_swap_verdict_when_only_the_transient_part_spills() -> None:
     bf16_file = replace(qwen25_05b(), stored_dtype="BF16")
     p = plan_for(board(swap_total=4 * GiB, swap_free=4 * GiB), bf16_file, quantize="int8")
     assert p.memory.steady <= p.budget.usable < p.memory.load_peak
-    assert p.verdict == "swap" and "swap" in p.explanation
-    check_fits(p)  # swap passes; the daemon warns
+    assert p.verdict == "swap" and "swap" in explain(p, bf16_file)
+    check_fits(p, bf16_file)  # swap passes; the daemon warns
 
 
 def test_fp32_near_the_edge_shrinks_the_context() -> None:
@@ -113,13 +128,15 @@ def test_weights_that_do_not_fit_in_ram_are_refused_despite_swap() -> None:
 
 def test_unknown_memory_does_not_block() -> None:
     p = plan_for(board(ram_total=None, ram_available=None, swap_total=None, swap_free=None))
-    assert p.verdict == "ok" and "not checked" in p.explanation
+    assert p.verdict == "ok" and "not checked" in explain(p, qwen25_05b())
 
 
 def test_add_swap_suggested_when_it_would_help() -> None:
-    p = plan_for(board(), replace(qwen25_05b(), stored_dtype="BF16"), quantize="int8")
-    assert p.verdict == "refuse" and "Loading needs more than RAM plus free swap (int8: the float weights" in p.explanation
-    assert any(s.startswith("add swap of at least") for s in p.suggestions)
+    bf16_file = replace(qwen25_05b(), stored_dtype="BF16")
+    p = plan_for(board(), bf16_file, quantize="int8")
+    assert p.verdict == "refuse"
+    assert "Loading needs more than RAM plus free swap (int8: the float weights" in explain(p, bf16_file)
+    assert any(s.startswith("add swap of at least") for s in suggest(p, bf16_file))
 
 
 # --------------------------------------------------------------------------- memory arithmetic

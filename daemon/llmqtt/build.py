@@ -19,8 +19,11 @@ from typing import Mapping, Protocol
 from .config import Config, ModelConfig
 from .engine.modelstore import ModelUnavailable, Progress, ResolvedModel, _no_progress, resolve_model
 from .engine.types import InferenceEngine
-from .planner import MemoryGuard, ModelTooLarge, Plan, apply_threads, check_fits, plan
-from .readings import ModelFactsError, live_available_bytes, read_model_facts, read_system
+from .explain import ModelTooLarge, check_fits, explain
+from .memoryguard import MemoryGuard
+from .modelfacts import ModelFactsError, read_model_facts
+from .planner import Plan, apply_threads, plan
+from .readings import live_available_bytes, read_system
 from .tasks import ClassifyTask, GenerateTask
 
 log = logging.getLogger(__name__)
@@ -72,10 +75,11 @@ def build_engine(config: Config, tasks: Tasks, *, factory: EngineFactory | None 
 
 def plan_for(config: Config, resolved: ResolvedModel) -> Plan:
     """Threads, dtype, batch and context sized to this machine; ModelTooLarge explains why not and what to change."""
-    p = plan(read_system(), read_model_facts(resolved.path), config.model, config.runtime)
-    check_fits(p)
+    facts = read_model_facts(resolved.path)
+    p = plan(read_system(), facts, config.model, config.runtime)
+    check_fits(p, facts)
     if p.verdict == "swap":
-        log.warning("%s", p.explanation)
+        log.warning("%s", explain(p, facts))
     for note in p.notes:
         log.warning("%s", note)
     log.info("plan: %d threads, %s%s, batch %d, context %d tokens", p.threads, p.dtype,

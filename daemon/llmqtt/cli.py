@@ -128,7 +128,7 @@ def _model(args) -> int:
 
 
 def _ha(args) -> int:
-    from .extensions.homeassistant import remove_discovery
+    from .ha_remove import remove_discovery
 
     config = _config(args)
     try:

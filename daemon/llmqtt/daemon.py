@@ -27,11 +27,11 @@ from .extensions.health import HealthExtension
 from .extensions.homeassistant import HomeAssistantExtension
 from .extensions.requests import RequestsExtension
 from .jobs import Job, Outcome
+from .memoryguard import MemoryGuard
 from .mqtt.messages import Limits
 from .mqtt.routes import ReplyRoutes, shorten
 from .mqtt.topics import Topics
 from .mqtt.transport import MqttTransport
-from .planner import MemoryGuard
 from .service import Service
 from .sessions import SessionStore
 from .tasks import load_tasks
@@ -71,7 +71,7 @@ class Daemon:
             queue_size=runtime.queue_size,
             max_batch=min(runtime.max_batch, engine.max_batch),  # the planned batch
             default_deadline_ms=runtime.default_deadline_ms, dedup_size=mqtt.dedup_cache_size,
-            memory=memory,  # HOOK(planner): MemoryGuard
+            memory=memory,  # memoryguard.MemoryGuard, at the plan's threshold
             observer=_fan_out(observers),  # the request log line, then Home Assistant's sensors
             heartbeat=self.watchdog.beat, idle_wait_s=self.watchdog.idle_wait_s)
         # Receive Maximum = queue size: a backlog (requests sent while we were down) stays in the broker and

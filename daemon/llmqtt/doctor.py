@@ -15,8 +15,10 @@ from typing import Any, Callable, Literal
 
 from .config import Config, ModelConfig
 from .engine.modelstore import locate_model, looks_like_hub_id
-from .planner import choose_dtype, dtype_notes, fmt_bytes, low_memory_threshold, plan, plan_threads
-from .readings import ModelFacts, ModelFactsError, SystemReadings, read_model_facts, read_system
+from .explain import explain, fmt_bytes, suggest
+from .modelfacts import ModelFacts, ModelFactsError, read_model_facts
+from .planner import choose_dtype, dtype_notes, low_memory_threshold, plan, plan_threads
+from .readings import SystemReadings, read_system
 
 GiB = 2**30
 SMALL_RAM = 4 * GiB + GiB // 2  # "4 GB" boards report a little under 4 GiB; 8 GB boards are well above
@@ -98,7 +100,7 @@ def _model_missing(model_config: ModelConfig) -> Problem:
 def _plan_data(readings: SystemReadings, facts: ModelFacts | None, config: Config) -> dict[str, Any]:
     if facts is not None:
         p = plan(readings, facts, config.model, config.runtime)
-        data = _jsonable(asdict(p))
+        data = _jsonable(asdict(p)) | {"explanation": explain(p, facts), "suggestions": suggest(p, facts)}
         data["memory"] |= {"resident": p.memory.resident, "steady": p.memory.steady, "peak": p.memory.peak}
         return data
     # Without the model's numbers only the machine-side half of the plan is known.

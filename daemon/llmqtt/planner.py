@@ -1,6 +1,8 @@
 """Readings + model facts + config -> a plan: threads, dtype, memory budget, and whether the model fits.
 
-Pure functions over frozen values: no torch import (except lazily in `apply_threads`), no file reads.
+Numbers only; the plan in words (and the refusal) is explain.py, the guard that watches memory while
+serving is memoryguard.py. Pure functions over frozen values: no torch import (except lazily in
+`apply_threads`), no file reads.
 The daemon plans before it imports torch, so thread settings reach the OpenMP runtime in time and a
 model that cannot fit is refused with an explanation instead of an OOM kill halfway through loading.
 """
@@ -10,12 +12,12 @@ from __future__ import annotations
 import math
 import os
 import sys
-import threading
-from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 from .config import ModelConfig, RuntimeConfig, choose_dtype  # noqa: F401 (choose_dtype re-exported)
-from .readings import ModelFacts, SystemReadings
+from .modelfacts import ModelFacts
+from .readings import SystemReadings
 
 MiB = 2**20
 GiB = 2**30
@@ -39,14 +41,6 @@ INT8_BYTES_PER_PARAM = 1.4
 _STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 Verdict = Literal["ok", "swap", "refuse"]
-
-
-class ModelTooLarge(Exception):
-    """The model (at this dtype, context and batch) cannot fit in the memory this process can get."""
-
-    def __init__(self, plan: Plan) -> None:
-        super().__init__(plan.explanation + "".join(f"\n- {s}" for s in plan.suggestions))
-        self.plan = plan
 
 
 # --------------------------------------------------------------------------- dtype
@@ -111,10 +105,9 @@ def apply_threads(plan: Plan) -> None:
     """
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[name] = str(plan.threads)
-    if "torch" not in sys.modules:
+    torch = sys.modules.get("torch")  # only if something loaded it already: the planner never imports it
+    if torch is None:
         return
-    import torch  # already loaded: costs nothing, and keeps torch out of this module's import
-
     torch.set_num_threads(plan.threads)
     try:
         torch.set_num_interop_threads(plan.interop_threads)
@@ -217,9 +210,7 @@ class Plan:
     requested_max_batch: int
     requested_max_context: int
     low_memory_bytes: int  # the MemoryGuard threshold
-    verdict: Verdict
-    explanation: str
-    suggestions: tuple[str, ...] = ()
+    verdict: Verdict  # why, in words, and what would help: explain.py
     notes: tuple[str, ...] = ()  # warnings that do not change the verdict
 
 
@@ -279,13 +270,10 @@ def plan(readings: SystemReadings, facts: ModelFacts, model_config: ModelConfig,
     batch, context, estimate = _fit(facts, dtype, quantize, runtime_config.max_batch,
                                     model_config.max_context, room)
     verdict = judge(estimate, budget)
-    draft = Plan(threads=threads, interop_threads=interop, dtype=dtype, quantize=quantize, memory=estimate,
+    return Plan(threads=threads, interop_threads=interop, dtype=dtype, quantize=quantize, memory=estimate,
                  budget=budget, max_batch=batch, max_context=context,
                  requested_max_batch=runtime_config.max_batch, requested_max_context=model_config.max_context,
-                 low_memory_bytes=low_memory, verdict=verdict,
-                 explanation="", notes=tuple(dtype_notes(readings, dtype, quantize)))
-    suggestions = tuple(suggest(draft, facts)) if verdict != "ok" else ()
-    return replace(draft, explanation=explain(draft, facts), suggestions=suggestions)
+                 low_memory_bytes=low_memory, verdict=verdict, notes=tuple(dtype_notes(readings, dtype, quantize)))
 
 
 def _fit(facts: ModelFacts, dtype: str, quantize: str, batch: int, context: int,
@@ -301,146 +289,3 @@ def _fit(facts: ModelFacts, dtype: str, quantize: str, batch: int, context: int,
             return b, c, estimate
     b, c = candidates[-1]
     return b, c, estimate_memory(facts, dtype, quantize, c, b)
-
-
-def check_fits(p: Plan) -> None:
-    """Raise ModelTooLarge when the plan's verdict is `refuse`; `swap` passes (the caller logs a warning)."""
-    if p.verdict == "refuse":
-        raise ModelTooLarge(p)
-
-
-# --------------------------------------------------------------------------- words
-
-
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "unknown"
-    if n >= GiB:
-        return f"{n / GiB:.2f} GiB"
-    return f"{n / MiB:.0f} MiB"
-
-
-def explain(p: Plan, facts: ModelFacts) -> str:
-    m, b = p.memory, p.budget
-    model = f"{facts.model_type or 'the'} model with {facts.param_count / 1e6:.0f}M parameters"
-    weights = (f"{fmt_bytes(m.weights)} weights at {p.dtype}" if p.quantize == "none"
-               else f"{fmt_bytes(m.weights)} weights with int8 Linear layers, the rest at {p.dtype}")
-    needs = (f"The {model} needs {fmt_bytes(m.steady)} while serving ({weights}, KV cache {fmt_bytes(m.kv_cache)}"
-             f" and activations {fmt_bytes(m.activations)} for batch {p.max_batch} x {p.max_context} tokens,"
-             f" runtime {fmt_bytes(m.runtime)}) and {fmt_bytes(m.load_peak)} while loading.")
-    swap = f"{fmt_bytes(b.swap_free)} free swap" if b.swap_free else "no swap"
-    has = f" Available: {fmt_bytes(b.ram_available)} RAM, {swap}"
-    has += f", {fmt_bytes(b.cgroup_headroom)} under the cgroup limit." if b.cgroup_headroom is not None else "."
-    return needs + has + _lowered(p) + " " + _verdict_sentence(p)
-
-
-def _lowered(p: Plan) -> str:
-    changes = [f"{name} {now} (configured {asked})" for name, now, asked in (
-        ("max_batch", p.max_batch, p.requested_max_batch), ("max_context", p.max_context, p.requested_max_context))
-        if now != asked]
-    return f" To fit, {' and '.join(changes)}." if changes else ""
-
-
-def _verdict_sentence(p: Plan) -> str:
-    m, b = p.memory, p.budget
-    if b.usable is None:
-        return "Memory could not be read, so the fit is not checked."
-    if p.verdict == "ok":
-        return "It fits in memory without swapping."
-    if p.verdict == "swap":
-        return ("It fits only by using swap for the load peak, the KV cache or activations: start-up and long"
-                " prompts will be slow (very slow with swap on an SD card), and the kernel may OOM-kill under load.")
-    if b.cgroup_headroom is not None and m.peak > b.cgroup_headroom:
-        return "It does not fit under the cgroup memory limit (systemd MemoryMax= or the container's limit)."
-    if m.resident > (b.ram_available if b.ram_available is not None else b.usable):
-        return "It does not fit in RAM, and the weights cannot live in swap: every token would read them back from disk."
-    if m.load_peak > m.steady:
-        why = " (int8: the float weights and their int8 form are in memory together)" if p.quantize == "int8" else ""
-        return f"Loading needs more than RAM plus free swap{why}."
-    return "Its KV cache and activations do not fit in RAM plus free swap, even at the smallest batch and context."
-
-
-def suggest(p: Plan, facts: ModelFacts) -> list[str]:
-    """Concrete changes that would help, with the numbers they would give."""
-    target = p.budget.usable or 0
-    found = []
-    if p.quantize == "none" and p.dtype == "float32":
-        int8 = estimate_memory(facts, p.dtype, "int8", p.max_context, p.max_batch)
-        found.append(f"model.quantize: int8 needs {fmt_bytes(int8.steady)} while serving (now"
-                     f" {fmt_bytes(p.memory.steady)}) but {fmt_bytes(int8.load_peak)} while loading")
-    if p.max_batch > 1:
-        found.append(f"runtime.max_batch: 1 saves {fmt_bytes(_saving(p, facts, 1, p.max_context))}")
-    if p.max_context > MIN_PLANNED_CONTEXT:
-        found.append(f"model.max_context: {MIN_PLANNED_CONTEXT} saves"
-                     f" {fmt_bytes(_saving(p, facts, p.max_batch, MIN_PLANNED_CONTEXT))}")
-    found.append(_smaller_model(p, target))
-    if p.budget.cgroup_headroom is not None and p.memory.peak > p.budget.cgroup_headroom:
-        missing = p.memory.peak - p.budget.cgroup_headroom + 128 * MiB  # + slack for the page cache
-        found.append(f"raise the cgroup memory limit (MemoryMax= in the unit, or docker --memory) by at least"
-                     f" {fmt_bytes(missing)}")
-    elif not p.budget.swap_free and p.memory.resident <= (p.budget.ram_available or 0):
-        found.append(f"add swap of at least {fmt_bytes(p.memory.peak - target)} (zram or a swap file): only"
-                     " transient memory would use it")
-    return found
-
-
-def _saving(p: Plan, facts: ModelFacts, batch: int, context: int) -> int:
-    smaller = estimate_memory(facts, p.dtype, p.quantize, context, batch)
-    return p.memory.steady - smaller.steady
-
-
-def _smaller_model(p: Plan, target: int) -> str:
-    """How many parameters would fit at this dtype/quantize, batch and context, steady and while loading."""
-    m, width = p.memory, DTYPE_BYTES[p.dtype]
-    serving_room = target - m.runtime - m.kv_cache - m.activations
-    loading_room = target - m.runtime
-    if p.quantize == "int8":
-        # Count every parameter as a Linear weight: ~1.4 bytes while serving; while loading, the float
-        # weights beside their int8 form (as for a converted checkpoint: conservative).
-        per_param_serving = INT8_BYTES_PER_PARAM
-        per_param_loading = width + INT8_BYTES_PER_PARAM
-    else:
-        per_param_serving = per_param_loading = width
-    params = min(serving_room / per_param_serving, loading_room / per_param_loading)
-    if params <= 0:
-        return "a smaller model will not help: the runtime alone needs more than is available"
-    what = f"{p.dtype}" + (" with int8" if p.quantize == "int8" else "")
-    return f"a smaller model: up to about {params / 1e6:.0f}M parameters fit at {what}"
-
-
-# --------------------------------------------------------------------------- runtime memory pressure
-
-
-class MemoryGuard:
-    """Watches available memory while serving: halves batches and refuses new generations when it is low.
-
-    `read_available` returns bytes available (RAM capped by cgroup headroom), or None when unreadable,
-    which counts as ok. Leaving the low state needs 25 % more than the threshold, so a reading that
-    hovers around the threshold does not flip the state on every request.
-    """
-
-    RECOVER_FACTOR = 1.25
-
-    def __init__(self, threshold_bytes: int, read_available: Callable[[], int | None]) -> None:
-        self.threshold_bytes = threshold_bytes
-        self._read_available = read_available
-        self._low = False
-        self._lock = threading.Lock()
-
-    def state(self) -> Literal["ok", "low"]:
-        available = self._read_available()
-        with self._lock:
-            if available is None:
-                self._low = False
-            elif self._low:
-                self._low = available < self.threshold_bytes * self.RECOVER_FACTOR
-            else:
-                self._low = available < self.threshold_bytes
-            return "low" if self._low else "ok"
-
-    def batch_limit(self, max_batch: int) -> int:
-        return max(1, max_batch // 2) if self.state() == "low" else max_batch
-
-    def allow_generation(self) -> bool:
-        # Generation grows a KV cache token by token; a classification is one short forward pass.
-        return self.state() == "ok"

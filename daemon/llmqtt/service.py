@@ -29,7 +29,7 @@ _TRANSIENT = frozenset({"busy", "expired", "cancelled", "low_memory", "internal"
 
 
 class MemoryPressure(Protocol):
-    """What the service asks of the planner's MemoryGuard while serving."""
+    """What the service asks of memoryguard.MemoryGuard while serving."""
 
     def allow_generation(self) -> bool: ...
 
@@ -50,7 +50,7 @@ class Service:
         self._max_batch = max_batch
         self._default_deadline_ms = default_deadline_ms
         self._dedup_size = dedup_size
-        self._memory = memory  # HOOK(planner): MemoryGuard; smaller batches and no generation when low
+        self._memory = memory  # memoryguard.MemoryGuard: smaller batches and no generation when low
         self._observer = observer  # HOOK(logs): per-request log line
         # HOOK(systemd): Watchdog.beat — called per job, per generated piece and per idle wait, so a hung
         # inference stops the beats while an idle daemon keeps them going.
