@@ -104,7 +104,8 @@ def test_the_script_returns_the_answer_and_a_coded_error_within_a_second(home_as
     ask = {"task": "sentiment", "node": "study"}
     answer = hass.call("script", "llmqtt_ask", {**ask, "text": "The parcel arrived broken"}, response=True)
     assert answer["status"] == "ok" and answer["value"] == "negative" and answer["score"] == 0.9
-    assert answer["text"] == "The parcel arrived broken" and answer["id"].startswith("ha-script-")
+    assert answer["text"] == "The parcel arrived broken"
+    assert len(answer["id"]) == len("ha-script-") + 26  # the run's context id, a ULID: rendered, not empty
     chat = hass.call("script", "llmqtt_ask", {**ask, "task": "chat", "text": "hello there"}, response=True)
     assert chat["status"] == "ok" and chat["answer"] == "echo hello there"
     for text, code in (("x" * (MAX_TEXT + 1), "too_long"), ("   ", "bad_request")):
