@@ -12,7 +12,7 @@ import time
 
 import pytest
 import yaml
-from broker import daemon_config, wait_online
+from broker import daemons_on
 from ha.templates import templates_in
 
 from llmqtt.extensions import ha_payloads as ha
@@ -25,30 +25,10 @@ MAX_TEXT = 60  # the daemons' runtime.max_text_chars here: a longer text is refu
 
 @pytest.fixture
 def start_daemon(ha_broker, home_assistant, tmp_path):
-    """`start_daemon(node_id, engine=None, **sections) -> Daemon` on the ACL broker as user `llmqtt`."""
-    from fake_engine import make_engine
-
-    from llmqtt.config import Config
-    from llmqtt.daemon import Daemon
-
-    daemons = []
-    watcher = ha_broker.client_as("homeassistant")
-
-    def start(node_id: str, engine=None, **sections):
-        prompts = tmp_path / "prompts"
-        engine = engine or make_engine(prompts)
-        raw = daemon_config(ha_broker, prompts, node_id, homeassistant={"enabled": True},
-                            runtime={"max_text_chars": MAX_TEXT}, **sections)
-        raw["mqtt"].update(username="llmqtt", password_file=str(ha_broker.password_file("llmqtt")))
-        daemon = Daemon(Config.model_validate(raw), engine, stop_grace_s=5)
-        daemons.append(daemon)
-        daemon.start()
-        wait_online(watcher, daemon.topics.root)
-        return daemon
-
-    yield start
-    for daemon in daemons:
-        daemon.shutdown()
+    """`start_daemon(node_id=..., engine=None, **sections) -> Daemon` on the ACL broker as user `llmqtt`."""
+    login = {"username": "llmqtt", "password_file": str(ha_broker.password_file("llmqtt"))}
+    yield from daemons_on(ha_broker, tmp_path, ha_broker.client_as("homeassistant"), mqtt=login,
+                          homeassistant={"enabled": True}, runtime={"max_text_chars": MAX_TEXT})
 
 
 def device_entities(hass, entity_id: str) -> list[str]:
@@ -65,7 +45,7 @@ def wait_for_device(hass, node: str) -> None:
 
 def test_the_board_appears_as_one_device_with_its_entities(home_assistant, start_daemon):
     hass = home_assistant
-    start_daemon("kitchen")
+    start_daemon(node_id="kitchen")
     wait_for_device(hass, "kitchen")
     entities = device_entities(hass, "sensor.llmqtt_kitchen_sentiment")
     assert len(entities) == ENTITIES and "text.llmqtt_kitchen_sentiment_input" in entities
@@ -86,7 +66,7 @@ def test_the_board_appears_as_one_device_with_its_entities(home_assistant, start
 
 def test_typing_into_a_text_box_shows_the_label_and_a_refusal_reaches_the_sensor(home_assistant, start_daemon):
     hass = home_assistant
-    start_daemon("hall")
+    start_daemon(node_id="hall")
     hass.wait_state("text.llmqtt_hall_sentiment_input", lambda s: s["state"] != "unavailable")
     hass.call("text", "set_value", {"entity_id": "text.llmqtt_hall_sentiment_input", "value": "I love this kettle"})
     shown = hass.wait_state("sensor.llmqtt_hall_sentiment", lambda s: s["state"] == "positive")
@@ -100,7 +80,7 @@ def test_typing_into_a_text_box_shows_the_label_and_a_refusal_reaches_the_sensor
 
 def test_the_script_returns_the_answer_and_a_coded_error_within_a_second(home_assistant, start_daemon):
     hass = home_assistant
-    start_daemon("study")
+    start_daemon(node_id="study")
     ask = {"task": "sentiment", "node": "study"}
     answer = hass.call("script", "llmqtt_ask", {**ask, "text": "The parcel arrived broken"}, response=True)
     assert answer["status"] == "ok" and answer["value"] == "negative" and answer["score"] == 0.9
@@ -119,13 +99,13 @@ def test_the_script_returns_the_answer_and_a_coded_error_within_a_second(home_as
 
 def test_availability_follows_the_daemon(home_assistant, start_daemon):
     hass = home_assistant
-    daemon = start_daemon("porch")
+    daemon = start_daemon(node_id="porch")
     hass.wait_state("sensor.llmqtt_porch_sentiment", lambda s: s["state"] != "unavailable")
     daemon.shutdown()
     hass.wait_state("sensor.llmqtt_porch_sentiment", lambda s: s["state"] == "unavailable")
     hass.wait_state("text.llmqtt_porch_sentiment_input", lambda s: s["state"] == "unavailable")
     hass.wait_state("binary_sensor.llmqtt_porch_status", lambda s: s["state"] == "off")  # Disconnected
-    start_daemon("porch")
+    start_daemon(node_id="porch")
     hass.wait_state("sensor.llmqtt_porch_sentiment", lambda s: s["state"] != "unavailable")
     hass.wait_state("binary_sensor.llmqtt_porch_status", lambda s: s["state"] == "on")
 
@@ -133,7 +113,7 @@ def test_availability_follows_the_daemon(home_assistant, start_daemon):
 def test_a_device_cannot_write_home_assistants_results(home_assistant, ha_broker, start_daemon):
     """The ACL lets only HA write `<root>/ha/<task>/request`, and naming HA's old reply route proves nothing."""
     hass = home_assistant
-    daemon = start_daemon("cellar")
+    daemon = start_daemon(node_id="cellar")
     hass.wait_state("text.llmqtt_cellar_sentiment_input", lambda s: s["state"] != "unavailable")
     hass.call("text", "set_value", {"entity_id": "text.llmqtt_cellar_sentiment_input", "value": "great stuff"})
     before = hass.wait_state("sensor.llmqtt_cellar_sentiment", lambda s: s["state"] == "positive")
@@ -179,7 +159,7 @@ def test_home_assistant_renders_every_template_we_ship(home_assistant, repo_root
 
 def test_the_automation_example_runs_the_script(home_assistant, ha_broker, start_daemon):
     hass = home_assistant
-    start_daemon("kitchen")
+    start_daemon(node_id="kitchen")
     automations = {e: s for e, s in hass.states().items() if e.startswith("automation.")}
     assert len(automations) == 2 and all(s["state"] == "on" for s in automations.values())
     [doorbell] = [e for e, s in automations.items() if s["attributes"].get("id") == "llmqtt_doorbell_note_negative"]
@@ -192,7 +172,7 @@ def test_the_automation_example_runs_the_script(home_assistant, ha_broker, start
 @pytest.mark.real_model
 def test_the_real_model_labels_what_is_typed_into_home_assistant(home_assistant, start_daemon, demo_engine):
     hass = home_assistant
-    start_daemon("demo", engine=demo_engine)
+    start_daemon(node_id="demo", engine=demo_engine)
     hass.wait_state("text.llmqtt_demo_sentiment_input", lambda s: s["state"] != "unavailable", timeout=60)
     hass.call("text", "set_value", {"entity_id": "text.llmqtt_demo_sentiment_input",
                                     "value": "The kettle leaks again and support never answers. Terrible."})

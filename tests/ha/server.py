@@ -9,8 +9,9 @@ Use it through the session fixtures (registered in tests/conftest.py):
   with deploy/homeassistant's script and automations loaded. Stopped at the end of the session.
 
 `HomeAssistant` speaks HA's REST API (`states`, `wait_state`, `call`, `render`, `get`, `post`), so a test
-checks what a person would see in HA. Other tests (an Ollama-integration test, say) can build their own
-instance with `HomeAssistant(config_dir, ...)` and `extra_config`.
+checks what a person would see in HA; `config_flow(handler, *answers)` adds an integration as the UI would
+(e.g. `config_flow("ollama", {"url": ...})`; the venv has the ollama integration's requirements). Other tests
+can build their own instance with `HomeAssistant(config_dir, ...)` and `extra_config` (configuration.yaml).
 
 Without the HA virtualenv the fixtures fail under CI and skip elsewhere (tests/needs.py), like mosquitto.
 """
@@ -219,22 +220,29 @@ class HomeAssistant:
     def config_entries(self, domain: str) -> list[dict]:
         return [e for e in self.get("/api/config/config_entries/entry") if e["domain"] == domain]
 
+    def config_flow(self, handler: str, *steps: dict[str, Any]) -> dict:
+        """Settings -> Devices & services -> Add integration -> `handler`, answering each form with the next of
+        `steps`; returns the flow's last answer (`type` is `create_entry` when an entry was made)."""
+        flow = self.post("/api/config/config_entries/flow", {"handler": handler, "show_advanced_options": False})
+        for answer in steps:
+            flow = self.post(f"/api/config/config_entries/flow/{flow['flow_id']}", answer)
+        return flow
+
+    def wait_entry_loaded(self, domain: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(e["state"] == "loaded" for e in self.config_entries(domain)):
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"the {domain} integration did not load: {self.config_entries(domain)}")
+
     def _add_mqtt(self) -> None:
-        """Settings -> Devices & services -> Add integration -> MQTT, through the config flow API."""
-        flow = self.post("/api/config/config_entries/flow", {"handler": "mqtt", "show_advanced_options": False})
-        while flow.get("type") == "menu":  # a supervisor would offer its add-on first
-            flow = self.post(f"/api/config/config_entries/flow/{flow['flow_id']}", {"next_step_id": "broker"})
         answer = {"broker": self.mqtt["broker"], "port": self.mqtt["port"]}
         if self.mqtt.get("username"):
             answer.update(username=self.mqtt["username"], password=self.mqtt["password"])
-        done = self.post(f"/api/config/config_entries/flow/{flow['flow_id']}", answer)
+        done = self.config_flow("mqtt", answer)
         assert done.get("type") == "create_entry", done
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if any(e["state"] == "loaded" for e in self.config_entries("mqtt")):
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"the MQTT integration did not load: {self.config_entries('mqtt')}")
+        self.wait_entry_loaded("mqtt")
 
 
 # -- the session's broker and Home Assistant ---------------------------------------------------------
