@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 # g++: torch.compile builds the fast decode kernels with it (model.fast_decode).
-APT_PACKAGES=(mosquitto mosquitto-clients libsystemd-dev pkg-config systemd shellcheck gcc g++ python3-dev)
+# chromium: the web page test loads the daemon's page in a real headless browser.
+APT_PACKAGES=(mosquitto mosquitto-clients libsystemd-dev pkg-config systemd shellcheck gcc g++ python3-dev chromium)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from llmqtt.engine.types import Classification, GenerationResult, InvalidText, Turn
+from llmqtt.engine.types import ChatOptions, Classification, GenerationResult, InvalidText, Turn
 from llmqtt.tasks import ClassifyTask, GenerateTask, load_tasks
 
 SENTIMENT = """\
@@ -76,6 +76,7 @@ class FakeEngine:
 
     dtype = "float32"
     max_batch = 16
+    weight_bytes = 1234
 
     def __init__(self, tasks: Mapping[str, ClassifyTask | GenerateTask], token_delay_s: float = 0.0,
                  model_name: str = "fake-model"):
@@ -84,6 +85,7 @@ class FakeEngine:
         self.token_delay_s = token_delay_s
         self.batches: list[tuple[str, int]] = []  # (task, batch size) of every classify call
         self.histories: list[list[Turn]] = []
+        self.options: list[ChatOptions | None] = []  # of every generate call
         self.gate: threading.Event | None = None  # when set to an unset Event, generation and classify wait on it
         self.classify_delay_s = 0.0  # per classify call (a batch), like a forward pass
         self.warmed_up = False
@@ -93,6 +95,9 @@ class FakeEngine:
 
     def start_fast_decode(self) -> None:
         pass
+
+    def conversation_stats(self) -> dict:
+        return {"entries": 0, "hits": 0}
 
     def classify(self, task: str, texts: Sequence[str]) -> list[Classification]:
         self.batches.append((task, len(texts)))
@@ -111,10 +116,12 @@ class FakeEngine:
         return out
 
     def generate(self, task: str, text: str, history: Sequence[Turn] = (),
-                 cancel: threading.Event | None = None, max_new_tokens: int | None = None) -> FakeStream:
+                 cancel: threading.Event | None = None, max_new_tokens: int | None = None,
+                 options: ChatOptions | None = None) -> FakeStream:
         if "<|im_start|>" in text:
             raise InvalidText("text contains chat-control tokens")
         self.histories.append(list(history))
+        self.options.append(options)
         limit = max_new_tokens or self.tasks[task].generation.max_new_tokens
         words = ["echo", *text.split()][:limit]
         return FakeStream(words, cancel, self.token_delay_s, len(history) // 2, self.gate)

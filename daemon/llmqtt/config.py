@@ -47,6 +47,10 @@ class ModelConfig(_Section):
     # float32 without int8: decode's matrix-vector products through kernels compiled after start (needs a C
     # compiler, e.g. gcc); until they are ready, or if compiling fails, torch's own kernels (same results).
     fast_decode: bool = True
+    # KV of recent conversations kept for clients that resend their history each turn (HTTP APIs): the
+    # next turn reuses the longest common token prefix and runs only its new tokens. ~24 KiB per token
+    # for the demo model; 0 turns it off.
+    conversation_cache_tokens: int = Field(default=4096, ge=0)
 
 
 class SessionConfig(_Section):
@@ -163,6 +167,34 @@ class HomeAssistantConfig(_Section):
     support_url: str | None = None
 
 
+class HttpConfig(_Section):
+    """Ollama- and OpenAI-compatible APIs, the task endpoints and a web page (docs/http-api.md)."""
+
+    enabled: bool = False
+    # Loopback by default. Home Assistant's Ollama integration sends no token: serve it on a trusted LAN.
+    host: str = "127.0.0.1"
+    port: int = Field(default=11434, ge=0, le=65535)  # Ollama's port, so clients find it; 0 picks a free one
+    # With a token file, every endpoint but /healthz (and the page itself) needs `Authorization: Bearer <token>`.
+    token_file: Path | None = None
+    # Whole request bodies; a chat client sends its whole history every turn.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # `POST /api/infer {"task": "auto"}` asks this classify task (its labels are task names) where to go.
+    router_task: str = "route"
+
+    def read_token(self) -> str | None:
+        if self.token_file is None:
+            return None
+        if "$" in str(self.token_file):
+            raise ConfigError(f"http.token_file: {self.token_file} names an environment variable that is not set")
+        try:
+            token = self.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"http.token_file: cannot read {self.token_file}: {exc.strerror}") from None
+        if not token:
+            raise ConfigError(f"http.token_file: {self.token_file} is empty")
+        return token
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # auto: journald when started by systemd (JOURNAL_STREAM), else text on stderr.
@@ -176,6 +208,7 @@ class Config(_Section):
     runtime: RuntimeConfig = RuntimeConfig()
     mqtt: MqttConfig = MqttConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+    http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="before")
@@ -235,6 +268,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     if name.startswith(("./", "../", "~", "$")) or name.endswith(".gguf"):
         config.model.name = str(fix(Path(name), "model.name"))
     config.mqtt.password_file = fix(config.mqtt.password_file, "mqtt.password_file")
+    config.http.token_file = fix(config.http.token_file, "http.token_file")
     if config.mqtt.tls:
         tls = config.mqtt.tls
         tls.ca_file = fix(tls.ca_file, "mqtt.tls.ca_file")

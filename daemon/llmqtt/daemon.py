@@ -1,4 +1,4 @@
-"""The composition root: config -> tasks -> warm engine (build.py) -> service -> MQTT -> extensions.
+"""The composition root: config -> tasks -> warm engine (build.py) -> service -> MQTT (+ HTTP) -> extensions.
 
 `main(config_path)` is what `llmqtt run` calls. `Daemon(config, engine)` builds the same daemon around a
 warm engine you hand it (tests use a fake one), and `Daemon.run()` serves until SIGTERM/SIGINT.
@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import __version__
 from .build import START_ERRORS, EngineFactory, build_engine
@@ -35,6 +35,9 @@ from .mqtt.transport import MqttTransport
 from .service import Service
 from .sessions import SessionStore
 from .tasks import load_tasks
+
+if TYPE_CHECKING:
+    from .http.server import HttpTransport
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +98,22 @@ class Daemon:
         self.health = HealthExtension(self.transport, self.topics, self.service, mqtt.health_interval_s,
                                       threads=threads,
                                       started=self.started, memory_state=memory.state if memory else None)
+        self.http: HttpTransport | None = None
+        if config.http.enabled:
+            from .http.server import HttpTransport  # aiohttp is imported only when HTTP is on
+
+            self.http = HttpTransport(
+                config.http, self.service, engine.tasks, model_name=engine.model_name, dtype=engine.dtype,
+                limits=Limits(runtime.max_payload_bytes, runtime.max_text_chars), health=self.health.snapshot,
+                size_bytes=engine.weight_bytes, conversation_stats=engine.conversation_stats)
         self.extensions: list[Extension] = []
         self._shut_down = False
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.http is not None:
+            self._start_http()
         self.service.start()
         # Subscriptions are registered before connecting: a persistent session delivers waiting requests
         # right after CONNACK, and each must find its handler.
@@ -111,11 +124,22 @@ class Daemon:
         # READY once warm, whether or not the broker is up yet: a broker that is down at boot must not make
         # systemd kill us at TimeoutStartSec and reload the model in a loop; we keep reconnecting instead.
         self.notifier.ready()
+        if self.http is not None:
+            self.http.set_ready()
         self.notifier.status(f"serving {len(self.engine.tasks)} tasks with {self.engine.model_name}")
         self.engine.start_fast_decode()  # in the background, now that start-up no longer needs the CPU
         self.watchdog.start()
         log.info("serving %d task(s) on %s/request/<task>%s", len(self.engine.tasks), self.topics.root,
                  f" and fleet {self.topics.fleet}" if self.topics.fleet else "")
+
+    def _start_http(self) -> None:
+        assert self.http is not None
+        try:
+            self.http.start()
+        except Exception as exc:  # e.g. the port is taken: MQTT goes on serving
+            log.error("HTTP could not start on %s:%s (%s); serving MQTT only", self.config.http.host,
+                      self.config.http.port, exc)
+            self.http = None
 
     def request_stop(self) -> None:
         """Safe from a signal handler or any thread."""
@@ -129,10 +153,14 @@ class Daemon:
         self.notifier.stopping()
         self.notifier.extend_timeout(self.stop_grace_s + 15)  # the running request, then flush and offline
         self.requests.pause()
+        if self.http is not None:
+            self.http.pause()
         self.availability.stopping()
         if not self.service.stop(self.stop_grace_s):
             log.warning("the running request did not finish within %.0fs; it stays unacknowledged and "
                         "is redelivered after a restart", self.stop_grace_s)
+        if self.http is not None:
+            self.http.stop()  # HTTP requests still waiting are answered `stopping` (retry)
         if not self.transport.flush(5.0):
             log.warning("some replies were not confirmed by the broker; their requests will be redelivered")
         stop_all(self.extensions)  # availability last: publishes `offline`

@@ -9,7 +9,10 @@ from __future__ import annotations
 import enum
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol, Union, cast
+from typing import TYPE_CHECKING, Protocol, Union, cast
+
+if TYPE_CHECKING:  # types only: this module imports nothing of llmqtt at run time
+    from .engine.types import ChatOptions, Turn
 
 RequestId = Union[str, int]  # as the client sent it; echoed back unchanged
 
@@ -67,6 +70,8 @@ class Job:
     stream: bool = False
     max_new_tokens: int | None = None
     deadline_ms: int | None = None  # relative to `received`
+    history: tuple[Turn, ...] | None = None  # a client that keeps its own conversation (HTTP APIs): not `session`
+    options: ChatOptions | None = None  # a client's system prompt, sampling and stop strings (HTTP APIs)
     received: float | None = None  # clock() when it arrived; set by submit() when missing
     # The whole request as the transport received it (MQTT: a hash of topic, payload, Response Topic and
     # Correlation Data). Duplicates are recognised by task, id AND this: a redelivery is answered once, while

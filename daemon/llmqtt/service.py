@@ -233,10 +233,13 @@ class Service:
         if self._memory is not None and not self._memory.allow_generation():
             self._complete(job, Failure("low_memory", "not enough free memory to generate now"), started)
             return
-        history = self.sessions.history(job.task, job.session) if job.session else []
+        if job.history is not None:
+            history = list(job.history)
+        else:
+            history = self.sessions.history(job.task, job.session) if job.session else []
         try:
             stream = self.engine.generate(job.task, job.text, history, cancel=job.cancel,
-                                          max_new_tokens=job.max_new_tokens)
+                                          max_new_tokens=job.max_new_tokens, options=job.options)
             for seq, delta in enumerate(piece for piece in stream if piece):
                 self._heartbeat()
                 if job.stream:
@@ -324,5 +327,6 @@ class Service:
 
 def generation_dict(result: GenerationResult) -> dict:
     return {"text": result.text, "finish_reason": result.finish_reason, "tokens": result.new_tokens,
-            "prompt_tokens": result.prompt_tokens, "tokens_per_s": round(result.tokens_per_s, 2),
-            "history_turns": result.history_turns_used}
+            "prompt_tokens": result.prompt_tokens, "cached_tokens": result.cached_prefix_tokens,
+            "tokens_per_s": round(result.tokens_per_s, 2), "history_turns": result.history_turns_used,
+            "first_token_ms": None if result.first_token_s is None else round(result.first_token_s * 1000, 1)}

@@ -36,7 +36,8 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
     if config.prefix_cache:
         store = PrefixStore(cache_dir_for(config) / "prefix-kv", model_fingerprint(resolved.path, dtype, config.quantize))
     progress("preparing task prompts", 0, 0)
-    engine = Engine(loaded, tasks, resolved.display_name, resolved.match_name, config.max_context, max_batch, store)
+    engine = Engine(loaded, tasks, resolved.display_name, resolved.match_name, config.max_context, max_batch, store,
+                    conversation_tokens=config.conversation_cache_tokens)
     if store:
         log.info("task prompt caches: %d of %d read from %s", engine.prefixes_from_disk(), len(tasks), store.directory)
     return engine

@@ -7,10 +7,12 @@ from typing import Mapping, Sequence
 
 from ..tasks import ClassifyTask, GenerateTask
 from .classify import LabelScorer
+from .convcache import ConversationCache
 from .generate import ChatGenerator, Generation
 from .loader import LoadedModel
 from .prefixstore import PrefixStore
-from .types import Classification, Turn, UnknownTask, WrongTaskKind
+from .stops import StopStrings
+from .types import ChatOptions, Classification, Turn, UnknownTask, WrongTaskKind
 
 Task = ClassifyTask | GenerateTask
 
@@ -19,26 +21,35 @@ class Engine:
     """Implements `types.InferenceEngine`. Builds every task's cached prefix at construction."""
 
     def __init__(self, loaded: LoadedModel, tasks: Mapping[str, Task], model_name: str, match_name: str,
-                 max_context: int = 2048, max_batch: int = 16, prefix_store: PrefixStore | None = None):
+                 max_context: int = 2048, max_batch: int = 16, prefix_store: PrefixStore | None = None,
+                 conversation_tokens: int = 4096):
         self.loaded = loaded
         self.model_name = model_name
         self.dtype = loaded.dtype if loaded.quantize == "none" else f"{loaded.dtype}+{loaded.quantize}"
         self.max_batch = max_batch
+        self.weight_bytes = loaded.weight_bytes
         self.tasks = {name: task.for_model(match_name) for name, task in tasks.items()}
         self._scorers: dict[str, LabelScorer] = {}
         self._generators: dict[str, ChatGenerator] = {}
+        # One budget for every generate task: recent conversations' KV, reused by the next turn.
+        self.conversations = ConversationCache(conversation_tokens)
         for name, task in self.tasks.items():
             if isinstance(task, ClassifyTask):
                 self._scorers[name] = LabelScorer(loaded.model, loaded.tokenizer, task, max_context, prefix_store)
             else:
-                self._generators[name] = ChatGenerator(loaded.model, loaded.tokenizer, task, max_context, prefix_store)
+                self._generators[name] = ChatGenerator(loaded.model, loaded.tokenizer, task, max_context, prefix_store,
+                                                       self.conversations)
 
     def classify(self, task: str, texts: Sequence[str]) -> list[Classification]:
         return self._scorer(task).score(list(texts), self.max_batch)
 
     def generate(self, task: str, text: str, history: Sequence[Turn] = (),
-                 cancel: threading.Event | None = None, max_new_tokens: int | None = None) -> Generation:
-        return self._generator(task).stream(text, history, cancel, max_new_tokens)
+                 cancel: threading.Event | None = None, max_new_tokens: int | None = None,
+                 options: ChatOptions | None = None) -> Generation | StopStrings:
+        return self._generator(task).stream(text, history, cancel, max_new_tokens, options=options)
+
+    def conversation_stats(self) -> dict:
+        return {"entries": len(self.conversations), "hits": self.conversations.hits}
 
     def kind(self, task: str) -> str:
         if task not in self.tasks:

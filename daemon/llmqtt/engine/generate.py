@@ -1,8 +1,10 @@
 """Chat generation from a cached system prompt: a decode loop you can read top to bottom.
 
-prompt ids = [cached prefix: system prompt + user header] + [history turns, the new message, assistant cue]
-Only the second part runs per request. Then one token at a time: sample, stop on an end token, check the
-cancel flag, yield the new text. The chat template's own tokens never reach the text (skip_special_tokens).
+prompt ids = [head: system prompt + user header] + [history turns, the new message, assistant cue]
+The head is the task's cached prefix, or a client's own system prompt (Ollama/OpenAI APIs). The prompt's KV
+starts from the longest cached prefix of it (convcache.py: the task prefix, or a recent conversation), so
+only the rest runs. Then one token at a time: sample, stop on an end token, check the cancel flag, yield the
+new text. The chat template's own tokens never reach the text (skip_special_tokens).
 """
 
 from __future__ import annotations
@@ -14,59 +16,84 @@ from typing import Iterator, Sequence
 import torch
 
 from ..tasks import GenerateTask, GenerationSettings
+from .convcache import ConversationCache, Start
 from .kvprefix import KVPrefix
 from .prefixstore import PrefixStore
 from .prompt import ControlTokenGuard, encode, render, split_at_user_text
-from .types import GenerationResult, TextTooLong, Turn
+from .stops import StopStrings
+from .types import ChatOptions, GenerationResult, TextTooLong, Turn
 
 MIN_ANSWER_TOKENS = 16  # a prompt that leaves less room than this for the answer is refused as too long
 
 
 class ChatGenerator:
-    def __init__(self, model, tokenizer, task: GenerateTask, max_context: int, store: PrefixStore | None = None):
+    def __init__(self, model, tokenizer, task: GenerateTask, max_context: int, store: PrefixStore | None = None,
+                 conversations: ConversationCache | None = None):
         self.model, self.tokenizer, self.task, self.max_context = model, tokenizer, task, max_context
         self.guard = ControlTokenGuard(tokenizer)
         self.system = [{"role": "system", "content": task.system}]
         self.prefix_text = split_at_user_text(tokenizer, self.system).prefix
         self.prefix = KVPrefix(model, encode(tokenizer, self.prefix_text), store)
+        self.conversations = conversations if conversations is not None else ConversationCache(max_tokens=0)
         self.stop_ids = _stop_token_ids(model, tokenizer)
 
     def stream(self, text: str, history: Sequence[Turn] = (), cancel: threading.Event | None = None,
-               max_new_tokens: int | None = None, settings: GenerationSettings | None = None) -> "Generation":
+               max_new_tokens: int | None = None, settings: GenerationSettings | None = None,
+               options: ChatOptions | None = None) -> "Generation | StopStrings":
+        options = options or ChatOptions()
         self.guard.check(text)
-        settings = settings or self.task.generation
+        for said in [*(turn.content for turn in history), *([options.system] if options.system else [])]:
+            self.guard.check_markers(said)
+        settings = with_options(settings or self.task.generation, options)
         wanted = max_new_tokens or settings.max_new_tokens
-        rest, turns_used, budget = self.prompt_ids(text, history, wanted)
-        result = GenerationResult(prompt_tokens=self.prefix.length + len(rest),
-                                  cached_prefix_tokens=self.prefix.length, history_turns_used=turns_used)
-        return Generation(self, rest, budget, settings, cancel, result)
+        rest, turns_used, budget = self.prompt_ids(text, history, wanted, options.system)
+        head = self._head(options.system)[1]
+        ids = head + rest
+        start = self.conversations.start(ids, self.prefix.ids, self.prefix.layers)
+        result = GenerationResult(prompt_tokens=len(ids), cached_prefix_tokens=start.reused,
+                                  history_turns_used=turns_used)
+        generation = Generation(self, ids, len(head), start, budget, settings, cancel, result)
+        return StopStrings(generation, options.stop, generation.cancel) if options.stop else generation
 
-    def prompt_ids(self, text: str, history: Sequence[Turn], max_new_tokens: int) -> tuple[list[int], int, int]:
-        """(ids after the prefix, history pairs kept, answer token budget); drops the oldest pairs first."""
+    def _head(self, system: str | None) -> tuple[str, list[int]]:
+        """The prompt's text and ids up to the new turns: the task's cached prefix, or a client's system."""
+        if system is None:
+            return self.prefix_text, self.prefix.ids
+        text = split_at_user_text(self.tokenizer, [{"role": "system", "content": system}]).prefix
+        return text, encode(self.tokenizer, text)
+
+    def prompt_ids(self, text: str, history: Sequence[Turn], max_new_tokens: int,
+                   system: str | None = None) -> tuple[list[int], int, int]:
+        """(ids after the head, history pairs kept, answer token budget); drops the oldest pairs first."""
         pairs = _pairs(history)[-self.task.history.max_turns:] if self.task.history.max_turns else []
-        bare = self._rest_ids(text, [])
-        room = self.max_context - self.prefix.length - len(bare)
+        if system is not None:  # the client keeps the conversation; the task's limits are for its sessions
+            pairs = _pairs(history)
+        head = len(self._head(system)[1])
+        bare = self._rest_ids(text, [], system)
+        room = self.max_context - head - len(bare)
         if room < MIN_ANSWER_TOKENS:
             raise TextTooLong(f"message is too long: {len(bare)} tokens leaves no room to answer within "
                               f"model.max_context={self.max_context}")
         budget = min(max_new_tokens, room)
+        max_history = self.task.history.max_tokens if system is None else room
         while pairs:
-            ids = self._rest_ids(text, pairs)
+            ids = self._rest_ids(text, pairs, system)
             history_tokens = len(ids) - len(bare)
-            if history_tokens <= self.task.history.max_tokens and room - history_tokens >= budget:
+            if history_tokens <= max_history and room - history_tokens >= budget:
                 return ids, len(pairs), budget
             pairs = pairs[1:]
         return bare, 0, budget
 
-    def _rest_ids(self, text: str, pairs: list[tuple[Turn, Turn]]) -> list[int]:
-        messages = [*self.system]
+    def _rest_ids(self, text: str, pairs: list[tuple[Turn, Turn]], system: str | None = None) -> list[int]:
+        head_text = self._head(system)[0]
+        messages = [{"role": "system", "content": self.task.system if system is None else system}]
         for user, assistant in pairs:
             messages += [{"role": "user", "content": user.content}, {"role": "assistant", "content": assistant.content}]
         messages.append({"role": "user", "content": self.task.render_user(text)})
         full = render(self.tokenizer, messages, add_generation_prompt=True)
-        if not full.startswith(self.prefix_text):
+        if not full.startswith(head_text):
             raise ValueError("chat template renders the system prompt differently once history is present")
-        return encode(self.tokenizer, full[len(self.prefix_text):])
+        return encode(self.tokenizer, full[len(head_text):])
 
     def forward(self, input_ids: torch.Tensor, cache, position: int) -> torch.Tensor:
         """input_ids: [1, S] at positions position..position+S-1 -> float logits of the last one: [V]."""
@@ -80,25 +107,28 @@ class ChatGenerator:
 class Generation:
     """Iterate for text pieces; `result` is complete once the iteration ends."""
 
-    def __init__(self, gen: ChatGenerator, rest: list[int], budget: int, settings: GenerationSettings,
-                 cancel: threading.Event | None, result: GenerationResult):
-        self._gen, self._rest, self._budget, self._settings = gen, rest, budget, settings
-        self._cancel = cancel or threading.Event()
+    def __init__(self, gen: ChatGenerator, ids: list[int], head: int, start: Start, budget: int,
+                 settings: GenerationSettings, cancel: threading.Event | None, result: GenerationResult):
+        self._gen, self._ids, self._head, self._start = gen, ids, head, start
+        self._budget, self._settings = budget, settings
+        self.cancel = cancel or threading.Event()
         self.result = result
 
     def __iter__(self) -> Iterator[str]:
         gen, result, settings = self._gen, self.result, self._settings
         rng = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
         started = time.perf_counter()
-        cache = gen.prefix.cache(1)
-        logits = gen.forward(torch.tensor([self._rest]), cache, gen.prefix.length)  # prefill: [1, S]
-        position = gen.prefix.length + len(self._rest)
-        seen = torch.tensor(self._rest)
+        cache, reused = self._start.cache, self._start.reused
+        rest = self._ids[reused:]
+        fed = list(self._ids)  # the tokens whose KV the cache holds, for the conversation cache
+        logits = gen.forward(torch.tensor([rest]), cache, reused)  # prefill: [1, S]
+        position = len(self._ids)
+        seen = torch.tensor(self._ids[self._head:])  # the repetition penalty's scope: all after the system
         produced: list[int] = []
         result.finish_reason = "length"
         first_at = None
         for _ in range(self._budget):
-            if self._cancel.is_set():
+            if self.cancel.is_set():
                 result.finish_reason = "cancelled"
                 break
             token = sample(logits, settings, seen, rng)
@@ -114,7 +144,9 @@ class Generation:
             if piece:
                 yield piece
             logits = gen.forward(torch.tensor([[token]]), cache, position)  # decode: [1, 1]
+            fed.append(token)
             position += 1
+        gen.conversations.keep(fed, len(self._ids), cache, self._start)
         result.new_tokens = len(produced)
         result.decode_s = time.perf_counter() - first_at if first_at else 0.0
         tail = self._new_text(produced, final=True)
@@ -128,6 +160,13 @@ class Generation:
         piece = text[len(self.result.text):]
         self.result.text = text
         return piece
+
+
+def with_options(settings: GenerationSettings, options: ChatOptions) -> GenerationSettings:
+    """The task's settings with a request's overrides (those it sets)."""
+    update = {name: getattr(options, name) for name in ("temperature", "top_p", "top_k", "seed")
+              if getattr(options, name) is not None}
+    return settings.model_copy(update=update) if update else settings
 
 
 def sample(logits: torch.Tensor, s: GenerationSettings, seen: torch.Tensor, rng: torch.Generator | None) -> int:

@@ -23,6 +23,11 @@ class KVPrefix:
     def length(self) -> int:
         return len(self.ids)
 
+    @property
+    def layers(self) -> Layers:
+        """Per layer (keys, values): [1, kv_heads, P, head_dim]; read-only for callers."""
+        return self._layers
+
     def cache(self, batch: int = 1) -> DynamicCache:
         """A fresh cache holding the prefix for `batch` rows.
 

@@ -51,6 +51,10 @@ class ControlTokenGuard:
     def check(self, text: str) -> None:
         if not text.strip():
             raise InvalidText("text is empty")
+        self.check_markers(text)
+
+    def check_markers(self, text: str) -> None:
+        """Refuse control tokens (also in a client's history or system prompt, which may be empty)."""
         for marker in self._markers:
             if marker in text:
                 raise InvalidText(f"text contains the model's control token {marker!r}")

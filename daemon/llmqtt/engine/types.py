@@ -58,6 +58,18 @@ class Turn:
     content: str
 
 
+@dataclass(frozen=True)
+class ChatOptions:
+    """Per-request settings of clients that speak the Ollama / OpenAI APIs; None keeps the task's own."""
+
+    system: str | None = None  # replaces the task's system prompt (no cached task prefix then)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
+
+
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -69,7 +81,7 @@ class GenerationResult:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     new_tokens: int = 0
-    cached_prefix_tokens: int = 0
+    cached_prefix_tokens: int = 0  # prompt tokens whose KV came from a cache (task prefix or conversation)
     history_turns_used: int = 0  # user+assistant pairs of history that fit the budget
     first_token_s: float | None = None
     decode_s: float = 0.0
@@ -92,6 +104,7 @@ class InferenceEngine(Protocol):
     dtype: str  # as shown in status and health: "float32", "float32+int8"
     tasks: Mapping[str, ClassifyTask | GenerateTask]
     max_batch: int  # the largest classification batch it was sized for (the plan's)
+    weight_bytes: int  # the model's parameters in memory (Ollama's /api/tags reports it as the size)
 
     def warmup(self) -> None:
         """One small request through the serving path, so a broken task fails at start."""
@@ -99,9 +112,13 @@ class InferenceEngine(Protocol):
     def start_fast_decode(self) -> None:
         """Begin any background optimisation (compiling decode kernels) once serving; may do nothing."""
 
+    def conversation_stats(self) -> dict:
+        """{"entries", "hits"} of the cross-request KV reuse (convcache.py), for /metrics."""
+
     def classify(self, task: str, texts: Sequence[str]) -> list[Classification]: ...
 
     def generate(self, task: str, text: str, history: Sequence[Turn] = (),
                  cancel: threading.Event | None = None,
-                 max_new_tokens: int | None = None) -> GenerationStream: ...
+                 max_new_tokens: int | None = None,
+                 options: ChatOptions | None = None) -> GenerationStream: ...
 

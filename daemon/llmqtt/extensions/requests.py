@@ -15,7 +15,7 @@ import threading
 from collections import deque
 from typing import Any, Callable, Mapping, cast
 
-from ..mqtt.messages import (BadRequest, Limits, Request, chunk_message, encode, error_reply, ok_reply,
+from ..mqtt.messages import (BadRequest, Limits, Request, chunk_message, encode, error_reply, outcome_reply,
                              parse_cancel, parse_request)
 from ..mqtt.routes import ReplyRoutes, is_publishable_topic, shorten
 from ..mqtt.topics import Topics
@@ -123,9 +123,10 @@ class RequestsExtension:
         """Hand a job to the service, or hold it while the queue is full.
 
         Receive Maximum (= queue size) should keep the broker from sending more unacknowledged requests than
-        the queue holds, but brokers overshoot: mosquitto 2.0.11 (Debian 12) sends a few more per PUBACK
-        after a reconnect, and MQTT 3.1.1 has no such limit at all. A request held here is still
-        unacknowledged, so it is as safe as in the broker; it keeps its arrival time (deadline, queue_ms)."""
+        the queue holds, but brokers overshoot: mosquitto 2.0.11 (Debian 12) sends up to the limit again
+        after each PUBACK (a 30-request backlog at Receive Maximum 8 arrives within a few answers), and MQTT
+        3.1.1 has no such limit at all. A request held here is still unacknowledged, so it is as safe as in
+        the broker; it keeps its arrival time (deadline, queue_ms)."""
         with self._hold_lock:
             hold = len(self._held) < self._hold_limit
             if self._held and hold:  # behind those already waiting: first come, first served
@@ -225,15 +226,7 @@ class RequestsExtension:
         self.transport.ack(request)
 
     def reply_for(self, outcome: Outcome) -> dict:
-        error = outcome.error
-        if error is None:
-            return ok_reply(outcome.task, outcome.id, outcome.result or {}, model=self.model_name,
-                            latency_ms=outcome.latency_ms, queue_ms=outcome.queue_ms, node=self.node)
-        details = {"retry_after_ms": error.retry_after_ms} if error.retry_after_ms is not None else None
-        extra = {"result": error.partial} if error.partial is not None else {}
-        return error_reply(outcome.task, outcome.id, error.code, error.message, model=self.model_name,
-                           latency_ms=outcome.latency_ms, queue_ms=outcome.queue_ms, details=details,
-                           node=self.node, **extra)
+        return outcome_reply(outcome, model=self.model_name, node=self.node)
 
 
 def fingerprint(message: Inbound) -> bytes:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
 
 from ..validation import describe
+
+if TYPE_CHECKING:
+    from ..jobs import Outcome
 
 RequestId = Union[StrictStr, StrictInt]
 
@@ -169,6 +172,19 @@ def error_reply(task: str, id: str | int | None, code: str, message: str, *, mod
     error = {"code": code, "message": message, **(details or {})}
     return {"id": id, "task": task, "status": "error", "error": error, "latency_ms": latency_ms,
             "queue_ms": queue_ms, "model": model, **extra}
+
+
+def outcome_reply(outcome: Outcome, *, model: str, **extra: Any) -> dict:
+    """The final reply for a service outcome (MQTT and the HTTP task endpoints answer alike)."""
+    error = outcome.error
+    if error is None:
+        return ok_reply(outcome.task, outcome.id, outcome.result or {}, model=model,
+                        latency_ms=outcome.latency_ms, queue_ms=outcome.queue_ms, **extra)
+    details = {"retry_after_ms": error.retry_after_ms} if error.retry_after_ms is not None else None
+    if error.partial is not None:
+        extra = {"result": error.partial, **extra}
+    return error_reply(outcome.task, outcome.id, error.code, error.message, model=model,
+                       latency_ms=outcome.latency_ms, queue_ms=outcome.queue_ms, details=details, **extra)
 
 
 def chunk_message(task: str, id: str | int, seq: int, delta: str) -> dict:

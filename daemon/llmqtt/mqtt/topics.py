@@ -54,10 +54,6 @@ class Topics:
     def cancel_filter(self, base: str) -> str:
         return self.cancel("+", base)
 
-    def reply(self, client: str, base: str | None = None) -> str:
-        """A requester's own reply route under the node's reply namespace (`<root>/reply/<client>`)."""
-        return f"{base or self.root}/reply/{client}"
-
     def default_reply_filters(self) -> list[str]:
         """What `mqtt.reply_topics` allows by default: each request base's reply namespace and response topics."""
         return [f"{base}/{kind}" for base in self.request_bases() for kind in ("reply/#", "response/+")]
