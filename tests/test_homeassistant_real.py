@@ -12,7 +12,8 @@ import time
 
 import pytest
 import yaml
-from broker import daemons_on
+from broker import DaemonProcess, daemon_config, daemons_on
+from fake_engine import write_model_dir, write_prompts
 from ha.templates import templates_in
 
 from llmqtt.extensions import ha_payloads as ha
@@ -108,6 +109,22 @@ def test_availability_follows_the_daemon(home_assistant, start_daemon):
     start_daemon(node_id="porch")
     hass.wait_state("sensor.llmqtt_porch_sentiment", lambda s: s["state"] != "unavailable")
     hass.wait_state("binary_sensor.llmqtt_porch_status", lambda s: s["state"] == "on")
+
+
+def test_a_killed_daemon_turns_unavailable_through_its_last_will(home_assistant, ha_broker, tmp_path):
+    """`llmqtt run` as a process (fake engine), killed with SIGKILL: no goodbye, the broker's Last Will."""
+    config = daemon_config(ha_broker, write_prompts(tmp_path / "prompts"), "garage", homeassistant={"enabled": True})
+    config["mqtt"].update(username="llmqtt", password_file=str(ha_broker.password_file("llmqtt")))
+    config["model"] = str(write_model_dir(tmp_path / "model"))
+    daemon = DaemonProcess(tmp_path, config, fake_engine=True).start()
+    try:
+        hass = home_assistant
+        hass.wait_state("sensor.llmqtt_garage_sentiment", lambda s: s["state"] == "unknown", timeout=60)
+        daemon.kill()
+        hass.wait_state("sensor.llmqtt_garage_sentiment", lambda s: s["state"] == "unavailable")
+        hass.wait_state("binary_sensor.llmqtt_garage_status", lambda s: s["state"] == "off")
+    finally:
+        daemon.close()
 
 
 def test_a_device_cannot_write_home_assistants_results(home_assistant, ha_broker, start_daemon):
