@@ -10,12 +10,14 @@ import errno
 import logging
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from broker import ACL_USERS, SHIPPED_ACL, Broker, daemon_config, free_port, make_certificates, wait_online
 from fake_engine import make_engine
+from polling import wait_until
 
 from llmqtt.config import Config, MqttConfig, TlsConfig
 from llmqtt.daemon import Daemon
@@ -161,6 +163,27 @@ def test_two_devices_reusing_ids_get_their_own_answers(acl_broker, start):
     alice.publish(sentiment, {"id": 9, "text": "love"}, response_topic=f"{root}/reply/alice", correlation_data=b"2")
     got = sorted(alice.expect(f"{root}/reply/alice").correlation_data for _ in range(2))
     assert got == [b"1", b"2"] and len(daemon.engine.batches) > batches
+
+
+def test_a_redelivery_after_a_broker_restart_is_answered_once(acl_broker, start, tmp_path):
+    """The request is running when the broker restarts: the broker delivers it again (same request,
+    `dup`), the daemon recognises it, and the requester gets exactly one answer, computed once."""
+    engine = make_engine(tmp_path / "prompts")
+    engine.gate = threading.Event()
+    daemon = start(acl_broker, engine=engine)
+    root = daemon.topics.root
+    device = acl_broker.client(user="device").subscribe(f"{root}/reply/once")
+    device.publish(f"{root}/request/chat", {"id": "once", "text": "a b", "reply_to": f"{root}/reply/once"})
+    wait_until(lambda: engine.histories)  # running, held by the gate, not acknowledged
+    acl_broker.restart()
+    wait_until(lambda: daemon.transport.connected.is_set(), timeout=15)
+    device = acl_broker.client(user="device").subscribe(f"{root}/reply/once")  # the old one lost the broker
+    engine.gate.set()
+    first = device.expect_json(f"{root}/reply/once", timeout=15)
+    assert first["id"] == "once" and first["status"] == "ok"
+    assert device.drain(1.0) == [] and len(engine.histories) == 1
+    redelivered = f"Sending PUBLISH to llmqtt-{daemon.config.mqtt.node} (d1, q1, r0, "
+    assert redelivered in acl_broker.log()  # the broker did deliver it twice
 
 
 # -- flow control: a backlog waits in the broker and is served in full ------------------------------------
@@ -411,3 +434,16 @@ def test_real_model_refuses_attacks_keeps_reused_ids_apart_and_serves_a_backlog(
     finally:
         daemon.close()
     assert "Traceback" not in daemon.log()
+
+
+def test_a_reply_route_the_acl_denies_is_logged_with_the_reason(acl_broker, start, caplog):
+    """reply_topics widened without widening the ACL: the broker drops the reply (MQTT v5 PUBACK 0x87) and
+    the daemon says so, instead of the requester waiting in silence."""
+    daemon = start(acl_broker, mqtt={"reply_topics": ["apps/+/inbox"]})
+    root = daemon.topics.root
+    observer = acl_broker.client().subscribe("apps/#")
+    device = acl_broker.client(user="device")
+    device.publish(f"{root}/request/sentiment", {"id": "acl", "text": "love", "reply_to": "apps/x/inbox"})
+    wait_until(lambda: "did not accept the message to apps/x/inbox: Not authorized" in caplog.text)
+    assert "check the broker's ACL for user llmqtt" in caplog.text
+    assert observer.drain(0.5) == []
