@@ -186,6 +186,26 @@ def test_the_automation_example_runs_the_script(home_assistant, ha_broker, start
     hass.wait_state("script.llmqtt_ask", lambda s: s["attributes"].get("last_triggered") != before)
 
 
+def test_after_home_assistant_restarts_the_board_is_back_with_its_last_result(home_assistant, start_daemon,
+                                                                                caplog):
+    hass = home_assistant
+    daemon = start_daemon(node_id="attic")
+    daemon.homeassistant.birth_delay_s = (0.1, 0.3)
+    hass.wait_state("text.llmqtt_attic_sentiment_input", lambda s: s["state"] != "unavailable")
+    hass.call("text", "set_value", {"entity_id": "text.llmqtt_attic_sentiment_input", "value": "I love the attic"})
+    hass.wait_state("sensor.llmqtt_attic_sentiment", lambda s: s["state"] == "positive")
+    hass.stop()
+    with caplog.at_level("INFO", logger="llmqtt"):
+        hass.start()
+        shown = hass.wait_state("sensor.llmqtt_attic_sentiment", lambda s: s["state"] != "unavailable")
+        assert shown["state"] == "positive"  # from the retained state
+        hass.wait_state("binary_sensor.llmqtt_attic_status", lambda s: s["state"] == "on")
+        deadline = time.monotonic() + 10
+        while "Home Assistant is online" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert "Home Assistant is online" in caplog.text  # its birth made the daemon publish discovery again
+
+
 @pytest.mark.real_model
 def test_the_real_model_labels_what_is_typed_into_home_assistant(home_assistant, start_daemon, demo_engine):
     hass = home_assistant
