@@ -53,7 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", type=Path, help="config file (same as --config)")
     doctor = command("doctor", _doctor, "show this machine's resources and the runtime plan")
     doctor.add_argument("--json", action="store_true", help="print the readings and the plan as JSON")
-    model = command("model", _model, "manage models: `llmqtt model fetch demo`, `llmqtt model where`")
+    doctor.add_argument("--bench", type=Path, action="append", default=[],
+                        help="an `llmqtt bench` result.json from this board (repeatable, one per model): "
+                             "its measured speed weighs in the model recommendation")
+    model = command("model", _model, "manage models: `llmqtt model fetch demo` (or coder-1.5b), `llmqtt model where`")
     model.add_argument("action", choices=["fetch", "where"],
                        help="fetch: get the model ready (download/convert once); where: print its directory")
     model.add_argument("name", nargs="?", help="model to fetch (default: the configured one)")
@@ -106,7 +109,7 @@ def _check_config(args) -> int:
 def _doctor(args) -> int:
     from .doctor import main as doctor_main
 
-    return doctor_main(_config(args), args.json)
+    return doctor_main(_config(args), args.json, bench_results=args.bench)
 
 
 def _model(args) -> int:
