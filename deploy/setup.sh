@@ -47,7 +47,7 @@ echo "setup: fetching the built-in 1.5B model (coder-1.5b; first time several mi
 
 # Real Home Assistants for tests/test_homeassistant_real.py, each in its own virtualenv under
 # ~/.cache/llmqtt-test (tests/ha/server.py RELEASES): the tested release on Python 3.13, and the minimum we
-# state on Python 3.12. The first install of each took about 7.5 minutes on 2 busy cores; later runs skip it.
+# state on Python 3.12. The first installs took 7.5 and 9.5 minutes on 2 busy cores; later runs skip them.
 echo "setup: real Home Assistants for the tests"
 bash tests/ha/install_ha.sh 2025.4.4 "$HOME/.cache/llmqtt-test/ha-venv"
 bash tests/ha/install_ha.sh 2024.10.4 "$HOME/.cache/llmqtt-test/ha-venv-2024.10"
