@@ -158,7 +158,9 @@ def test_a_missed_target_is_explained_with_this_runs_numbers():
     confusion = {"positive": {"positive": 40, "negative": 3, "none": 0},
                  "negative": {"positive": 7, "negative": 50, "none": 0}}
     burst = {"per_s": 30.0, "padded_tokens": 1200, "text_tokens": 900, "forward_calls": 4}
-    result = {"accuracy": {"sentiment": {"en": {"n": 100, "accuracy": 0.90, "no_label": 0, "confusion": confusion}}},
+    prompt = {"n": 100, "accuracy": 0.90, "no_label": 0, "confusion": confusion}
+    result = {"accuracy": {"sentiment": {"served": "prompt", "head": None,
+                                         "by_language": {"en": {"prompt": prompt, "tfidf": {"skipped": "no rows"}}}}},
               "variants": {"fp32": {"sentiment": {"b_over_a": 6.0, "c_over_a": 7.5, "burst": burst,
                                                   "classify_one": {"per_s": 24.0, "accuracy": 0.9},
                                                   "seeds_way": {"per_s": 4.0, "accuracy": 0.8}}}}}
@@ -166,7 +168,7 @@ def test_a_missed_target_is_explained_with_this_runs_numbers():
     english = by_name["sentiment accuracy, English"]
     assert english["met"] is False
     assert "10 of 100 wrong; most often negative read as positive (7 of the 10)" in english["why"]
-    assert "seeds' way scored 80.0 %" in english["why"]
+    assert "seeds' way scored 80.0 %" in english["why"] and "prompt 90.0 %" in english["why"]
     burst_target = by_name["burst of 64 vs seeds' throughput (c/a)"]
     assert burst_target["met"] is False and "1.25x" in burst_target["why"] and "25 % padding" in burst_target["why"]
     assert by_name["sentiment accuracy, Chinese"]["met"] is None  # not measured: no reason, no crash
@@ -184,3 +186,30 @@ def test_fit_file_holds_dev_rows_only(repo_root, tmp_path):
     leaked.write_text(json.dumps({**test_row.__dict__, "split": "dev", "lang": "en"}) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match="test split"):
         load_fit_rows(leaked, tests)
+
+
+def test_compare_puts_two_models_side_by_side(tmp_path, repo_root):
+    """`llmqtt bench --compare`: the shipped 0.5B result beside a 1.5B result from another mode and machine."""
+    import copy
+    import subprocess
+    import sys
+
+    from llmqtt.bench.compare import compare_markdown
+
+    small = json.loads((repo_root / "docs" / "bench" / "result.json").read_text())
+    large = copy.deepcopy(small)
+    large["meta"] |= {"model": "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF)", "mode": "quick", "cores": 4}
+    large["accuracy"]["sentiment"]["en"] |= {"accuracy": 0.93, "n": 100}
+    del large["startup"]
+    text = compare_markdown([small, large])
+    header = next(line for line in text.splitlines() if line.startswith("| |"))
+    assert "0.5B" in header and "1.5B" in header
+    assert "| sentiment accuracy en (fp32, test split) | 90.6 % of 500 | 93.0 % of 100 |" in text
+    assert "| peak RSS, ready (fp32) | 2.65 GB | - |" in text  # not measured in one run: a dash, not a crash
+    assert "different machines" in text and "different sample sizes" in text
+    (tmp_path / "a.json").write_text(json.dumps(small))
+    (tmp_path / "b.json").write_text(json.dumps(large))
+    done = subprocess.run([sys.executable, "-m", "llmqtt", "bench", "--compare", str(tmp_path / "a.json"),
+                           str(tmp_path / "b.json"), "--out", str(tmp_path / "cmp")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "cmp" / "compare.md").read_text() == done.stdout.rstrip("\n") + "\n"

@@ -65,6 +65,11 @@ def _accuracy_reason(lang: str) -> Callable[[dict], str]:
         (gold, predicted), most = errors.most_common(1)[0]
         text = (f"served: {a['served']}; {wrong} of {s['n']} wrong; most often {gold} read as {predicted} ({most} of "
                 f"the {wrong})" + (f"; {s['no_label']} refused as too long" if s["no_label"] else ""))
+        seeds = get(r, "variants", "fp32", "sentiment", "seeds_way", "accuracy")
+        ours = get(r, "variants", "fp32", "sentiment", "classify_one", "accuracy")
+        if seeds is not None and ours is not None:
+            text += (f"; on the speed rows (both languages) the seeds' way scored {100 * seeds:.1f} % and the"
+                     f" classification path {100 * ours:.1f} %")
         return f"{text}; {_read_outs(r, lang)}; what was tried: docs/accuracy.md"
     return reason
 
