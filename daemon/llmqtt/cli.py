@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     command("tasks", _tasks, "list the tasks defined by the prompt files (and which have a learned head)")
     fit = command("fit", _fit, "teach a classify task from labelled examples: fits a small head on the model's "
                                "hidden states and writes it next to the task file")
-    fit.add_argument("task")
+    fit.add_argument("task", help="a classify task from the prompt files (see `llmqtt tasks`)")
     fit.add_argument("data", type=Path, help='labelled rows, one JSON object a line: {"text": ..., "label": ...}')
     fit.add_argument("--out", type=Path, help="head file to write (default: <task file>.head.safetensors beside it)")
     fit.add_argument("--test", type=Path, metavar="HELD_OUT.jsonl",
