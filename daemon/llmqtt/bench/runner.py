@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..tasks import ClassifyTask, GenerateTask, load_tasks
-from . import chat, data, llamacpp, speed, startup
+from . import chat, conversation, data, llamacpp, speed, startup
 from .accuracy import classify_rows
 
 
@@ -137,6 +137,8 @@ def variant_section(engine, tasks: dict, rows: dict, sizes: Sizes, compare_rows:
         bar.set_description(f"chat speed {engine.dtype}")
         out["chat"] = chat.chat_speed(engine, engine.tasks[CHAT_TASK], sizes.chat_reps, sizes.decode_tokens,
                                       bar.update)
+        bar.set_description(f"conversation turn 2 {engine.dtype}")
+        out["conversation"] = conversation.turn_two(engine, CHAT_TASK, max(3, sizes.chat_reps), bar.update)
     out["_bytes_per_token"] = chat.bytes_per_token(engine.loaded.model, engine.loaded.weight_bytes)
     return out
 
