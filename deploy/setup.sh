@@ -38,3 +38,8 @@ echo "setup: installing llmqtt with its extras"
 
 echo "setup: fetching the demo model (first time: download, verify, convert; about two minutes)"
 "$PYTHON" -m llmqtt model fetch demo
+
+# A real Home Assistant for tests/test_homeassistant_real.py, in its own Python 3.13 virtualenv (cached in
+# ~/.cache/llmqtt-test/ha-venv; the first install took 7.5 minutes on 2 busy cores, later runs skip it).
+echo "setup: a real Home Assistant for the tests"
+bash tests/ha/install_ha.sh

@@ -353,22 +353,23 @@ def wait_online(client: TestClient, root: str, timeout: float = WAIT_S) -> dict:
     return client.expect_json(f"{root}/status", timeout, where=lambda m: m["state"] == "online")
 
 
-@pytest.fixture
-def start_daemon(broker, tmp_path):
-    """`start_daemon(engine=None, **config_sections) -> Daemon`, started and online; shut down at teardown."""
+def daemons_on(broker: Broker, tmp_path: Path, watcher: TestClient, mqtt: dict | None = None, **defaults):
+    """Yields `start(engine=None, node_id=None, **config_sections) -> Daemon` (fake engine by default), each
+    started and online on `broker`, shut down afterwards. `mqtt` goes into every config's mqtt section (a
+    login, say); `defaults` are config sections each call's own `sections` replace."""
     from fake_engine import make_engine
 
     from llmqtt.config import Config
     from llmqtt.daemon import Daemon
 
     daemons = []
-    watcher = broker.client()
 
     def start(engine=None, node_id: str | None = None, **sections):
         prompts = tmp_path / "prompts"
         engine = engine or make_engine(prompts)
-        config = Config.model_validate(daemon_config(broker, prompts, node_id, **sections))
-        daemon = Daemon(config, engine, stop_grace_s=5)
+        raw = daemon_config(broker, prompts, node_id, **{**defaults, **sections})
+        raw["mqtt"].update(mqtt or {})
+        daemon = Daemon(Config.model_validate(raw), engine, stop_grace_s=5)
         daemons.append(daemon)
         daemon.start()
         wait_online(watcher, daemon.topics.root)
@@ -377,3 +378,10 @@ def start_daemon(broker, tmp_path):
     yield start
     for daemon in daemons:
         daemon.shutdown()
+
+
+@pytest.fixture
+def start_daemon(broker, tmp_path):
+    """`start_daemon(engine=None, node_id=None, **config_sections) -> Daemon`, started and online; shut down at
+    teardown."""
+    yield from daemons_on(broker, tmp_path, broker.client())

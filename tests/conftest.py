@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from broker import acl_broker, broker, secure_broker, start_daemon  # noqa: E402,F401 - broker fixtures for every module
+from ha.server import ha_broker, home_assistant  # noqa: E402,F401 - a real Home Assistant for the session
 from tinymodel import build_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

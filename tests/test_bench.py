@@ -86,12 +86,14 @@ def test_mini_bench_covers_every_section(mini_result):
 
 
 def test_mini_bench_writes_json_markdown_and_plot(mini_result, tmp_path):
-    from llmqtt.bench import report
+    from llmqtt.bench import report, targets
 
     paths = report.write(mini_result, tmp_path)
     data = json.loads(paths["json"].read_text(encoding="utf-8"))
-    assert len(data["targets"]) == len(report.TARGETS)
+    assert len(data["targets"]) == len(targets.TARGETS)
     assert all(t["met"] in (True, False) for t in data["targets"])  # every target was measured
+    missed = [t for t in data["targets"] if t["met"] is False]
+    assert missed and all(t["why"] for t in missed), missed  # the random model misses some: each says why
     md = paths["markdown"].read_text(encoding="utf-8")
     for heading in ("## Targets", "## Accuracy", "## Sentiment speed", "## Chat speed", "## Start-up and memory",
                     "## llama.cpp peer", "bench.png"):
@@ -126,3 +128,23 @@ def test_refused_text_counts_as_no_label_and_wrong():
     assert summary["n"] == 3 and summary["no_label"] == 1
     assert summary["confusion"]["positive"] == {"positive": 1, "negative": 0, "none": 1}
     assert summary["accuracy"] == 1 / 3
+
+
+def test_a_missed_target_is_explained_with_this_runs_numbers():
+    from llmqtt.bench.targets import targets
+
+    confusion = {"positive": {"positive": 40, "negative": 3, "none": 0},
+                 "negative": {"positive": 7, "negative": 50, "none": 0}}
+    burst = {"per_s": 30.0, "padded_tokens": 1200, "text_tokens": 900, "forward_calls": 4}
+    result = {"accuracy": {"sentiment": {"en": {"n": 100, "accuracy": 0.90, "no_label": 0, "confusion": confusion}}},
+              "variants": {"fp32": {"sentiment": {"b_over_a": 6.0, "c_over_a": 7.5, "burst": burst,
+                                                  "classify_one": {"per_s": 24.0, "accuracy": 0.9},
+                                                  "seeds_way": {"per_s": 4.0, "accuracy": 0.8}}}}}
+    by_name = {t["target"]: t for t in targets(result)}
+    english = by_name["sentiment accuracy, English"]
+    assert english["met"] is False
+    assert "10 of 100 wrong; most often negative read as positive (7 of the 10)" in english["why"]
+    assert "seeds' way scored 80.0 %" in english["why"]
+    burst_target = by_name["burst of 64 vs seeds' throughput (c/a)"]
+    assert burst_target["met"] is False and "1.25x" in burst_target["why"] and "25 % padding" in burst_target["why"]
+    assert by_name["sentiment accuracy, Chinese"]["met"] is None  # not measured: no reason, no crash

@@ -113,13 +113,15 @@ def test_live_machine_report_runs() -> None:
     assert "Machine" in format_report(report)
 
 
-def test_pi_readings_from_a_fake_tree(tmp_path: Path) -> None:
+def test_pi_readings_from_a_fake_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from llmqtt.readings import read_system
-    from test_readings import PI5_CPUINFO, meminfo, write as write_file
+    from test_readings import PI5_CPUINFO, fake_psutil, meminfo, write as write_file
 
     write_file(tmp_path, "proc/cpuinfo", PI5_CPUINFO)
     write_file(tmp_path, "proc/meminfo", meminfo(2_000_000, 1_700_000))
+    fake_psutil(monkeypatch, tmp_path, cores=(4, 4))
     pi = read_system(tmp_path, machine="aarch64")
+    assert pi.ram_available == 1_700_000 * 1024
     report = build_report(Config(), write_model(tmp_path / "m", tie=False), readings=replace(pi, swap_total=0))
     assert report["readings"]["cpu_model"] == "Cortex-A76" and "no_swap" in codes(report)
 

@@ -3,19 +3,19 @@
 `HA_OPTIONS` is the set of options HA core's MQTT platforms accept (homeassistant/components/mqtt: schemas.py
 MQTT_ENTITY_COMMON_SCHEMA, config.py MQTT_RO/RW_SCHEMA, sensor.py, text.py, binary_sensor.py, 2025.x). HA
 validates discovery with `extra=REMOVE_EXTRA`: an option it does not know is dropped without a word, so
-every option we send must be in this set. Templates are rendered with jinja2, the engine HA's templates run
-on, with HA's `value_json` / `value` variables and `now()`.
+every option we send must be in this set. Templates are rendered in jinja2's immutable sandbox with HA's
+limits (ha/templates.py), with HA's `value_json` / `value` variables and `now()`; test_homeassistant_real.py
+renders them again in Home Assistant itself.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
 
-import jinja2
 import pytest
 from fake_engine import write_prompts
+from ha.templates import render
 
 from llmqtt.extensions import ha_payloads as ha
 from llmqtt.extensions.health import MachineReadings, build_health
@@ -55,12 +55,6 @@ def tasks(tmp_path):
 def identity():
     return ha.Identity(node="kitchen", root="llmqtt/kitchen", prefix="homeassistant", model="fake-model",
                        version="0.1.0")
-
-
-def render(template: str, **variables) -> str:
-    env = jinja2.Environment()
-    env.globals["now"] = datetime.now
-    return env.from_string(template).render(**variables)
 
 
 def test_one_config_per_entity_on_the_per_component_topic(identity, tasks):
@@ -156,10 +150,10 @@ def test_generate_state_is_cut_to_255_characters_with_the_whole_answer_in_attrib
 def test_an_error_keeps_the_last_value_and_says_what_failed(tasks):
     good = ha.result_state(tasks["sentiment"], "a", "great", {"label": "positive", "score": 0.9, "scores": {}},
                            source="homeassistant", latency_ms=1.0, ts=1.0)
-    failed = ha.error_state(good, "b", "<|im_start|>", "invalid_text", "no", ts=2.0)
+    failed = ha.error_state(good, "b", "<|im_start|>", {"code": "invalid_text", "message": "no"}, ts=2.0)
     assert failed["value"] == "positive" and failed["text"] == "great" and failed["id"] == "b"
     assert failed["status"] == "error" and failed["error"] == {"code": "invalid_text", "message": "no"}
-    first = ha.error_state(None, "c", "x", "busy", "queue full", ts=3.0)
+    first = ha.error_state(None, "c", "x", {"code": "busy", "message": "queue full"}, ts=3.0)
     assert first["value"] is None  # renders "None": HA shows "unknown"
 
 
@@ -198,13 +192,12 @@ def test_connectivity_sensor_follows_the_status_topic(identity, tasks):
 def test_text_entity_command_template_builds_a_valid_request(identity, tasks, text):
     configs = ha.discovery_messages(identity, tasks)
     config = configs["homeassistant/text/llmqtt_kitchen/chat_input/config"]
-    assert config["command_topic"] == "llmqtt/kitchen/request/chat" and config["max"] == 255
+    assert config["command_topic"] == "llmqtt/kitchen/ha/chat/request" and config["max"] == 255
     request = json.loads(render(config["command_template"], value=text))
-    assert request["text"] == text
-    assert request["reply_to"] == "llmqtt/kitchen/reply/homeassistant/chat" and request["session"] == "homeassistant"
-    assert re.fullmatch(r"ha-\d{13}-\d{6}", request["id"])
-    other = json.loads(render(config["command_template"], value=text))
-    assert other["id"] != request["id"]  # the random part differs within the same millisecond
+    assert request["text"] == text and request["session"] == "homeassistant" and "reply_to" not in request
+    assert re.fullmatch(r"ha-\d{16}-\d{1,3}", request["id"])
+    ids = {json.loads(render(config["command_template"], value=text))["id"] for _ in range(20)}
+    assert len(ids) == 20  # microseconds plus a random number: quick requests differ
     sentiment = configs["homeassistant/text/llmqtt_kitchen/sentiment_input/config"]
     assert "session" not in json.loads(render(sentiment["command_template"], value=text))
 
@@ -222,3 +215,13 @@ def test_only_configs_with_our_unique_id_count_as_ours(identity):
     assert not ha.is_ours(identity, b'{"unique_id": "zigbee_kitchen_lamp"}')
     assert not ha.is_ours(identity, b'{"unique_id": "llmqtt_kitchenette_x"}')
     assert not ha.is_ours(identity, b"not json") and not ha.is_ours(identity, b"[1]")
+
+
+def test_no_template_needs_more_than_home_assistants_sandbox(identity, tasks):
+    """HA's sandbox refuses `range()` over 100,000 items (what broke every text box in 2024.1-2025.x)."""
+    with pytest.raises(OverflowError):
+        render("{{ range(100000, 1000001) | random }}")
+    texts = [c for t, c in ha.discovery_messages(identity, tasks).items() if "/text/" in t]
+    assert len(texts) == len(tasks)
+    for config in texts:  # the value templates are rendered in the tests above, in the same sandbox
+        assert json.loads(render(config["command_template"], value="hi"))["text"] == "hi"

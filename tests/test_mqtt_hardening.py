@@ -10,12 +10,14 @@ import errno
 import logging
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from broker import ACL_USERS, SHIPPED_ACL, Broker, daemon_config, free_port, make_certificates, wait_online
 from fake_engine import make_engine
+from polling import wait_until
 
 from llmqtt.config import Config, MqttConfig, TlsConfig
 from llmqtt.daemon import Daemon
@@ -163,6 +165,27 @@ def test_two_devices_reusing_ids_get_their_own_answers(acl_broker, start):
     assert got == [b"1", b"2"] and len(daemon.engine.batches) > batches
 
 
+def test_a_redelivery_after_a_broker_restart_is_answered_once(acl_broker, start, tmp_path):
+    """The request is running when the broker restarts: the broker delivers it again (same request,
+    `dup`), the daemon recognises it, and the requester gets exactly one answer, computed once."""
+    engine = make_engine(tmp_path / "prompts")
+    engine.gate = threading.Event()
+    daemon = start(acl_broker, engine=engine)
+    root = daemon.topics.root
+    device = acl_broker.client(user="device").subscribe(f"{root}/reply/once")
+    device.publish(f"{root}/request/chat", {"id": "once", "text": "a b", "reply_to": f"{root}/reply/once"})
+    wait_until(lambda: engine.histories)  # running, held by the gate, not acknowledged
+    acl_broker.restart()
+    wait_until(lambda: daemon.transport.connected.is_set(), timeout=15)
+    device = acl_broker.client(user="device").subscribe(f"{root}/reply/once")  # the old one lost the broker
+    engine.gate.set()
+    first = device.expect_json(f"{root}/reply/once", timeout=15)
+    assert first["id"] == "once" and first["status"] == "ok"
+    assert device.drain(1.0) == [] and len(engine.histories) == 1
+    redelivered = f"Sending PUBLISH to llmqtt-{daemon.config.mqtt.node} (d1, q1, r0, "
+    assert redelivered in acl_broker.log()  # the broker did deliver it twice
+
+
 # -- flow control: a backlog waits in the broker and is served in full ------------------------------------
 
 BACKLOG = 30
@@ -247,7 +270,7 @@ def test_wrong_password_is_not_authorized(acl_broker, start, tmp_path, caplog):
     wrong = tmp_path / "wrong-password"
     wrong.write_text("not it\n")
     message = connect_and_log(start, acl_broker, caplog, password_file=str(wrong))
-    assert "not authorized" in message and "user 'llmqtt'" in message and "not it" not in caplog.text
+    assert "refused the connection: not authorized as user 'llmqtt'" in message and "not it" not in caplog.text
 
 
 def test_unreachable_and_other_causes_read_as_one_sentence():
@@ -359,3 +382,68 @@ def test_bad_input_corpus_gets_coded_errors_and_the_daemon_keeps_serving(acl_bro
     assert device.expect_json(f"{root}/response/sentiment", where=lambda r: r["id"] == "after")["status"] == "ok"
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text[-3000:]
     assert all(len(r.getMessage()) < 2000 for r in caplog.records)  # no 1 MB payload or 64 KB topic in the log
+
+
+# -- the same with the real demo model, as `llmqtt run` ----------------------------------------------------
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_model_refuses_attacks_keeps_reused_ids_apart_and_serves_a_backlog(acl_broker, tmp_path, demo_model,
+                                                                                 repo_root):
+    from broker import DaemonProcess
+
+    load_s = 240.0  # load + prefix caches + warm-up of the 0.5B model on a busy 2-core machine
+    password = tmp_path / "daemon-password"
+    password.write_text(ACL_USERS["llmqtt"] + "\n")
+    config = daemon_config(acl_broker, repo_root / "prompts", node_id="realhard",
+                           mqtt={"username": "llmqtt", "password_file": str(password)},
+                           runtime={"queue_size": 8})
+    # No fast decode: its kernels compile in the background after start, and one run here ended with
+    # SIGABRT when SIGTERM came during that (reported; not what this test is about).
+    config["model"] = {"name": "demo", "fast_decode": False}
+    daemon = DaemonProcess(tmp_path, config).start()
+    root = daemon.root
+    try:
+        observer = acl_broker.client()
+        wait_online(observer, root, timeout=load_s)
+        observer.subscribe("homeassistant/#", f"{root}/ha/#")
+        alice = acl_broker.client(user="device").subscribe(f"{root}/reply/alice", f"{root}/response/#")
+        bob = acl_broker.client(user="device").subscribe(f"{root}/reply/bob")
+        sentiment = f"{root}/request/sentiment"
+        for target in ("homeassistant/status", f"{root}/ha/sentiment/state"):
+            alice.publish(sentiment, {"id": "evil", "text": "the alarm is disabled", "reply_to": target})
+            refused = alice.expect_json(f"{root}/response/sentiment", timeout=30)
+            assert refused["error"]["code"] == "bad_reply_topic", refused
+        alice.publish(sentiment, {"id": 1, "text": "I love this kettle, it is wonderful.",
+                                  "reply_to": f"{root}/reply/alice"})
+        bob.publish(sentiment, {"id": 1, "text": "The worst kettle ever, it broke on day one.",
+                                "reply_to": f"{root}/reply/bob"})
+        assert alice.expect_json(f"{root}/reply/alice", timeout=60)["result"]["label"] == "positive"
+        assert bob.expect_json(f"{root}/reply/bob", timeout=60)["result"]["label"] == "negative"
+        assert observer.drain(0.5) == []  # nothing reached Home Assistant's topics
+
+        assert daemon.terminate(timeout=60) == 0
+        for i in range(BACKLOG):
+            alice.publish(sentiment, {"id": f"b{i}", "text": "great" if i % 2 else "awful",
+                                      "reply_to": f"{root}/reply/alice"})
+        daemon.start()
+        replies = [alice.expect_json(f"{root}/reply/alice", timeout=load_s) for _ in range(BACKLOG)]
+        assert sorted(r["id"] for r in replies) == sorted(f"b{i}" for i in range(BACKLOG))
+        assert [r["status"] for r in replies] == ["ok"] * BACKLOG, [r.get("error") for r in replies]
+        assert daemon.terminate(timeout=60) == 0
+    finally:
+        daemon.close()
+    assert "Traceback" not in daemon.log()
+
+
+def test_a_reply_route_the_acl_denies_is_logged_with_the_reason(acl_broker, start, caplog):
+    """reply_topics widened without widening the ACL: the broker drops the reply (MQTT v5 PUBACK 0x87) and
+    the daemon says so, instead of the requester waiting in silence."""
+    daemon = start(acl_broker, mqtt={"reply_topics": ["apps/+/inbox"]})
+    root = daemon.topics.root
+    observer = acl_broker.client().subscribe("apps/#")
+    device = acl_broker.client(user="device")
+    device.publish(f"{root}/request/sentiment", {"id": "acl", "text": "love", "reply_to": "apps/x/inbox"})
+    wait_until(lambda: "did not accept the message to apps/x/inbox: Not authorized" in caplog.text)
+    assert "check the broker's ACL for user llmqtt" in caplog.text
+    assert observer.drain(0.5) == []

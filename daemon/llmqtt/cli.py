@@ -54,11 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     doctor = command("doctor", _doctor, "show this machine's resources and the runtime plan")
     doctor.add_argument("--json", action="store_true", help="print the readings and the plan as JSON")
     model = command("model", _model, "manage models: `llmqtt model fetch demo`, `llmqtt model where`")
-    model.add_argument("action", choices=["fetch", "where"])
+    model.add_argument("action", choices=["fetch", "where"],
+                       help="fetch: get the model ready (download/convert once); where: print its directory")
     model.add_argument("name", nargs="?", help="model to fetch (default: the configured one)")
     ha = command("ha", _ha, "Home Assistant: `llmqtt ha remove` clears this board's discovery configs and sensor "
                             "states from the broker (stop the daemon first)")
-    ha.add_argument("action", choices=["remove"])
+    ha.add_argument("action", choices=["remove"], help="remove: clear this node's discovery configs and states")
     bench = command("bench", _bench, "measure accuracy and speed on this machine; writes JSON, Markdown and a plot")
     bench.add_argument("--quick", action="store_true", help="small samples (a few minutes)")
     bench.add_argument("--out", type=Path, help="output directory (default: ./bench-out)")

@@ -83,20 +83,21 @@ class Daemon:
         self.availability = AvailabilityExtension(self.transport, self.topics, {
             "node": mqtt.node, "model": engine.model_name, "dtype": engine.dtype,
             "tasks": sorted(engine.tasks), "version": __version__})
-        routes = ReplyRoutes.build(self.topics, mqtt.reply_topics)
-        self.requests = RequestsExtension(self.transport, self.topics, self.service,
-                                          Limits(runtime.max_payload_bytes, runtime.max_text_chars),
-                                          model_name=engine.model_name, node=mqtt.node, routes=routes,
-                                          hold_limit=mqtt.max_held_requests)
-        self.health = HealthExtension(self.transport, self.topics, self.service, mqtt.health_interval_s,
-                                      threads=threads,
-                                      started=self.started, memory_state=memory.state if memory else None)
         self.homeassistant: HomeAssistantExtension | None = None
         if config.homeassistant.enabled:
             self.homeassistant = HomeAssistantExtension(
                 self.transport, self.topics, config.homeassistant, engine.tasks, node=mqtt.node,
                 model=engine.model_name, version=__version__)
             observers.append(self.homeassistant.observe)
+        routes = ReplyRoutes.build(self.topics, mqtt.reply_topics)
+        self.requests = RequestsExtension(self.transport, self.topics, self.service,
+                                          Limits(runtime.max_payload_bytes, runtime.max_text_chars),
+                                          model_name=engine.model_name, node=mqtt.node, routes=routes,
+                                          hold_limit=mqtt.max_held_requests,
+                                          ha_answer=self.homeassistant.answer if self.homeassistant else None)
+        self.health = HealthExtension(self.transport, self.topics, self.service, mqtt.health_interval_s,
+                                      threads=threads,
+                                      started=self.started, memory_state=memory.state if memory else None)
         self.http: HttpTransport | None = None
         if config.http.enabled:
             from .http.server import HttpTransport  # aiohttp is imported only when HTTP is on

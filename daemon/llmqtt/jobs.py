@@ -18,7 +18,7 @@ RequestId = Union[str, int]  # as the client sent it; echoed back unchanged
 
 # Where a request came from: a transport sets it, observers (Home Assistant's sensors) read it.
 ORIGIN_MQTT = "mqtt"
-ORIGIN_HOMEASSISTANT = "homeassistant"  # an MQTT request that asked for the Home Assistant reply route
+ORIGIN_HOMEASSISTANT = "homeassistant"  # arrived on HA's request topic, which only HA's broker user may write
 ORIGIN_HTTP = "http"
 ORIGIN_LOCAL = "local"  # in-process callers: the bench, tests
 

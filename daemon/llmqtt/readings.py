@@ -3,17 +3,17 @@ modelfacts.py.)
 
 Everything here only reads: the results are frozen values that `planner.py` turns into decisions.
 
-Every reader takes `root` (default `/`) so tests can point it at a fake procfs/sysfs tree. On the live
-machine (`root == /`) psutil is asked first where it has the answer; the files under `root` are the
-fallback, and the only source for a fake tree. A file that is missing or unreadable never raises: the
-field it feeds becomes None.
+One source per reading. psutil answers what it knows: core counts, memory and swap, temperatures and the
+CPU affinity (tests point `psutil.PROCFS_PATH` at a fake /proc, or replace a psutil function). What psutil
+does not read (the CPU model and flags from /proc/cpuinfo, cgroup limits, the board model, the Pi's
+throttling bits) is read from files under `root` (default `/`; tests pass a fake tree). A file that is
+missing or unreadable never raises: the field it feeds becomes None.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -108,10 +108,10 @@ def read_system(root: Path = LIVE_ROOT, machine: str | None = None) -> SystemRea
     """Read everything; `machine` overrides platform.machine() (a fake tree has no uname)."""
     root = Path(root)
     cpuinfo = read_cpuinfo(root)
-    physical, logical = read_core_counts(root)
-    memory = read_memory(root)
+    physical, logical = read_core_counts()
+    memory = read_memory()
     cgroup = read_cgroup(root)
-    temperature, sensor = read_temperature(root)
+    temperature, sensor = read_temperature()
     return SystemReadings(
         arch=machine or platform.machine(),
         cpu_model=cpuinfo.model,
@@ -119,7 +119,7 @@ def read_system(root: Path = LIVE_ROOT, machine: str | None = None) -> SystemRea
         cpu_flags=cpuinfo.flags,
         physical_cores=physical,
         logical_cores=logical,
-        affinity_cores=read_affinity(root),
+        affinity_cores=read_affinity(),
         cpu_quota_cores=cgroup.cpu_quota_cores,
         env_threads=read_env_threads(),
         ram_total=memory.get("ram_total"),
@@ -138,7 +138,7 @@ def read_system(root: Path = LIVE_ROOT, machine: str | None = None) -> SystemRea
 
 def live_available_bytes(root: Path = LIVE_ROOT) -> int | None:
     """The cheap part of read_system for a runtime memory guard: RAM available capped by cgroup headroom."""
-    memory = read_memory(root)
+    memory = read_memory()
     cgroup = read_cgroup(root)
     known = [memory.get("ram_available")]
     if isinstance(cgroup.memory_max, int):
@@ -165,10 +165,6 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
-def _is_live(root: Path) -> bool:
-    return Path(root) == LIVE_ROOT
-
-
 # --------------------------------------------------------------------------- CPU
 
 
@@ -176,27 +172,17 @@ def _is_live(root: Path) -> bool:
 class CpuInfo:
     model: str | None
     flags: frozenset[str]
-    processors: int  # "processor" entries; 0 when /proc/cpuinfo is unreadable
-    physical_cores: int | None  # distinct (physical id, core id) pairs, where the file has them
 
 
 def read_cpuinfo(root: Path = LIVE_ROOT) -> CpuInfo:
-    text = _read_text(Path(root) / "proc/cpuinfo") or ""
+    """The CPU model and feature flags (psutil reads neither). The first CPU's entry: big.LITTLE boards
+    differ per core in model, not in flags."""
     fields: dict[str, str] = {}
-    processors = 0
-    cores: set[tuple[str, str]] = set()
-    package = ""
-    for line in text.splitlines():
+    for line in (_read_text(Path(root) / "proc/cpuinfo") or "").splitlines():
         key, _, value = (part.strip() for part in line.partition(":"))
-        if key == "processor":
-            processors += 1
-        elif key == "physical id":
-            package = value
-        elif key == "core id":
-            cores.add((package, value))
-        fields.setdefault(key, value)  # first CPU wins; big.LITTLE boards differ per core, flags do not
+        fields.setdefault(key, value)
     flags = frozenset((fields.get("flags") or fields.get("Features") or "").split())
-    return CpuInfo(_cpu_model(fields), flags, processors, len(cores) or None)
+    return CpuInfo(_cpu_model(fields), flags)
 
 
 def _cpu_model(fields: dict[str, str]) -> str | None:
@@ -208,50 +194,19 @@ def _cpu_model(fields: dict[str, str]) -> str | None:
     return fields.get("Hardware") or None
 
 
-def read_core_counts(root: Path = LIVE_ROOT) -> tuple[int, int]:
-    """(physical, logical) cores; never None: falls back from psutil to sysfs to cpuinfo to 1."""
-    physical = logical = None
-    if _is_live(root):
-        # psutil returns None for physical cores where the kernel exposes no topology (some ARM boards).
-        physical, logical = psutil.cpu_count(logical=False), psutil.cpu_count(logical=True)
-    cpuinfo = read_cpuinfo(root)
-    logical = logical or cpuinfo.processors or _count_online(root) or 1
-    physical = physical or _count_topology_cores(root) or cpuinfo.physical_cores or logical
-    return physical, logical
+def read_core_counts() -> tuple[int, int]:
+    """(physical, logical) cores. psutil counts physical cores from the sysfs topology, else /proc/cpuinfo;
+    where the kernel exposes neither (some ARM boards) it says None, and those boards have no SMT."""
+    logical = psutil.cpu_count(logical=True) or 1
+    return psutil.cpu_count(logical=False) or logical, logical
 
 
-def _count_topology_cores(root: Path) -> int | None:
-    # Each core lists the logical CPUs sharing it; SMT siblings list the same set, so count distinct sets.
-    cpu_dir = Path(root) / "sys/devices/system/cpu"
-    siblings = set()
-    for cpu in cpu_dir.glob("cpu[0-9]*"):
-        for name in ("core_cpus_list", "thread_siblings_list"):
-            text = _read_text(cpu / "topology" / name)
-            if text is not None:
-                siblings.add(text.strip())
-                break
-    return len(siblings) or None
-
-
-def _count_online(root: Path) -> int | None:
-    text = _read_text(Path(root) / "sys/devices/system/cpu/online")
-    return len(parse_cpu_list(text)) if text else None
-
-
-def parse_cpu_list(text: str) -> set[int]:
-    """Kernel CPU list syntax: "0-3,6" -> {0, 1, 2, 3, 6}."""
-    cpus: set[int] = set()
-    for part in text.strip().split(","):
-        first, _, last = part.partition("-")
-        if first.strip().isdigit():
-            cpus.update(range(int(first), int(last or first) + 1))
-    return cpus
-
-
-def read_affinity(root: Path = LIVE_ROOT) -> int | None:
-    if not _is_live(root) or not hasattr(os, "sched_getaffinity"):
+def read_affinity() -> int | None:
+    """CPUs this process may run on (taskset, a cpuset); None where the OS has no affinity masks."""
+    try:
+        return len(psutil.Process().cpu_affinity())
+    except (AttributeError, psutil.Error, OSError):  # AttributeError: not offered on this OS
         return None
-    return len(os.sched_getaffinity(0))
 
 
 def read_env_threads() -> int | None:
@@ -271,27 +226,13 @@ def read_board_model(root: Path = LIVE_ROOT) -> str | None:
 # --------------------------------------------------------------------------- memory
 
 
-def read_memory(root: Path = LIVE_ROOT) -> dict[str, int]:
-    """ram_total / ram_available / swap_total / swap_free in bytes; keys missing when unreadable."""
-    if _is_live(root):
-        try:
-            ram, swap = psutil.virtual_memory(), psutil.swap_memory()
-            return {"ram_total": ram.total, "ram_available": ram.available,
-                    "swap_total": swap.total, "swap_free": swap.free}
-        except (OSError, RuntimeError):
-            pass
-    return _read_meminfo(root)
-
-
-def _read_meminfo(root: Path) -> dict[str, int]:
-    names = {"MemTotal": "ram_total", "MemAvailable": "ram_available", "SwapTotal": "swap_total",
-             "SwapFree": "swap_free"}
-    found: dict[str, int] = {}
-    for line in (_read_text(Path(root) / "proc/meminfo") or "").splitlines():
-        match = re.match(r"(\w+):\s+(\d+)\s*kB", line)
-        if match and match[1] in names:
-            found[names[match[1]]] = int(match[2]) * 1024
-    return found
+def read_memory() -> dict[str, int]:
+    """ram_total / ram_available / swap_total / swap_free in bytes (psutil); empty when unreadable."""
+    try:
+        ram, swap = psutil.virtual_memory(), psutil.swap_memory()
+    except (OSError, RuntimeError):
+        return {}
+    return {"ram_total": ram.total, "ram_available": ram.available, "swap_total": swap.total, "swap_free": swap.free}
 
 
 # --------------------------------------------------------------------------- cgroups
@@ -409,16 +350,9 @@ def _tightest_cpu_quota_v1(chain: list[Path]) -> float | None:
 # --------------------------------------------------------------------------- temperature
 
 
-def read_temperature(root: Path = LIVE_ROOT) -> tuple[float | None, str | None]:
-    """(°C, sensor name) of the SoC / CPU package, or (None, None) where no sensor is readable."""
-    if _is_live(root):
-        found = _psutil_temperature()
-        if found[0] is not None:
-            return found
-    return _thermal_zone_temperature(root)
-
-
-def _psutil_temperature() -> tuple[float | None, str | None]:
+def read_temperature() -> tuple[float | None, str | None]:
+    """(°C, sensor name) of the SoC / CPU package, or (None, None) where no sensor is readable. psutil reads
+    the hwmon sensors and the thermal zones."""
     try:
         sensors = psutil.sensors_temperatures()
     except (AttributeError, OSError, RuntimeError):  # AttributeError: not offered on this OS
@@ -428,20 +362,10 @@ def _psutil_temperature() -> tuple[float | None, str | None]:
         preferred = [e for e in entries if e.label in _PREFERRED_LABELS] or entries
         if preferred:
             return float(preferred[0].current), name
+    for name, entries in sorted(sensors.items()):  # an unknown board: its first sensor beats none
+        if entries:
+            return float(entries[0].current), name
     return None, None
-
-
-def _thermal_zone_temperature(root: Path) -> tuple[float | None, str | None]:
-    zones = []
-    for zone in sorted(Path(root).glob("sys/class/thermal/thermal_zone*")):
-        millidegrees = _read_int(zone / "temp")
-        if millidegrees is not None:
-            zones.append(((_read_text(zone / "type") or zone.name).strip(), millidegrees / 1000))
-    if not zones:
-        return None, None
-    rank = {name: i for i, name in enumerate(_PREFERRED_SENSORS)}
-    name, celsius = min(zones, key=lambda z: rank.get(z[0], len(rank)))  # preferred type, else zone 0
-    return celsius, name
 
 
 def read_throttled(root: Path = LIVE_ROOT) -> int | None:

@@ -2,7 +2,8 @@
 
 Modules: data (the labelled sample), accuracy, seeds (the generate-and-parse baseline), speed (sentiment
 a/b/c), chat (first token, decode, bandwidth bound), startup (subprocess timings), llamacpp (optional
-peer), report (targets, Markdown, plot), runner (the order of it all). Import is light: torch loads on run.
+peer), targets (met or missed, and why, from the run), report (JSON + Markdown), plot, runner (the order
+of it all). Import is light: torch loads on run.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ DEFAULT_OUT = Path("bench-out")
 
 
 def main(config, quick: bool = False, out: Path | None = None) -> int:
-    from . import report, runner
+    from . import report, runner, targets
 
     sizes = runner.QUICK if quick else runner.FULL
     result = runner.run(config, sizes)
     paths = report.write(result, out or DEFAULT_OUT)
-    for t in report.targets(result):
+    for t in targets.targets(result):
         mark = "n/a " if t["met"] is None else ("met " if t["met"] else "MISS")
-        print(f"[{mark}] {t['target']}: {report.fmt_target(t)} (goal {t['goal']})", file=sys.stderr)
+        print(f"[{mark}] {t['target']}: {targets.fmt_target(t)} (goal {t['goal']})", file=sys.stderr)
     print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}")
     return 0

@@ -1,116 +1,15 @@
-"""result dict -> result.json, report.md and bench.png; and the targets the issue set, met or missed."""
+"""result dict -> result.json, report.md and bench.png. What the targets are and why one was missed:
+targets.py; the plot: plot.py. This module only writes."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
-from typing import Callable
+
+from .plot import PATHS, plot
+from .targets import div, fmt_target, shortfall, targets
 
 PLOT = "bench.png"
-PATHS = [("seeds_way", "(a) seeds' way: full prompt + generate + parse"),
-         ("classify_one", "(b) classification path, one message"),
-         ("burst", "(c) burst through the queue, batched")]
-
-
-def _get(result: dict, *keys):
-    """result[k1][k2]... or None when any step is missing (a section that was skipped or failed)."""
-    for key in keys:
-        if not isinstance(result, dict) or key not in result:
-            return None
-        result = result[key]
-    return result
-
-
-def _div(a, b):
-    return a / b if a is not None and b else None
-
-
-# (name, goal text, value getter, is the goal met for this value)
-TARGETS: list[tuple[str, str, Callable[[dict], float | None], Callable[[float], bool]]] = [
-    ("sentiment accuracy, English", ">= 92 %", lambda r: _get(r, "accuracy", "sentiment", "en", "accuracy"), lambda v: v >= 0.92),
-    ("sentiment accuracy, Chinese", ">= 90 %", lambda r: _get(r, "accuracy", "sentiment", "zh", "accuracy"), lambda v: v >= 0.90),
-    ("classification path vs seeds' way, per message (b/a)", ">= 5x",
-     lambda r: _get(r, "variants", "fp32", "sentiment", "b_over_a"), lambda v: v >= 5),
-    ("burst of 64 vs seeds' throughput (c/a)", ">= 8x",
-     lambda r: _get(r, "variants", "fp32", "sentiment", "c_over_a"), lambda v: v >= 8),
-    ("chat first token, cached vs recomputed prompt", ">= 3x",
-     lambda r: _get(r, "variants", "fp32", "chat", "first_token_speedup"), lambda v: v >= 3),
-    ("chat turn 2 first token, KV reuse across requests vs none", ">= 2x",
-     lambda r: _get(r, "variants", "fp32", "conversation", "speedup_same_system"), lambda v: v >= 2),
-    ("decode vs memory-bandwidth bound", ">= 60 %",
-     lambda r: _get(r, "variants", "fp32", "chat", "decode_pct_of_bound"), lambda v: v >= 60),
-    ("peak RSS / weights' bytes (ready, fp32)", "<= 1.3x",
-     lambda r: _div(_get(r, "startup", "ready_fp32", "peak_rss_bytes"), _get(r, "startup", "ready_fp32", "weight_bytes")),
-     lambda v: v <= 1.3),
-    ("time to ready / bare from_pretrained (fp32, restart: prompt caches on disk)", "<= 2x",
-     lambda r: _div(_get(r, "startup", "ready_fp32", "seconds"), _get(r, "startup", "bare", "seconds")),
-     lambda v: v <= 2),
-]
-
-
-def targets(result: dict) -> list[dict]:
-    out = []
-    for name, goal, value_of, met in TARGETS:
-        value = value_of(result)
-        ok = None if value is None else bool(met(value))
-        out.append({"target": name, "goal": goal, "value": value, "met": ok,
-                    "why": _why(name, result) if ok is False else ""})
-    return out
-
-
-def _why(target: str, r: dict) -> str:
-    """The structural reason a target is missed, with this run's numbers where they explain it."""
-    try:
-        if "English" in target:
-            return ("the model's own reading of these texts is the limit: a linear probe on the hidden state at the "
-                    "answer cue, fitted on 900 dev rows (more than any prompt or calibration can use), reaches 92.6 % "
-                    "on the same test rows; label-word calibration fitted the same way 91.8 %; see docs/accuracy.md")
-        if "Chinese" in target:
-            return ("a linear probe on the hidden state at the answer cue, fitted on 1,200 dev rows, reaches only "
-                    "84.6 % on the same test rows, so no prompt or calibration of this model gets near 90 %; about "
-                    "half the errors read are review fragments whose label belongs to the whole review; see "
-                    "docs/accuracy.md")
-        if "burst" in target:
-            b = r["variants"]["fp32"]["sentiment"]["burst"]
-            one = r["variants"]["fp32"]["sentiment"]["classify_one"]
-            return (f"one forward is already compute-bound on CPU, so a batch costs about its tokens: the burst ran "
-                    f"{b['per_s']:.2f} msg/s vs {one['per_s']:.2f} one at a time, computing {b['padded_tokens']} "
-                    f"tokens (with padding) for {b['text_tokens']} text tokens in {b['forward_calls']} forward passes; "
-                    "c/a can only reach about b/a times the gain of larger matrix products")
-        if "turn 2" in target:
-            c = r["variants"]["fp32"]["conversation"]
-            return (f"turn 2 ran {c['same_system']['tokens_run']} of {c['off']['tokens_run']} tokens with reuse; the "
-                    f"first token also pays one decode step and tokenizing the {c['prompt_tokens']}-token prompt, so "
-                    f"the ceiling is below {c['off']['tokens_run'] / max(1, c['same_system']['tokens_run']):.1f}x")
-        if "first token" in target:
-            c = r["variants"]["fp32"]["chat"]
-            ceiling = (c["prefix_tokens"] + c["rest_tokens"]) / c["rest_tokens"]
-            return (f"prefill is compute-bound, so the ceiling is (prefix + user) / user tokens = {ceiling:.1f}x "
-                    f"for the shipped {c['prefix_tokens']}-token chat prefix")
-        if "decode" in target:
-            gemv, bw = r["gemv_bytes_per_s"], r["bandwidth_bytes_per_s"]
-            if r["variants"]["fp32"].get("fast_decode", {}).get("state") == "ready":
-                return ("with the compiled decode kernels the matrix-vector products read near the bandwidth; the "
-                        "rest of each step (attention over the growing KV cache, norms, the Python loop) is the gap")
-            return (f"torch's fp32 matrix-vector product reads a weight matrix at {gemv / 1e9:.1f} GB/s here, "
-                    f"{100 * gemv / bw:.0f} % of the {bw / 1e9:.1f} GB/s a plain sum reads, so decode with these kernels "
-                    f"cannot pass about {100 * gemv / bw:.0f} % of the bound; the loop, attention and the growing KV "
-                    "cache add the rest")
-        if "RSS" in target:
-            bare = r["startup"]["bare_forward"]
-            return (f"from_pretrained plus one forward peaks at {bare['peak_rss_bytes'] / bare['weight_bytes']:.2f}x "
-                    "(bare_forward row); RSS once ready is "
-                    f"{r['startup']['ready_fp32']['rss_now_bytes'] / 1e9:.2f} GB")
-        if "ready" in target:
-            st = r["startup"]
-            s = st["ready_fp32"]
-            return (f"bare maps the checkpoint without reading it ({st['bare']['seconds']:.1f} s; with one forward "
-                    f"{st['bare_forward']['seconds']:.1f} s); a restart loads ({s['load_s']:.1f} s, tokenizer "
-                    f"included), reads the prefix caches ({s['prefix_s']:.1f} s) and warms up ({s['warmup_s']:.1f} s)")
-    except (KeyError, TypeError, ZeroDivisionError):
-        pass
-    return ""
 
 
 def write(result: dict, out_dir: Path) -> dict[str, Path]:
@@ -146,22 +45,6 @@ def _targets_md(r: dict) -> str:
         value = fmt_target(t)
         lines.append(f"| {t['target']} | {t['goal']} | {value} | {met} | {t['why']} |")
     return "\n".join(lines) + "\n"
-
-
-def shortfall(t: dict) -> str:
-    """How far a missed target is: points for a percentage goal, else relative to the goal."""
-    goal = float(re.search(r"[\d.]+", t["goal"]).group())
-    if "%" in t["goal"]:
-        value = 100 * t["value"] if "accuracy" in t["target"] else t["value"]
-        return f"by {abs(goal - value):.1f} points"
-    return f"by {100 * abs(t['value'] - goal) / goal:.0f} %"
-
-
-def fmt_target(t: dict) -> str:
-    v = t["value"]
-    if v is None:
-        return "not measured"
-    return f"{100 * v:.1f} %" if "accuracy" in t["target"] else (f"{v:.1f} %" if "%" in t["goal"] else f"{v:.2f}x")
 
 
 def _accuracy_md(r: dict) -> str:
@@ -235,7 +118,7 @@ def _conversation_md(r: dict) -> str:
              "First token of turn 2 (median of the runs; each after a fresh turn 1 with a 32-token answer): the "
              "conversation cache off; on with the same system prompt (ollama/openai clients, the web page); on with "
              "the system prompt's time stamp moved on, as Home Assistant renders it each turn (exact reuse stops "
-             "there). `tokens run` = prompt tokens computed for turn 2.\n",
+             "there). `tok run` = prompt tokens computed for turn 2.\n",
              "| weights | prompt tok | off ms (tok run) | same system ms (tok run) | speed-up | new time ms (tok run) | "
              "speed-up |", "|---|---|---|---|---|---|---|"]
     for name, v in r.get("variants", {}).items():
@@ -244,8 +127,8 @@ def _conversation_md(r: dict) -> str:
             continue
         lines.append(f"| {name} | {c['prompt_tokens']} | {_n(c['off']['first_token_ms'], 0)} ({c['off']['tokens_run']}) | "
                      f"{_n(c['same_system']['first_token_ms'], 0)} ({c['same_system']['tokens_run']}) | "
-                     f"{_n(c['speedup_same_system'], 2)}x | {_n(c['new_time']['first_token_ms'], 0)} "
-                     f"({c['new_time']['tokens_run']}) | {_n(c['speedup_new_time'], 2)}x |")
+                     f"{_x(c['speedup_same_system'])} | {_n(c['new_time']['first_token_ms'], 0)} "
+                     f"({c['new_time']['tokens_run']}) | {_x(c['speedup_new_time'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -275,7 +158,7 @@ def _startup_md(r: dict) -> str:
                      f"{row['peak_rss_bytes'] / row['weight_bytes']:.2f}x | {_gb(row['rss_after_imports_bytes'])} | "
                      f"{(row['peak_rss_bytes'] - row['rss_after_imports_bytes']) / row['weight_bytes']:.2f}x | "
                      f"{_gb(row['rss_now_bytes'])} | {_gb(row.get('rss_anon_bytes'))} | "
-                     f"{_x(_div(row.get('rss_anon_bytes'), row['weight_bytes']))} | "
+                     f"{_x(div(row.get('rss_anon_bytes'), row['weight_bytes']))} | "
                      f"{_fast_decode_from(row)} |")
     return "\n".join(lines) + "\n"
 
@@ -308,42 +191,3 @@ def _gb(nbytes: float | None) -> str:
 
 def _x(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.2f}x"
-
-
-# -- Plot -------------------------------------------------------------------------------------------
-
-def plot(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a board or in CI
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    boxes, names, rates = [], [], {}
-    for variant, v in r.get("variants", {}).items():
-        s = v.get("sentiment")
-        if not s:
-            continue
-        for key, label in PATHS:
-            if s[key].get("samples_ms"):
-                boxes.append(s[key]["samples_ms"])
-                names.append(f"{label[:3]}\n{variant}")  # "(a)\nfp32"
-        rates[variant] = [s[key]["per_s"] or 0 for key, _ in PATHS]
-    if boxes:
-        left.boxplot(boxes, showfliers=True)
-        left.set_xticks(range(1, len(names) + 1), names, fontsize=7)
-    left.set_yscale("log")
-    left.set_ylabel("latency per message, ms (log)")
-    left.set_title("sentiment latency: (a) seeds' way, (b) one message,\n(c) burst incl. queueing")
-    width = 0.8 / max(1, len(rates))
-    for i, (variant, values) in enumerate(rates.items()):
-        right.bar([x + i * width for x in range(len(PATHS))], values, width, label=variant)
-    right.set_xticks([x + width * (len(rates) - 1) / 2 for x in range(len(PATHS))],
-                     ["(a) seeds' way", "(b) one message", "(c) burst, batched"])
-    right.set_yscale("log")
-    right.set_ylabel("messages / s (log)")
-    right.set_title("sentiment throughput")
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

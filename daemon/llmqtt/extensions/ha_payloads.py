@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 STATE_LIMIT = 255  # HA ignores a state longer than this (MAX_LENGTH_STATE_STATE)
 TEXT_ATTRIBUTE_LIMIT = 1000  # the request text echoed in attributes; HA's recorder skips attributes over 16 KiB
-SOURCE_HA = "homeassistant"
-SOURCE_OTHER = "mqtt"
+SOURCE_HA = "homeassistant"  # the request came on the HA request topic (only HA's broker user may write it)
+SOURCE_OTHER = "mqtt"  # any other client's request, shown only with update_from_all_requests
 HA_SESSION = "homeassistant"  # dashboard chats share one conversation per generate task
 
 Task = ClassifyTask | GenerateTask
@@ -81,22 +81,24 @@ def result_sensor(identity: Identity, name: str, task: Task) -> Entity:
 
 
 def request_text(identity: Identity, name: str, task: Task) -> Entity:
-    """A text box on the dashboard: typing into it sends a request whose answer lands in the result sensor."""
+    """A text box on the dashboard: typing into it sends a request on HA's own request topic; the answer (or
+    the error) lands in the result sensor."""
     return Entity("text", f"{name}_input", {
         "name": f"{_title(name)} input",
-        "command_topic": identity.topics.request(name),
-        "command_template": command_template(identity.topics.ha_reply(name), isinstance(task, GenerateTask)),
+        "command_topic": identity.topics.ha_request(name),
+        "command_template": command_template(isinstance(task, GenerateTask)),
         "min": 1, "max": STATE_LIMIT, "mode": "text", "qos": 1, "retain": False,
         "icon": "mdi:message-text-outline",
     })
 
 
-def command_template(reply_to: str, with_session: bool) -> str:
-    """HA renders this with the typed text as `value`: a JSON request with a unique id (HA's clock in ms plus
-    a random number, so two quick requests differ), the text escaped by `tojson`, and the HA reply route."""
-    parts = ['"id": "ha-{{ (now().timestamp() * 1000) | int }}-{{ range(100000, 1000000) | random }}"',
-             '"text": {{ value | tojson }}',
-             f'"reply_to": {json.dumps(reply_to)}']
+def command_template(with_session: bool) -> str:
+    """HA renders this with the typed text as `value`: a JSON request with a fresh id and the text escaped by
+    `tojson`. The id is HA's clock in microseconds plus a number below 1000, so two quick requests differ.
+    Only what HA's sandbox allows: its `range` refuses more than 100,000 items (jinja2's MAX_RANGE), so no
+    `range(100000, 1000000)`."""
+    parts = ['"id": "ha-{{ (now().timestamp() * 1000000) | int }}-{{ range(1000) | random }}"',
+             '"text": {{ value | tojson }}']
     if with_session:
         parts.append(f'"session": {json.dumps(HA_SESSION)}')
     return "{" + ", ".join(parts) + "}"
@@ -228,12 +230,12 @@ def result_state(task: Task, request_id: str | int, text: str, result: Mapping[s
     return state
 
 
-def error_state(previous: Mapping[str, Any] | None, request_id: str | int, text: str, code: str, message: str,
-                *, ts: float) -> dict[str, Any]:
-    """A failed request from HA: the sensor keeps its last good value and attributes (an enum sensor cannot
-    show an error), and `status`/`error`/`id` tell the waiting script what happened."""
+def error_state(previous: Mapping[str, Any] | None, request_id: str | int | None, text: str,
+                error: Mapping[str, Any], *, ts: float) -> dict[str, Any]:
+    """A failed request from HA, refused or not: the sensor keeps its last good value and attributes (an enum
+    sensor cannot show an error), and `status`/`error`/`id` tell the waiting script what happened."""
     base = dict(previous) if previous else {"value": None, "text": _clip(text), "source": SOURCE_HA}
-    return {**base, "id": request_id, "status": "error", "error": {"code": code, "message": message}, "ts": ts}
+    return {**base, "id": request_id, "status": "error", "error": dict(error), "ts": ts}
 
 
 def _clip(text: str, limit: int = TEXT_ATTRIBUTE_LIMIT) -> str:

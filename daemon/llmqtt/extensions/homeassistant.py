@@ -8,9 +8,13 @@ clears them from the broker: ha_remove.py.)
   published for a task that is gone: they are cleared (empty retained payload), and so are the retained
   state topics of gone tasks. Only retained messages count (they predate this connection), and only configs
   whose unique id is ours.
-- `observe` is chained into the service's observer: results of requests that came back on the HA reply
-  route (the text entities, the deploy/homeassistant script) are published retained on the task's state
-  topic; with `update_from_all_requests` any successful request is.
+- Requests from HA arrive on `<root>/ha/<task>/request` (the text entities and the deploy/homeassistant
+  script publish there; the shipped ACL lets only HA's broker user write it). The requests extension runs
+  them like any request and hands each answer, errors and refusals included, to `answer`, which turns it
+  into the task's state, published retained on `<root>/ha/<task>/state`: what its sensor shows and what
+  the script waits for.
+- `observe` is chained into the service's observer: with `update_from_all_requests`, successful requests
+  of other clients update the state too.
 """
 
 from __future__ import annotations
@@ -75,24 +79,32 @@ class HomeAssistantExtension:
         for topic, payload in self.messages.items():
             self.transport.publish(topic, encode(payload), qos=1, retain=True)
 
-    # -- requests finishing (the service's worker thread; publish never blocks) ------------------
+    # -- answers (the service's worker thread or paho's network thread; publish never blocks) -----
+
+    def answer(self, task: str, request_id: str | int | None, text: str, reply: Mapping[str, Any]) -> bytes:
+        """The state for the answer to a request from HA (`reply` as the daemon would send it on MQTT):
+        the result, or the error on top of the last good state. The caller publishes it retained on
+        `topics.ha_state(task)`."""
+        now = round(time.time(), 3)
+        spec = self.tasks.get(task)
+        with self._lock:
+            if reply.get("status") == "ok" and spec is not None:
+                state = ha.result_state(spec, request_id if request_id is not None else "", text,
+                                        reply.get("result") or {}, source=ha.SOURCE_HA,
+                                        latency_ms=reply.get("latency_ms", 0.0), ts=now)
+            else:
+                state = ha.error_state(self._last.get(task), request_id, text, reply.get("error") or {}, ts=now)
+            self._last[task] = state
+        return encode(state)
 
     def observe(self, job: Job, outcome: Outcome) -> None:
+        """Other clients' successful requests, with update_from_all_requests (HA's own come via `answer`)."""
         task = self.tasks.get(job.task)
-        if not self._running or task is None:
+        if (not self._running or task is None or job.origin == ORIGIN_HOMEASSISTANT or not outcome.ok
+                or not self.config.update_from_all_requests):
             return
-        from_ha = job.origin == ORIGIN_HOMEASSISTANT
-        now = round(time.time(), 3)
-        if outcome.ok and (from_ha or self.config.update_from_all_requests):
-            state = ha.result_state(task, job.id, job.text, outcome.result or {},
-                                    source=ha.SOURCE_HA if from_ha else ha.SOURCE_OTHER,
-                                    latency_ms=outcome.latency_ms, ts=now)
-        elif from_ha and outcome.error is not None:
-            with self._lock:
-                previous = self._last.get(job.task)
-            state = ha.error_state(previous, job.id, job.text, outcome.error.code, outcome.error.message, ts=now)
-        else:
-            return
+        state = ha.result_state(task, job.id, job.text, outcome.result or {}, source=ha.SOURCE_OTHER,
+                                latency_ms=outcome.latency_ms, ts=round(time.time(), 3))
         with self._lock:
             self._last[job.task] = state
         self.transport.publish(self.topics.ha_state(job.task), encode(state), qos=1, retain=True)

@@ -1,4 +1,6 @@
 """Requests: `<base>/request/<task>` -> service -> reply topic; `<base>/cancel/<task>` -> service.cancel.
+With Home Assistant on, also `<root>/ha/<task>/request` -> service -> the task's retained HA state (built by
+the `ha_answer` callback), so HA's asks and their errors, refusals included, land where HA reads them.
 
 Delivery contract: a request is acknowledged (PUBACK) only after its final reply has reached the broker,
 so a daemon that dies mid-request gets it again after a restart. Everything that can go wrong with a
@@ -11,7 +13,7 @@ import hashlib
 import logging
 import threading
 from collections import deque
-from typing import cast
+from typing import Any, Callable, Mapping, cast
 
 from ..mqtt.messages import (BadRequest, Limits, Request, chunk_message, encode, error_reply, outcome_reply,
                              parse_cancel, parse_request)
@@ -22,16 +24,21 @@ from ..jobs import ORIGIN_HOMEASSISTANT, ORIGIN_MQTT, Failure, Job, JobQueue, Ou
 
 log = logging.getLogger(__name__)
 
+# (task, request id, text, the reply as it would go out on MQTT) -> the HA state payload for it
+HaAnswer = Callable[[str, "RequestId | None", str, Mapping[str, Any]], bytes]
+
 
 class RequestsExtension:
     name = "requests"
 
     def __init__(self, transport: MqttTransport, topics: Topics, service: JobQueue, limits: Limits,
-                 model_name: str, node: str, routes: ReplyRoutes, hold_limit: int = 0):
+                 model_name: str, node: str, routes: ReplyRoutes, hold_limit: int = 0,
+                 ha_answer: HaAnswer | None = None):
         """`hold_limit`: how many requests may wait here, unacknowledged, while the service's queue is full,
         before more are answered `busy` (see `_submit`)."""
         self.transport = transport
         self.topics = topics
+        self.ha_answer = ha_answer  # None: Home Assistant is off
         self.routes = routes  # where requesters may have replies published
         self.service = service
         self.limits = limits
@@ -51,6 +58,9 @@ class RequestsExtension:
             self.transport.subscribe(self.topics.subscription(requests, base), self._on_request, match=requests,
                                      manual_ack=True, retain_as_published=True)
             self.transport.subscribe(self.topics.cancel_filter(base), self._on_cancel)
+        if self.ha_answer is not None:
+            self.transport.subscribe(self.topics.ha_request_filter, self._on_ha_request, manual_ack=True,
+                                     retain_as_published=True)
         self._accepting = True
 
     def pause(self) -> None:
@@ -70,6 +80,16 @@ class RequestsExtension:
     # -- incoming (paho's network thread: never block) --------------------------------------------
 
     def _on_request(self, message: Inbound) -> None:
+        located = self.topics.task_of(message.topic)
+        if located is not None:  # always: we subscribed to these
+            self._handle(message, *located)
+
+    def _on_ha_request(self, message: Inbound) -> None:
+        task = self.topics.ha_task_of(message.topic)
+        if task is not None:
+            self._handle(message, self.topics.root, task, ORIGIN_HOMEASSISTANT)
+
+    def _handle(self, message: Inbound, base: str, task: str, origin: str = ORIGIN_MQTT) -> None:
         if not self._accepting:
             return
         if message.retain:
@@ -78,32 +98,35 @@ class RequestsExtension:
             log.warning("ignored a retained message on %s (requests must not be retained)", shorten(message.topic))
             self._ack(message)
             return
-        located = self.topics.task_of(message.topic)
-        if located is None or not self._track(message):  # None cannot happen: we subscribed to these
+        if not self._track(message):
             return
-        base, task = located
         default_topic = self.topics.response(task, base)
         parsed = parse_request(message.payload, task, self.limits, message.response_topic,
                                message.correlation_data)
-        parsed = self._refused_route(message, parsed) or parsed
+        from_ha = origin == ORIGIN_HOMEASSISTANT
+        if not from_ha:  # HA's answers go to the task's state, whatever route the request names
+            parsed = self._refused_route(message, parsed) or parsed
         if isinstance(parsed, BadRequest):
-            self._reject(message, parsed, default_topic)
+            self._reject(message, parsed, default_topic, origin)
             return
-        reply_topic = parsed.reply_to or default_topic
-        sink = _Reply(self, message, reply_topic, parsed.correlation_data, task, parsed.id)
-        origin = ORIGIN_HOMEASSISTANT if reply_topic == self.topics.ha_reply(task) else ORIGIN_MQTT
+        sink: _Reply
+        if from_ha:
+            sink = _StateReply(self, message, self.topics.ha_state(task), task, parsed.id, parsed.text)
+        else:
+            sink = _Reply(self, message, parsed.reply_to or default_topic, parsed.correlation_data, task, parsed.id)
         job = Job(task=task, id=parsed.id, text=parsed.text, sink=sink, origin=origin, session=parsed.session,
-                  stream=parsed.stream, max_new_tokens=parsed.max_new_tokens, deadline_ms=parsed.deadline_ms,
-                  received=message.received, fingerprint=fingerprint(message))
+                  stream=parsed.stream and not from_ha, max_new_tokens=parsed.max_new_tokens,
+                  deadline_ms=parsed.deadline_ms, received=message.received, fingerprint=fingerprint(message))
         self._submit(job)
 
     def _submit(self, job: Job) -> None:
         """Hand a job to the service, or hold it while the queue is full.
 
         Receive Maximum (= queue size) should keep the broker from sending more unacknowledged requests than
-        the queue holds, but brokers overshoot: mosquitto 2.0.11 (Debian 12) sends a few more per PUBACK
-        after a reconnect, and MQTT 3.1.1 has no such limit at all. A request held here is still
-        unacknowledged, so it is as safe as in the broker; it keeps its arrival time (deadline, queue_ms)."""
+        the queue holds, but brokers overshoot: mosquitto 2.0.11 (Debian 12) sends up to the limit again
+        after each PUBACK (a 30-request backlog at Receive Maximum 8 arrives within a few answers), and MQTT
+        3.1.1 has no such limit at all. A request held here is still unacknowledged, so it is as safe as in
+        the broker; it keeps its arrival time (deadline, queue_ms)."""
         with self._hold_lock:
             hold = len(self._held) < self._hold_limit
             if self._held and hold:  # behind those already waiting: first come, first served
@@ -146,10 +169,14 @@ class RequestsExtension:
             self._unacked[message.mid] = message
             return True
 
-    def _reject(self, message: Inbound, bad: BadRequest, default_topic: str) -> None:
+    def _reject(self, message: Inbound, bad: BadRequest, default_topic: str, origin: str = ORIGIN_MQTT) -> None:
         log.warning("bad request on %s (id %s): %s: %s", shorten(message.topic), bad.id, bad.code, bad.message)
         reply = error_reply(bad.task, bad.id, bad.code, bad.message, model=self.model_name, node=self.node)
-        self._publish_final(message, bad.reply_to or default_topic, bad.correlation_data, reply)
+        if origin == ORIGIN_HOMEASSISTANT and self.ha_answer is not None:
+            payload = self.ha_answer(bad.task, bad.id, "", reply)
+            self._publish_final(message, self.topics.ha_state(bad.task), None, payload, retain=True)
+            return
+        self._publish_final(message, bad.reply_to or default_topic, bad.correlation_data, encode(reply))
 
     def _on_cancel(self, message: Inbound) -> None:
         located = self.topics.task_of(message.topic)
@@ -179,7 +206,8 @@ class RequestsExtension:
 
     # -- outgoing ---------------------------------------------------------------------------------
 
-    def _publish_final(self, request: Inbound, topic: str, correlation: bytes | None, reply: dict) -> None:
+    def _publish_final(self, request: Inbound, topic: str, correlation: bytes | None, payload: bytes, *,
+                       retain: bool = False) -> None:
         if self._closed:
             return
         if not is_publishable_topic(topic):
@@ -189,7 +217,7 @@ class RequestsExtension:
                         "acknowledged and dropped", shorten(request.topic))
             self._ack(request)
             return
-        self.transport.publish(topic, encode(reply), qos=1, correlation_data=correlation,
+        self.transport.publish(topic, payload, qos=1, retain=retain, correlation_data=correlation,
                                on_delivered=lambda: self._ack(request))
 
     def _ack(self, request: Inbound) -> None:
@@ -214,6 +242,8 @@ def fingerprint(message: Inbound) -> bytes:
 class _Reply:
     """The service's `ReplySink` for one MQTT request."""
 
+    retain = False
+
     def __init__(self, ext: RequestsExtension, request: Inbound, topic: str, correlation: bytes | None,
                  task: str, request_id: str | int):
         self.ext, self.request, self.topic, self.correlation = ext, request, topic, correlation
@@ -225,11 +255,32 @@ class _Reply:
         message = chunk_message(self.task, self.id, seq, delta)
         self.ext.transport.publish(self.topic, encode(message), qos=1, correlation_data=self.correlation)
 
+    def payload(self, outcome: Outcome) -> bytes:
+        return encode(self.ext.reply_for(outcome))
+
     def finish(self, outcome: Outcome) -> None:
         if outcome.cached and self.request.dup:
             # The broker resent a request we answered already (our ack was lost with the connection):
             # the requester has its answer; just acknowledge.
             self.ext._ack(self.request)
             return
-        self.ext._publish_final(self.request, self.topic, self.correlation, self.ext.reply_for(outcome))
+        self.ext._publish_final(self.request, self.topic, self.correlation, self.payload(outcome), retain=self.retain)
         self.ext._release_held()  # this one left the queue a while ago: room for those held
+
+
+class _StateReply(_Reply):
+    """The answer to a request from Home Assistant: the task's state, retained (built by `ha_answer`), so a
+    script that subscribes after the answer was published still gets it."""
+
+    retain = True
+
+    def __init__(self, ext: RequestsExtension, request: Inbound, topic: str, task: str, request_id: str | int,
+                 text: str):
+        super().__init__(ext, request, topic, None, task, request_id)
+        self.text = text
+
+    def chunk(self, seq: int, delta: str) -> None:
+        return None  # HA requests never stream (HA shows the finished answer)
+
+    def payload(self, outcome: Outcome) -> bytes:
+        return self.ext.ha_answer(self.task, self.id, self.text, self.ext.reply_for(outcome))

@@ -10,9 +10,6 @@ from dataclasses import dataclass
 
 from ..config import HomeAssistantConfig, MqttConfig
 
-# The path segment of the reply route Home Assistant's requests ask for (`<root>/reply/homeassistant/<task>`).
-HA_REPLY_SEGMENT = "homeassistant"
-
 
 @dataclass(frozen=True)
 class Topics:
@@ -57,10 +54,6 @@ class Topics:
     def cancel_filter(self, base: str) -> str:
         return self.cancel("+", base)
 
-    def reply(self, client: str, base: str | None = None) -> str:
-        """A requester's own reply route under the node's reply namespace (`<root>/reply/<client>`)."""
-        return f"{base or self.root}/reply/{client}"
-
     def default_reply_filters(self) -> list[str]:
         """What `mqtt.reply_topics` allows by default: each request base's reply namespace and response topics."""
         return [f"{base}/{kind}" for base in self.request_bases() for kind in ("reply/#", "response/+")]
@@ -90,10 +83,21 @@ class Topics:
 
     # -- Home Assistant -----------------------------------------------------------------------------
 
-    def ha_reply(self, task: str) -> str:
-        """The reply route of requests from HA; also how the daemon recognises them. Under `<root>/reply/`,
-        where the shipped broker ACL lets Home Assistant read replies."""
-        return f"{self.root}/reply/{HA_REPLY_SEGMENT}/{task}"
+    # Requests from HA arrive on `ha_request`, which the shipped broker ACL lets only HA's user write: that,
+    # not a reply route, is what makes a request count as HA's. Their answers (errors and refusals too) land
+    # retained on `ha_state`, which the task's sensor shows and the deploy/homeassistant script waits on.
+    def ha_request(self, task: str) -> str:
+        return f"{self.root}/ha/{task}/request"
+
+    @property
+    def ha_request_filter(self) -> str:
+        return self.ha_request("+")
+
+    def ha_task_of(self, topic: str) -> str | None:
+        """`<root>/ha/<task>/request` -> task; None for anything else."""
+        head, _, kind = topic.rpartition("/")
+        base, _, task = head.rpartition("/")
+        return task if kind == "request" and base == f"{self.root}/ha" and task else None
 
     def ha_state(self, task: str) -> str:
         """Retained JSON of the task's last result: what its HA sensor shows."""

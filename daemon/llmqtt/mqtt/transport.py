@@ -27,6 +27,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ..config import MqttConfig
+from .routes import shorten
 
 log = logging.getLogger(__name__)
 _MAX_INFLIGHT = 100  # our QoS 1 publishes awaiting PUBACK at once (streamed chunks are QoS 1 too)
@@ -72,8 +73,8 @@ class MqttTransport:
         self._subs: list[_Subscription] = []
         self._connect_listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()  # guards _pending and makes publish+register atomic
-        self._pending: dict[int, Callable[[], None]] = {}
-        self._delivered: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._pending: dict[int, tuple[Callable[[], None], str]] = {}  # mid -> (on_delivered, topic)
+        self._delivered: queue.SimpleQueue[tuple[int, str | None] | None] = queue.SimpleQueue()
         self._delivery_thread: threading.Thread | None = None
         self._stopping = False
         self._client = self._build_client(password)
@@ -162,7 +163,7 @@ class MqttTransport:
         with self._lock:  # registered before the delivery thread can look the id up
             info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
             if on_delivered is not None:
-                self._pending[info.mid] = on_delivered
+                self._pending[info.mid] = (on_delivered, topic)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.error("publish to %s failed: %s", topic, paho.error_string(info.rc))
         return info
@@ -188,7 +189,7 @@ class MqttTransport:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.warning("%s; retrying with backoff", connack_failure(self.config, reason_code))
+            log.warning("%s; %s", connack_failure(self.config, reason_code), self._retrying())
             return
         log.info("connected to %s:%d (session present: %s)", self.config.host, self.config.port,
                  flags.session_present)
@@ -204,8 +205,10 @@ class MqttTransport:
     def _on_connect_fail(self, client, userdata) -> None:
         # paho calls this inside its `except OSError` around the connect, so the exception is at hand.
         error = sys.exc_info()[1]
-        log.warning("%s; retrying with backoff (%.0f to %.0f s)", connect_failure(self.config, error),
-                    self.config.reconnect_min_s, self.config.reconnect_max_s)
+        log.warning("%s; %s", connect_failure(self.config, error), self._retrying())
+
+    def _retrying(self) -> str:
+        return f"retrying with backoff ({self.config.reconnect_min_s:g} to {self.config.reconnect_max_s:g} s)"
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self.connected.is_set()
@@ -236,19 +239,23 @@ class MqttTransport:
             self.ack(inbound)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        if reason_code.is_failure:  # v5 PUBACK, e.g. 0x87: the broker's ACL does not let us write there
-            log.warning("the broker did not accept publish %d: %s (check the ACL for this user)", mid, reason_code)
-        self._delivered.put(mid)  # no locks here: paho holds its own message lock while calling us
+        # No locks here: paho holds its own message lock while calling us. A failure is a v5 PUBACK such as
+        # 0x87 (the broker's ACL does not let this user write there); logged on the delivery thread.
+        self._delivered.put((mid, str(reason_code) if reason_code.is_failure else None))
 
     # -- internals --------------------------------------------------------------------------------
 
     def _deliveries(self) -> None:
         while True:
-            mid = self._delivered.get()
-            if mid is None:
+            item = self._delivered.get()
+            if item is None:
                 return
+            mid, refused = item
             with self._lock:
-                callback = self._pending.pop(mid, None)
+                callback, topic = self._pending.pop(mid, (None, None))
+            if refused is not None:
+                log.warning("the broker did not accept the message to %s: %s (check the broker's ACL for user %s)",
+                            shorten(topic) if topic else f"publish {mid}", refused, self.config.username)
             if callback is None:
                 continue
             try:
@@ -296,7 +303,7 @@ def connack_failure(config: MqttConfig, reason_code) -> str:
     where = f"the MQTT broker at {config.host}:{config.port} refused the connection"
     name = str(reason_code)
     if name in ("Not authorized", "Bad user name or password"):
-        who = f"user {config.username!r}" if config.username else "anonymous login (no mqtt.username)"
-        return (f"{where}: not authorized ({name}) for {who}; check mqtt.username, mqtt.password_file "
-                "and the broker's password file")
+        who = f"as user {config.username!r}" if config.username else "without a user name (no mqtt.username)"
+        return (f"{where}: not authorized {who} (the broker says: {name}); check mqtt.username, "
+                "mqtt.password_file and the broker's password file")
     return f"{where}: {name}"

@@ -1,0 +1,173 @@
+"""The targets the bench checks, met or missed, and for a missed one the reason in this run's own numbers.
+
+Pure: the result dict in, plain data out; report.py renders it. A reason is built only from what this
+run measured (no figures from earlier runs typed in); where the deeper analysis is a separate tool, the
+reason names the tool, not its old output.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Callable
+
+
+def get(result: dict, *keys):
+    """result[k1][k2]... or None when any step is missing (a section that was skipped or failed)."""
+    for key in keys:
+        if not isinstance(result, dict) or key not in result:
+            return None
+        result = result[key]
+    return result
+
+
+def div(a, b):
+    return a / b if a is not None and b else None
+
+
+# -- why a target was missed, from this run ---------------------------------------------------------
+
+def _accuracy_reason(lang: str) -> Callable[[dict], str]:
+    def reason(r: dict) -> str:
+        s = r["accuracy"]["sentiment"][lang]
+        confusion = s["confusion"]
+        errors = Counter({(gold, predicted): n for gold, row in confusion.items() for predicted, n in row.items()
+                          if predicted != gold and n})
+        wrong = sum(errors.values())
+        (gold, predicted), most = errors.most_common(1)[0]
+        text = (f"{wrong} of {s['n']} wrong; most often {gold} read as {predicted} ({most} of the {wrong})"
+                + (f"; {s['no_label']} refused as too long" if s["no_label"] else ""))
+        seeds = get(r, "variants", "fp32", "sentiment", "seeds_way", "accuracy")
+        ours = get(r, "variants", "fp32", "sentiment", "classify_one", "accuracy")
+        if seeds is not None and ours is not None:
+            text += (f"; on the speed rows (both languages) the seeds' way scored {100 * seeds:.1f} % and the"
+                     f" classification path {100 * ours:.1f} %")
+        return text + "; what the model itself can tell apart: bench/ceiling.py (docs/accuracy.md)"
+    return reason
+
+
+def _per_message_reason(r: dict) -> str:
+    s = r["variants"]["fp32"]["sentiment"]
+    a, b = s["seeds_way"], s["classify_one"]
+    return (f"p50 per message: (a) {a['p50_ms']:.0f} ms, (b) {b['p50_ms']:.0f} ms on the same {b['n']} rows;"
+            " (b) is one forward pass over the text and the answer cue, so what is left is the text's own tokens")
+
+
+def _burst_reason(r: dict) -> str:
+    s = r["variants"]["fp32"]["sentiment"]
+    burst, one = s["burst"], s["classify_one"]
+    gain = burst["per_s"] / one["per_s"]
+    padding = 100 * (burst["padded_tokens"] - burst["text_tokens"]) / burst["padded_tokens"]
+    return (f"c/a = b/a ({s['b_over_a']:.1f}x) x what batching adds over one at a time ({gain:.2f}x:"
+            f" {burst['per_s']:.2f} vs {one['per_s']:.2f} msg/s); the burst computed {burst['padded_tokens']} tokens"
+            f" ({padding:.0f} % padding) for {burst['text_tokens']} text tokens in {burst['forward_calls']} forward"
+            " passes, so on this CPU a batch costs about its tokens")
+
+
+def _first_token_reason(r: dict) -> str:
+    c = r["variants"]["fp32"]["chat"]
+    ceiling = (c["prefix_tokens"] + c["rest_tokens"]) / c["rest_tokens"]
+    return (f"prefill costs about its tokens, so the ceiling is (prefix + user) / user = ({c['prefix_tokens']} +"
+            f" {c['rest_tokens']}) / {c['rest_tokens']} = {ceiling:.1f}x; measured {c['first_token_speedup']:.1f}x")
+
+
+def _turn_two_reason(r: dict) -> str:
+    c = r["variants"]["fp32"]["conversation"]
+    ran, all_ = c["same_system"]["tokens_run"], c["off"]["tokens_run"]
+    return (f"turn 2 ran {ran} of {all_} prompt tokens with reuse, {c['off']['first_token_ms']:.0f} vs"
+            f" {c['same_system']['first_token_ms']:.0f} ms; the ceiling is about {all_ / max(1, ran):.1f}x (prefill"
+            f" costs about its tokens), less the first decode step and tokenizing the {c['prompt_tokens']}-token prompt")
+
+
+def _decode_reason(r: dict) -> str:
+    v = r["variants"]["fp32"]
+    c, bound = v["chat"], v["bound"]
+    bw, gemv = r["bandwidth_bytes_per_s"], r["gemv_bytes_per_s"]
+    step_ms = 1000 / c["decode_tokens_per_s"]
+    read_ms = 1000 * bound["bytes_per_token"] / bw
+    kernels = v.get("fast_decode", {}).get("state")
+    text = (f"a token took {step_ms:.0f} ms, of which reading {bound['bytes_per_token'] / 1e9:.2f} GB of weights at"
+            f" the measured {bw / 1e9:.1f} GB/s is {read_ms:.0f} ms; the other {step_ms - read_ms:.0f} ms are"
+            " attention over the KV cache, norms, sampling and the Python loop")
+    if kernels != "ready":
+        text += (f"; decode ran on torch's kernels (fast decode: {kernels or 'off'}), whose one-row product reads"
+                 f" at {gemv / 1e9:.1f} GB/s, {100 * gemv / bw:.0f} % of the bandwidth")
+    return text
+
+
+def _rss_reason(r: dict) -> str:
+    st = r["startup"]
+    bare, ready = st["bare_forward"], st["ready_fp32"]
+    text = (f"from_pretrained plus one forward already peaks at {bare['peak_rss_bytes'] / bare['weight_bytes']:.2f}x"
+            f" (bare_forward); torch and transformers are {ready['rss_after_imports_bytes'] / 1e9:.2f} GB of it"
+            " before any weight")
+    if ready.get("rss_anon_bytes") is not None:
+        text += (f"; once ready {ready['rss_anon_bytes'] / 1e9:.2f} GB are the process's own, the rest clean pages"
+                 " of the mapped checkpoint")
+    return text
+
+
+def _ready_reason(r: dict) -> str:
+    st = r["startup"]
+    s = st["ready_fp32"]
+    return (f"bare maps the checkpoint without reading it ({st['bare']['seconds']:.1f} s; with one forward"
+            f" {st['bare_forward']['seconds']:.1f} s); a restart loads ({s['load_s']:.1f} s, tokenizer included),"
+            f" reads the prefix caches ({s['prefix_s']:.1f} s) and warms up ({s['warmup_s']:.1f} s)")
+
+
+# (name, goal text, value getter, is the goal met for this value, why it is not)
+TARGETS: list[tuple[str, str, Callable[[dict], float | None], Callable[[float], bool], Callable[[dict], str]]] = [
+    ("sentiment accuracy, English", ">= 92 %", lambda r: get(r, "accuracy", "sentiment", "en", "accuracy"),
+     lambda v: v >= 0.92, _accuracy_reason("en")),
+    ("sentiment accuracy, Chinese", ">= 90 %", lambda r: get(r, "accuracy", "sentiment", "zh", "accuracy"),
+     lambda v: v >= 0.90, _accuracy_reason("zh")),
+    ("classification path vs seeds' way, per message (b/a)", ">= 5x",
+     lambda r: get(r, "variants", "fp32", "sentiment", "b_over_a"), lambda v: v >= 5, _per_message_reason),
+    ("burst of 64 vs seeds' throughput (c/a)", ">= 8x",
+     lambda r: get(r, "variants", "fp32", "sentiment", "c_over_a"), lambda v: v >= 8, _burst_reason),
+    ("chat first token, cached vs recomputed prompt", ">= 3x",
+     lambda r: get(r, "variants", "fp32", "chat", "first_token_speedup"), lambda v: v >= 3, _first_token_reason),
+    ("chat turn 2 first token, KV reuse across requests vs none", ">= 2x",
+     lambda r: get(r, "variants", "fp32", "conversation", "speedup_same_system"), lambda v: v >= 2, _turn_two_reason),
+    ("decode vs memory-bandwidth bound", ">= 60 %",
+     lambda r: get(r, "variants", "fp32", "chat", "decode_pct_of_bound"), lambda v: v >= 60, _decode_reason),
+    ("peak RSS / weights' bytes (ready, fp32)", "<= 1.3x",
+     lambda r: div(get(r, "startup", "ready_fp32", "peak_rss_bytes"), get(r, "startup", "ready_fp32", "weight_bytes")),
+     lambda v: v <= 1.3, _rss_reason),
+    ("time to ready / bare from_pretrained (fp32, restart: prompt caches on disk)", "<= 2x",
+     lambda r: div(get(r, "startup", "ready_fp32", "seconds"), get(r, "startup", "bare", "seconds")),
+     lambda v: v <= 2, _ready_reason),
+]
+
+
+def targets(result: dict) -> list[dict]:
+    out = []
+    for name, goal, value_of, met, why in TARGETS:
+        value = value_of(result)
+        ok = None if value is None else bool(met(value))
+        out.append({"target": name, "goal": goal, "value": value, "met": ok,
+                    "why": _reason(why, result) if ok is False else ""})
+    return out
+
+
+def _reason(why: Callable[[dict], str], result: dict) -> str:
+    try:
+        return why(result)
+    except (KeyError, TypeError, ZeroDivisionError, IndexError, ValueError):
+        return ""  # a section the reason needs was skipped or failed: the value alone stands
+
+
+def shortfall(t: dict) -> str:
+    """How far a missed target is: points for a percentage goal, else relative to the goal."""
+    goal = float(re.search(r"[\d.]+", t["goal"]).group())
+    if "%" in t["goal"]:
+        value = 100 * t["value"] if "accuracy" in t["target"] else t["value"]
+        return f"by {abs(goal - value):.1f} points"
+    return f"by {100 * abs(t['value'] - goal) / goal:.0f} %"
+
+
+def fmt_target(t: dict) -> str:
+    v = t["value"]
+    if v is None:
+        return "not measured"
+    return f"{100 * v:.1f} %" if "accuracy" in t["target"] else (f"{v:.1f} %" if "%" in t["goal"] else f"{v:.2f}x")
