@@ -24,7 +24,6 @@ SYSTEM = ("You are a voice assistant for Home Assistant. Answer questions about 
                                   for room in ("Kitchen", "Living Room", "Hall", "Bedroom", "Office", "Garage")))
 TURN_1 = "Which lights are in the house?"
 TURN_2 = "And which one is in the garage?"
-ANSWER_TOKENS = 32  # turn 1's answer: part of turn 2's history
 
 
 def with_time(clock: str) -> str:
@@ -32,7 +31,8 @@ def with_time(clock: str) -> str:
     return f"Current time is {clock}. Today's date is 2026-11-29.\n{SYSTEM}"
 
 
-def turn_two(engine, task: str, reps: int, tick: Tick) -> dict:
+def turn_two(engine, task: str, reps: int, tick: Tick, answer_tokens: int = 32) -> dict:
+    """`answer_tokens`: turn 1's answer (part of turn 2's history)."""
     cases = (("off", 0, "07:12:03", False), ("same_system", 4096, "07:12:03", False),
              ("new_time", 4096, "07:13:44", False), ("new_time_tolerant", 4096, "07:13:44", True))
     runs: dict[str, list[float]] = {case[0]: [] for case in cases}
@@ -44,7 +44,7 @@ def turn_two(engine, task: str, reps: int, tick: Tick) -> dict:
                 engine.conversations.max_tokens = max(budget, saved) if budget else 0
                 engine.conversations.tolerant = tolerant
                 engine.conversations.clear()
-                answer = _first_turn(engine, task, with_time("07:12:03"))
+                answer = _first_turn(engine, task, with_time("07:12:03"), answer_tokens)
                 seconds, prompt, cached = _second_turn_first_token(engine, task, with_time(second_clock), answer)
                 runs[case].append(seconds)
                 sizes[case] = (prompt, cached)
@@ -63,9 +63,9 @@ def turn_two(engine, task: str, reps: int, tick: Tick) -> dict:
     return out
 
 
-def _first_turn(engine, task: str, system: str) -> str:
+def _first_turn(engine, task: str, system: str, answer_tokens: int) -> str:
     stream = engine.generate(task, TURN_1, options=ChatOptions(system=system, temperature=0.0),
-                             max_new_tokens=ANSWER_TOKENS)
+                             max_new_tokens=answer_tokens)
     return "".join(stream)
 
 

@@ -115,7 +115,7 @@ def _chat_md(r: dict) -> str:
 
 def _conversation_md(r: dict) -> str:
     lines = ["## Conversation turn 2 (HTTP clients resend the history)\n",
-             "First token of turn 2 (median of the runs; each after a fresh turn 1 with a 32-token answer): the "
+             "First token of turn 2 (median of the runs; each after a fresh turn 1, greedy, up to 32 answer tokens): the "
              "conversation cache off; on with the same system prompt (ollama/openai clients, the web page); on with "
              "the system prompt's time stamp moved on, as Home Assistant renders it each turn (exact reuse stops "
              "there), and that in the opt-in tolerant mode (`model.conversation_cache_mode: tolerant`: the changed "
