@@ -149,3 +149,30 @@ def test_a_missed_target_is_explained_with_this_runs_numbers():
     burst_target = by_name["burst of 64 vs seeds' throughput (c/a)"]
     assert burst_target["met"] is False and "1.25x" in burst_target["why"] and "25 % padding" in burst_target["why"]
     assert by_name["sentiment accuracy, Chinese"]["met"] is None  # not measured: no reason, no crash
+
+
+def test_compare_puts_two_models_side_by_side(tmp_path, repo_root):
+    """`llmqtt bench --compare`: the shipped 0.5B result beside a 1.5B result from another mode and machine."""
+    import copy
+    import subprocess
+    import sys
+
+    from llmqtt.bench.compare import compare_markdown
+
+    small = json.loads((repo_root / "docs" / "bench" / "result.json").read_text())
+    large = copy.deepcopy(small)
+    large["meta"] |= {"model": "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF)", "mode": "quick", "cores": 4}
+    large["accuracy"]["sentiment"]["en"] |= {"accuracy": 0.93, "n": 100}
+    del large["startup"]
+    text = compare_markdown([small, large])
+    header = next(line for line in text.splitlines() if line.startswith("| |"))
+    assert "0.5B" in header and "1.5B" in header
+    assert "| sentiment accuracy en (fp32, test split) | 90.6 % of 500 | 93.0 % of 100 |" in text
+    assert "| peak RSS, ready (fp32) | 2.65 GB | - |" in text  # not measured in one run: a dash, not a crash
+    assert "different machines" in text and "different sample sizes" in text
+    (tmp_path / "a.json").write_text(json.dumps(small))
+    (tmp_path / "b.json").write_text(json.dumps(large))
+    done = subprocess.run([sys.executable, "-m", "llmqtt", "bench", "--compare", str(tmp_path / "a.json"),
+                           str(tmp_path / "b.json"), "--out", str(tmp_path / "cmp")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "cmp" / "compare.md").read_text() == done.stdout.rstrip("\n") + "\n"

@@ -53,7 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", type=Path, help="config file (same as --config)")
     doctor = command("doctor", _doctor, "show this machine's resources and the runtime plan")
     doctor.add_argument("--json", action="store_true", help="print the readings and the plan as JSON")
-    model = command("model", _model, "manage models: `llmqtt model fetch demo`, `llmqtt model where`")
+    doctor.add_argument("--bench", type=Path, action="append", default=[],
+                        help="an `llmqtt bench` result.json from this board (repeatable, one per model): "
+                             "its measured speed weighs in the model recommendation")
+    model = command("model", _model, "manage models: `llmqtt model fetch demo` (or coder-1.5b), `llmqtt model where`")
     model.add_argument("action", choices=["fetch", "where"],
                        help="fetch: get the model ready (download/convert once); where: print its directory")
     model.add_argument("name", nargs="?", help="model to fetch (default: the configured one)")
@@ -63,12 +66,21 @@ def _parser() -> argparse.ArgumentParser:
     bench = command("bench", _bench, "measure accuracy and speed on this machine; writes JSON, Markdown and a plot")
     bench.add_argument("--quick", action="store_true", help="small samples (a few minutes)")
     bench.add_argument("--out", type=Path, help="output directory (default: ./bench-out)")
+    bench.add_argument("--compare", type=Path, nargs="+", metavar="RESULT_JSON",
+                       help="instead of measuring: put these result.json files (one bench run per model, each "
+                            "with its own --config) side by side; with --out, also writes OUT/compare.md")
     return parser
 
 
 def _bench(args) -> int:
     from .bench import main as bench_main
 
+    if args.compare:
+        from .bench.compare import main as compare_main
+
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+        return compare_main(args.compare, args.out / "compare.md" if args.out else None)
     return bench_main(_config(args), args.quick, args.out)
 
 
@@ -106,7 +118,7 @@ def _check_config(args) -> int:
 def _doctor(args) -> int:
     from .doctor import main as doctor_main
 
-    return doctor_main(_config(args), args.json)
+    return doctor_main(_config(args), args.json, bench_results=args.bench)
 
 
 def _model(args) -> int:

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..config import Config
+from ..engine.modelstore import BUILTIN_MODELS
 from ..tasks import ClassifyTask, GenerateTask, load_tasks
 from . import chat, conversation, data, llamacpp, speed, startup
 from .accuracy import classify_rows
@@ -177,10 +178,10 @@ def llama_section(resolved, config: Config, tasks: dict, rows: dict, sizes: Size
 
 
 def gguf_file(resolved, config: Config) -> Path | None:
-    """The GGUF the model came from: the configured file, or the demo model's, which sits beside its copy."""
+    """The GGUF the model came from: the configured file, or a built-in model's, which sits beside its copy."""
     if config.model.name.endswith(".gguf"):
         return Path(config.model.name)
-    return next(iter(sorted(resolved.path.parent.glob("*.gguf"))), None) if config.model.name == "demo" else None
+    return next(iter(sorted(resolved.path.parent.glob("*.gguf"))), None) if config.model.name in BUILTIN_MODELS else None
 
 
 def _interleave(lists: list[list[str]], n: int) -> list[str]:
