@@ -65,10 +65,11 @@ class Server:
         if ready:
             self.http.set_ready()
         self.url = f"http://127.0.0.1:{self.http.port}"
+        self.timeout_s = 10.0  # per raw request; the real model on a loaded machine needs more
 
     def request(self, method: str, path: str, body=None, headers: dict | None = None):
         """(status, headers, body bytes)"""
-        conn = http.client.HTTPConnection("127.0.0.1", self.http.port, timeout=10)
+        conn = http.client.HTTPConnection("127.0.0.1", self.http.port, timeout=self.timeout_s)
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
         conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
         response = conn.getresponse()

@@ -15,6 +15,7 @@ pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def server(demo_engine, tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("http-real"), engine=demo_engine, max_text_chars=4000, max_body_bytes=1 << 20)
+    s.timeout_s = 300
     yield s
     s.close()
 
