@@ -84,8 +84,8 @@ def _judge(model: BuiltinModel, readings: SystemReadings, quantize: str, speed: 
         return Option(model.name, serving, False, f"{memory} is over {RAM_SHARE:.0%} of "
                       f"{room / RAM_SHARE / GiB:.1f} GiB")
     if facts.param_count > LARGE_PARAMS and cores < MIN_CORES_LARGE:
-        return Option(model.name, serving, False, f"{cores} usable cores; a {facts.param_count / 1e9:.1f}B model "
-                      f"needs {MIN_CORES_LARGE} for ~3x the 0.5B's compute per message")
+        return Option(model.name, serving, False, f"{cores} usable cores; it needs {MIN_CORES_LARGE} for "
+                      f"{facts.param_count / 1e9:.1f}B parameters, ~3x the 0.5B's compute per message")
     if speed is None:
         return Option(model.name, serving, True, f"{memory}, {cores} cores; speed not measured on this board "
                       "(llmqtt bench)")
