@@ -25,12 +25,11 @@ def compare_markdown(results: list[dict]) -> str:
 
 
 def _rows(results: list[dict]) -> list[Row]:
-    langs = sorted({lang for r in results for lang in (r.get("accuracy", {}).get("sentiment") or {})
-                    if isinstance(r["accuracy"]["sentiment"][lang], dict)})
+    langs = sorted({lang for r in results for lang in _served(r)})
     rows: list[Row] = [("bench mode, machine", lambda r: f"{r['meta']['mode']}, {r['meta']['cpu']} x{r['meta']['cores']}")]
     for lang in langs:
         rows.append((f"sentiment accuracy {lang} (fp32, test split)",
-                     lambda r, lang=lang: _accuracy(r["accuracy"]["sentiment"][lang])))
+                     lambda r, lang=lang: _accuracy(_served(r)[lang])))
     rows += [
         ("sentiment p50, one message (fp32)", lambda r: f"{_fp32(r)['sentiment']['classify_one']['p50_ms']:.0f} ms"),
         ("sentiment burst throughput (fp32)", lambda r: f"{_fp32(r)['sentiment']['burst']['per_s']:.2f} msg/s"),
@@ -41,6 +40,15 @@ def _rows(results: list[dict]) -> list[Row]:
         ("time to ready, restart (fp32)", lambda r: f"{r['startup']['ready_fp32']['seconds']:.1f} s"),
     ]
     return rows
+
+
+def _served(result: dict) -> dict[str, dict]:
+    """language -> accuracy summary of what the daemon serves (the head if the task has one, else the
+    prompt); results from before learned heads hold the prompt's summary per language directly."""
+    section = result.get("accuracy", {}).get("sentiment") or {}
+    if "by_language" in section:
+        return {lang: per[section["served"]] for lang, per in section["by_language"].items()}
+    return {lang: s for lang, s in section.items() if isinstance(s, dict)}
 
 
 def _fp32(result: dict) -> dict:

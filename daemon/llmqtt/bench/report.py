@@ -32,7 +32,8 @@ def markdown(r: dict) -> str:
              f"(torch threads {m['torch_threads']}), {_gb(m['ram_bytes'])} RAM; Python {m['python']}, torch "
              f"{m['torch']}, transformers {m['transformers']}; {m['date']}; run took {m.get('elapsed_s', 0) / 60:.1f} min.\n",
              "All ratios are from this one run on this machine; absolute numbers move with machine load.\n",
-             _targets_md(r), _accuracy_md(r), _sentiment_md(r), _chat_md(r), _startup_md(r), _llama_md(r),
+             _targets_md(r), _accuracy_md(r), _sentiment_md(r), _chat_md(r), _conversation_md(r), _startup_md(r),
+             _llama_md(r),
              f"![latency and throughput]({PLOT})\n"]
     return "\n".join(p for p in parts if p)
 
@@ -49,16 +50,40 @@ def _targets_md(r: dict) -> str:
 def _accuracy_md(r: dict) -> str:
     d = r["meta"]["data"]
     lines = ["## Accuracy\n", f"Test split of the seeded sample in `{d['dir']}` (seed {d['seed']}; {d['split']}). "
-             "Prompts were tuned on the dev split only. fp32, classification path.\n"]
-    for task, per_lang in r.get("accuracy", {}).items():
-        if "skipped" in per_lang:
-            lines.append(f"- `{task}`: {per_lang['skipped']}\n")
+             "Prompts were tuned, heads and the TF-IDF baseline fitted, on dev rows only. fp32.\n"]
+    for task, section in r.get("accuracy", {}).items():
+        if "skipped" in section:
+            lines.append(f"- `{task}`: {section['skipped']}\n")
             continue
-        for lang, s in per_lang.items():
+        head = section.get("head")
+        lines.append(f"**{task}** (the daemon serves its {section['served']})" + (
+            f": head on {head['features']}, {head['rows']} rows, cross-validated {100 * head['cv_accuracy']:.1f} %, "
+            f"fitted under {head.get('scheme')}; baseline trained on the head's rows: "
+            f"{'yes' if head['baseline_same_rows'] else 'no'}\n" if head else "\n"))
+        lines += ["| language | prompt (label logits) | learned head | TF-IDF + logistic regression |", "|---|---|---|---|"]
+        for lang, per in section["by_language"].items():
+            cells = [_acc_cell(per.get(k)) for k in ("prompt", "head", "tfidf")]
+            lines.append(f"| {lang} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if "latency" in section:
+            lat = section["latency"]
+            lines.append(f"Per-message latency, one at a time, interleaved: head p50 {lat['head']['p50_ms']:.0f} ms, "
+                         f"prompt p50 {lat['prompt']['p50_ms']:.0f} ms ({lat['p50_head_over_prompt']:.2f}x; per pass: "
+                         + ", ".join(f"{x:.2f}x" for x in lat["p50_ratio_per_rep"]) + ")\n")
+        for lang, per in section["by_language"].items():
+            s = per.get(section["served"])
             refused = f" ({s['no_label']} refused as too long, counted wrong)" if s["no_label"] else ""
-            lines.append(f"**{task} / {lang}**: {100 * s['accuracy']:.1f} % of {s['n']}{refused}\n")
+            lines.append(f"{task} / {lang}, {section['served']}: {100 * s['accuracy']:.1f} % of {s['n']}{refused}\n")
             lines.append(_confusion_md(s["confusion"]))
     return "\n".join(lines) + "\n"
+
+
+def _acc_cell(summary: dict | None) -> str:
+    if summary is None:
+        return "-"
+    if "skipped" in summary:
+        return f"n/a ({summary['skipped']})"
+    return f"{100 * summary['accuracy']:.1f} % of {summary['n']}"
 
 
 def _confusion_md(confusion: dict) -> str:
@@ -109,6 +134,28 @@ def _chat_md(r: dict) -> str:
                      f"{_n(c['first_token_recomputed_ms'], 0)} | {_n(c['first_token_speedup'], 2)}x | "
                      f"{_n(c['decode_tokens_per_s'], 2)} | {_n(b.get('tokens_per_s'), 2)} | "
                      f"{_n(c.get('decode_pct_of_bound'), 0)} % |")
+    return "\n".join(lines) + "\n"
+
+
+def _conversation_md(r: dict) -> str:
+    lines = ["## Conversation turn 2 (HTTP clients resend the history)\n",
+             "First token of turn 2 (median of the runs; each after a fresh turn 1, greedy, up to 32 answer tokens): the "
+             "conversation cache off; on with the same system prompt (ollama/openai clients, the web page); on with "
+             "the system prompt's time stamp moved on, as Home Assistant renders it each turn (exact reuse stops "
+             "there), and that in the opt-in tolerant mode (`model.conversation_cache_mode: tolerant`: the changed "
+             "time stamp is recomputed, the rest reused). `tok run` = prompt tokens computed for turn 2.\n",
+             "| weights | prompt tok | off ms (tok run) | same system ms (tok run) | speed-up | new time ms (tok run) | "
+             "speed-up | new time, tolerant ms (tok run) | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, v in r.get("variants", {}).items():
+        c = v.get("conversation")
+        if not c:
+            continue
+        lines.append(f"| {name} | {c['prompt_tokens']} | {_n(c['off']['first_token_ms'], 0)} ({c['off']['tokens_run']}) | "
+                     f"{_n(c['same_system']['first_token_ms'], 0)} ({c['same_system']['tokens_run']}) | "
+                     f"{_x(c['speedup_same_system'])} | {_n(c['new_time']['first_token_ms'], 0)} "
+                     f"({c['new_time']['tokens_run']}) | {_x(c['speedup_new_time'])} | "
+                     f"{_n(c['new_time_tolerant']['first_token_ms'], 0)} ({c['new_time_tolerant']['tokens_run']}) | "
+                     f"{_x(c['speedup_new_time_tolerant'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..config import Config
 from ..engine.modelstore import BUILTIN_MODELS
 from ..tasks import ClassifyTask, GenerateTask, load_tasks
-from . import chat, data, llamacpp, speed, startup
+from . import chat, conversation, data, llamacpp, speed, startup
 from .accuracy import classify_rows
 
 
@@ -39,6 +39,7 @@ class Sizes:
     startup: bool  # measure start-up in subprocesses
     bandwidth_bytes: int = 1 << 30  # the tensor read to measure memory bandwidth: far beyond the caches
     variants: tuple[str, ...] = tuple(VARIANTS)  # fp32 first: accuracy runs on it
+    baseline_rows: int | None = None  # per language, of the fit rows the TF-IDF baseline trains on (None: all)
 
 
 FULL = Sizes("full", accuracy_rows=500, compare_rows=24, other_compare_rows=8, burst=64, chat_reps=3,
@@ -46,10 +47,13 @@ FULL = Sizes("full", accuracy_rows=500, compare_rows=24, other_compare_rows=8, b
 QUICK = Sizes("quick", accuracy_rows=100, compare_rows=3, other_compare_rows=2, burst=32, chat_reps=1,
               decode_tokens=16, startup=True, variants=("fp32", "int8"))
 MINI = Sizes("mini", accuracy_rows=4, compare_rows=2, other_compare_rows=1, burst=8, chat_reps=1,
-             decode_tokens=4, startup=True, bandwidth_bytes=1 << 26)  # for tests, with the tiny model
+             decode_tokens=4, startup=True, bandwidth_bytes=1 << 26, baseline_rows=200)  # for tests, tiny model
 
 # Labelled data per classify task: language -> file in bench/data. Tasks not listed have none.
 DATASETS = {"sentiment": {"en": "sentiment-en.jsonl", "zh": "sentiment-zh.jsonl"}}
+# The rows a task's shipped head was fitted on (dev rows only, checked disjoint from the test rows): the
+# TF-IDF baseline is trained on the same ones.
+FIT_DATA = {"sentiment": "sentiment-fit.jsonl"}
 SPEED_TASK = "sentiment"
 CHAT_TASK = "chat"
 
@@ -64,6 +68,8 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
     resolved = resolve_model(config.model)
     rows = {task: {lang: data.load_rows(data_dir / name, "test", sizes.accuracy_rows) for lang, name in files.items()}
             for task, files in DATASETS.items() if task in tasks}
+    fit_rows = {task: data.load_fit_rows(data_dir / name, [data_dir / f for f in DATASETS[task].values()])
+                for task, name in FIT_DATA.items() if task in rows and (data_dir / name).is_file()}
     started = time.perf_counter()
     with tqdm(total=_work_units(sizes, rows), unit="step", disable=not show_progress, smoothing=0) as bar:
         tick = bar.update
@@ -77,7 +83,7 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
             result["meta"]["torch_threads"] = torch_threads()  # as planned for this machine by build_engine
             if name == "fp32":
                 bar.set_description("accuracy fp32")
-                result["accuracy"] = accuracy_section(engine, tasks, rows, tick)
+                result["accuracy"] = accuracy_section(engine, tasks, rows, fit_rows, sizes, tick)
             compare = sizes.compare_rows if name == "fp32" else sizes.other_compare_rows
             result["variants"][name] = variant_section(engine, tasks, rows, sizes, compare, bar)
             del engine  # one model in memory at a time
@@ -108,7 +114,9 @@ def _engine(resolved, config: Config, tasks: dict, dtype: str, quantize: str):
     return engine
 
 
-def accuracy_section(engine, tasks: dict, rows: dict, tick) -> dict:
+def accuracy_section(engine, tasks: dict, rows: dict, fit_rows: dict, sizes: Sizes, tick) -> dict:
+    """Per classify task with data: the prompt's label logits, the learned head (if the task has one that
+    fits this model) and the TF-IDF baseline, each on the same test rows; and head vs prompt latency."""
     out: dict = {}
     for name, task in tasks.items():
         if not isinstance(task, ClassifyTask):
@@ -116,9 +124,41 @@ def accuracy_section(engine, tasks: dict, rows: dict, tick) -> dict:
         if name not in rows:
             out[name] = {"skipped": "no labelled data"}
             continue
-        out[name] = {lang: classify_rows(engine, name, task_rows, tick).summary()
-                     for lang, task_rows in rows[name].items()}
+        head = engine.head(name)
+        section: dict = {"served": "head" if head else "prompt", "head": _head_note(head, fit_rows.get(name)),
+                         "by_language": {}}
+        for lang, test in rows[name].items():
+            entry = {"prompt": classify_rows(engine, name, test, tick, use_head=False).summary()}
+            if head:
+                entry["head"] = classify_rows(engine, name, test, tick).summary()
+            entry["tfidf"] = _tfidf(fit_rows.get(name), lang, test, list(task.labels), sizes.baseline_rows)
+            section["by_language"][lang] = entry
+        if head:
+            sample = [r for lang_rows in rows[name].values() for r in lang_rows[:sizes.compare_rows]]
+            section["latency"] = speed.head_vs_prompt_latency(engine, name, sample)
+        out[name] = section
     return out
+
+
+def _head_note(head, fit: data.FitRows | None) -> dict | None:
+    """What the bench knows about a head: its metadata, and whether the baseline's rows are its rows."""
+    if head is None:
+        return None
+    meta = {k: v for k, v in head.meta.items() if k not in ("prompt", "fitted_at")}
+    meta["features"] = head.features.describe()
+    meta["baseline_same_rows"] = fit is not None and head.meta.get("data", {}).get("sha256") == fit.sha256
+    return meta
+
+
+def _tfidf(fit: data.FitRows | None, lang: str, test: list, labels: list[str], limit: int | None) -> dict:
+    train = [r for r in (fit.rows if fit else []) if r.lang == lang][:limit]
+    if not train:
+        return {"skipped": "no fit rows for this language"}
+    try:
+        from .baseline import tfidf_scored
+    except ImportError:
+        return {"skipped": "scikit-learn is not installed (pip install 'llmqtt[bench]')"}
+    return {**tfidf_scored(train, test, labels).summary(), "train_rows": len(train)}
 
 
 def variant_section(engine, tasks: dict, rows: dict, sizes: Sizes, compare_rows: int, bar) -> dict:
@@ -138,6 +178,10 @@ def variant_section(engine, tasks: dict, rows: dict, sizes: Sizes, compare_rows:
         bar.set_description(f"chat speed {engine.dtype}")
         out["chat"] = chat.chat_speed(engine, engine.tasks[CHAT_TASK], sizes.chat_reps, sizes.decode_tokens,
                                       bar.update)
+        if engine.dtype == "float32":  # the reuse saves prefill the same way for every variant: measured once
+            bar.set_description("conversation turn 2")
+            out["conversation"] = conversation.turn_two(engine, CHAT_TASK, max(3, sizes.chat_reps), bar.update,
+                                                        answer_tokens=min(32, 4 * sizes.decode_tokens))
     out["_bytes_per_token"] = chat.bytes_per_token(engine.loaded.model, engine.loaded.weight_bytes)
     return out
 
@@ -187,7 +231,7 @@ def _interleave(lists: list[list[str]], n: int) -> list[str]:
 
 
 def _work_units(sizes: Sizes, rows: dict) -> int:
-    accuracy = sum(len(r) for per_lang in rows.values() for r in per_lang.values())
+    accuracy = 2 * sum(len(r) for per_lang in rows.values() for r in per_lang.values())  # prompt and head
     langs = len(rows.get(SPEED_TASK, {}))
     per_variant = lambda n: 2 * n * langs + (sizes.burst if langs else 0) + 2  # noqa: E731
     others = (len(sizes.variants) - 1) * per_variant(sizes.other_compare_rows)
