@@ -93,6 +93,10 @@ def test_mini_bench_covers_every_section(mini_result):
         assert s["b_over_a"] > 0 and s["c_over_a"] > 0
         assert v["chat"]["prefix_tokens"] > 0 and v["chat"]["first_token_speedup"] > 0
         assert v["bound"]["tokens_per_s"] > 0
+    c = r["variants"]["fp32"]["conversation"]  # turn 2: reuse runs fewer tokens, HA's new time stamp more
+    assert c["reps"] >= 3 and c["same_system"]["tokens_run"] < c["new_time"]["tokens_run"] <= c["off"]["tokens_run"]
+    assert c["speedup_same_system"] > 0 and len(c["off"]["runs_ms"]) == c["reps"]
+    assert c["new_time_tolerant"]["tokens_run"] < c["new_time"]["tokens_run"]  # past the changed time stamp
     assert r["variants"]["int8"]["weight_bytes"] < r["variants"]["fp32"]["weight_bytes"]
     assert r["variants"]["fp32"]["fast_decode"]["state"] == "ready"  # measured with the kernels a daemon serves with
     assert "fast_decode" not in r["variants"]["int8"]
