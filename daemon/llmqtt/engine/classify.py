@@ -14,6 +14,7 @@ from ..tasks import ClassifyTask
 from .kvprefix import KVPrefix
 from .prefixstore import PrefixStore
 from .prompt import ControlTokenGuard, encode, split_at_user_text
+from .quantize import head_rows
 from .types import Classification, TaskNotServable, TextTooLong  # noqa: F401 (TaskNotServable re-exported)
 
 
@@ -140,10 +141,7 @@ def label_first_tokens(tokenizer, task: ClassifyTask) -> list[list[int]]:
 
 
 def _output_rows(model, token_ids: torch.Tensor):
-    """hidden [B, H] -> logits of just `token_ids` [B, K]: K rows of the output head instead of all 150k."""
-    head = model.get_output_embeddings()
-    if isinstance(getattr(head, "weight", None), torch.Tensor):  # a float Linear (or fast decode's wrapper)
-        weight = head.weight[token_ids].detach().clone()
-        bias = head.bias[token_ids].detach().clone() if head.bias is not None else None
-        return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
-    return lambda hidden: head(hidden)[:, token_ids]  # e.g. an int8 head: run it whole, then pick
+    """hidden [B, H] -> logits of just `token_ids` [B, K]: K rows of the output head instead of all 150k
+    (a quantized head gives back just those rows as floats)."""
+    weight, bias = head_rows(model, token_ids)
+    return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)

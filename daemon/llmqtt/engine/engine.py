@@ -8,6 +8,7 @@ from typing import Mapping, Sequence
 from ..tasks import ClassifyTask, GenerateTask
 from .classify import LabelScorer
 from .convcache import ConversationCache
+from .decode import StaticDecoder
 from .generate import ChatGenerator, Generation
 from .loader import LoadedModel
 from .prefixstore import PrefixStore
@@ -33,12 +34,14 @@ class Engine:
         self._generators: dict[str, ChatGenerator] = {}
         # One budget for every generate task: recent conversations' KV, reused by the next turn.
         self.conversations = ConversationCache(conversation_tokens)
+        # One static KV cache and compiled step shared by every generate task (the service runs one at a time).
+        self.decoder = StaticDecoder(loaded.model, max_context)
         for name, task in self.tasks.items():
             if isinstance(task, ClassifyTask):
                 self._scorers[name] = LabelScorer(loaded.model, loaded.tokenizer, task, max_context, prefix_store)
             else:
                 self._generators[name] = ChatGenerator(loaded.model, loaded.tokenizer, task, max_context, prefix_store,
-                                                       self.conversations)
+                                                       self.conversations, self.decoder)
 
     def classify(self, task: str, texts: Sequence[str]) -> list[Classification]:
         return self._scorer(task).score(list(texts), self.max_batch)
@@ -71,9 +74,13 @@ class Engine:
 
     def start_fast_decode(self) -> None:
         """Build the fast decode kernels on a background thread, if this model has them. Called once the
-        engine is warm: compiling competes for the CPU, so it must not slow the start-up itself."""
+        engine is warm: compiling competes for the CPU, so it must not slow the start-up itself.
+
+        float32: one-row Linear kernels (fastdecode.py); quantized: the whole decode step (decode.py)."""
         if self.loaded.kernels:
             self.loaded.kernels.start()
+        elif self.loaded.quantize != "none" and self._generators and self.loaded.compile_decode:
+            self.decoder.start()
 
     def prefixes_from_disk(self) -> int:
         """How many tasks' prefix caches came from the prefix store rather than a forward pass."""
