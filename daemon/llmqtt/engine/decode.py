@@ -69,7 +69,8 @@ class StaticDecoder:
         config = self.model.config
         cache = StaticCache(config=config, max_cache_len=self.max_context)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        cache.early_initialization(1, config.num_key_value_heads, head_dim, torch.float32, torch.device("cpu"))
+        dtype = getattr(self.model, "dtype", torch.float32)  # the KV cache's: the model's compute dtype
+        cache.early_initialization(1, config.num_key_value_heads, head_dim, dtype, torch.device("cpu"))
         return cache
 
     @staticmethod
