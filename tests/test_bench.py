@@ -46,20 +46,44 @@ def test_data_sample_is_split_disjoint(repo_root):
 
 
 @pytest.fixture(scope="module")
-def mini_result(tiny_model_dir):
+def mini_result(tiny_model_dir, repo_root, tmp_path_factory):
+    """The bench on the tiny model, with a sentiment head fitted for it by `llmqtt fit` on 40 dev rows."""
+    import shutil
+
+    from llmqtt import cli
     from llmqtt.bench import runner
     from llmqtt.config import Config
 
-    config = Config.model_validate({"model": {"name": str(tiny_model_dir), "auto_fetch": False}})
-    return runner.run(config, runner.MINI, show_progress=False)
+    prompts = tmp_path_factory.mktemp("prompts")
+    for path in (repo_root / "prompts").glob("*.yaml"):
+        shutil.copy(path, prompts)
+    dev = [line for lang in ("en", "zh") for line in
+           (repo_root / "bench" / "data" / f"sentiment-{lang}.jsonl").read_text(encoding="utf-8").split("\n")[:20]]
+    data = prompts.parent / "fit.jsonl"
+    data.write_text("\n".join(dev) + "\n", encoding="utf-8")
+    settings = {"model": {"name": str(tiny_model_dir), "auto_fetch": False}, "prompts": [str(prompts)]}
+    config_file = prompts.parent / "config.json"
+    config_file.write_text(json.dumps(settings), encoding="utf-8")
+    assert cli.main(["fit", "sentiment", str(data), "--config", str(config_file)]) == 0
+    return runner.run(Config.model_validate(settings), runner.MINI, show_progress=False)
 
 
+# Every section, six start-up subprocesses and a `llmqtt fit`: past pytest's 600 s on a loaded 2-core machine.
+@pytest.mark.timeout(1500)
 def test_mini_bench_covers_every_section(mini_result):
+    from llmqtt.bench.runner import MINI
+
     r = mini_result
     assert r["meta"]["mode"] == "mini" and r["meta"]["torch"]
-    en = r["accuracy"]["sentiment"]["en"]
-    assert en["n"] == 4 and 0.0 <= en["accuracy"] <= 1.0
-    assert sum(sum(row.values()) for row in en["confusion"].values()) == 4
+    sentiment = r["accuracy"]["sentiment"]
+    assert sentiment["served"] == "head" and sentiment["head"]["rows"] == 40
+    for lang in ("en", "zh"):
+        for read_out in ("prompt", "head", "tfidf"):
+            s = sentiment["by_language"][lang][read_out]
+            assert s["n"] == 4 and 0.0 <= s["accuracy"] <= 1.0
+            assert sum(sum(row.values()) for row in s["confusion"].values()) == 4
+        assert sentiment["by_language"][lang]["tfidf"]["train_rows"] == MINI.baseline_rows
+    assert sentiment["latency"]["head"]["n"] == sentiment["latency"]["prompt"]["n"] == 3 * 4
     assert r["accuracy"]["emotion"] == {"skipped": "no labelled data"}
     assert r["accuracy_default"]["sentiment"]["en"]["n"] == 4
     for variant, rows in (("fp32", 4), ("default", 2), ("bf16", 2)):  # MINI: 2 and 1 rows per language
@@ -88,6 +112,7 @@ def test_mini_bench_covers_every_section(mini_result):
     assert r["llama_cpp"]["available"] in (True, False)
 
 
+@pytest.mark.timeout(1500)
 def test_mini_bench_writes_json_markdown_and_plot(mini_result, tmp_path):
     from llmqtt.bench import report, targets
 
@@ -121,7 +146,7 @@ def test_refused_text_counts_as_no_label_and_wrong():
     class LongTextRefusingEngine:
         tasks = {"s": type("Task", (), {"labels": {"positive": ["positive"], "negative": ["negative"]}})()}
 
-        def classify(self, task, texts):
+        def classify(self, task, texts, use_head=True):
             if any(len(t) > 10 for t in texts):
                 raise TextTooLong("too long")
             return [Classification("positive", 0.9, {"positive": 0.9, "negative": 0.1}) for _ in texts]
@@ -140,7 +165,9 @@ def test_a_missed_target_is_explained_with_this_runs_numbers():
     confusion = {"positive": {"positive": 40, "negative": 3, "none": 0},
                  "negative": {"positive": 7, "negative": 50, "none": 0}}
     burst = {"per_s": 30.0, "padded_tokens": 1200, "text_tokens": 900, "forward_calls": 4}
-    result = {"accuracy": {"sentiment": {"en": {"n": 100, "accuracy": 0.90, "no_label": 0, "confusion": confusion}}},
+    prompt = {"n": 100, "accuracy": 0.90, "no_label": 0, "confusion": confusion}
+    result = {"accuracy": {"sentiment": {"served": "prompt", "head": None,
+                                         "by_language": {"en": {"prompt": prompt, "tfidf": {"skipped": "no rows"}}}}},
               "variants": {"fp32": {"sentiment": {"b_over_a": 6.0, "c_over_a": 7.5, "burst": burst,
                                                   "classify_one": {"per_s": 24.0, "accuracy": 0.9},
                                                   "seeds_way": {"per_s": 4.0, "accuracy": 0.8}}}}}
@@ -148,7 +175,48 @@ def test_a_missed_target_is_explained_with_this_runs_numbers():
     english = by_name["sentiment accuracy, English"]
     assert english["met"] is False
     assert "10 of 100 wrong; most often negative read as positive (7 of the 10)" in english["why"]
-    assert "seeds' way scored 80.0 %" in english["why"]
+    assert "seeds' way scored 80.0 %" in english["why"] and "prompt 90.0 %" in english["why"]
     burst_target = by_name["burst of 64 vs seeds' throughput (c/a)"]
     assert burst_target["met"] is False and "1.25x" in burst_target["why"] and "25 % padding" in burst_target["why"]
     assert by_name["sentiment accuracy, Chinese"]["met"] is None  # not measured: no reason, no crash
+
+
+def test_fit_file_holds_dev_rows_only(repo_root, tmp_path):
+    from llmqtt.bench.data import FIT_FILE, FIT_ROWS, load_fit_rows, load_rows
+
+    data = repo_root / "bench" / "data"
+    tests = [data / f"sentiment-{lang}.jsonl" for lang in ("en", "zh")]
+    fit = load_fit_rows(data / FIT_FILE, tests)  # raises if any row is a test row
+    assert {lang: sum(r.lang == lang for r in fit.rows) for lang in FIT_ROWS} == FIT_ROWS
+    leaked = tmp_path / "fit.jsonl"
+    test_row = load_rows(tests[0], "test")[0]
+    leaked.write_text(json.dumps({**test_row.__dict__, "split": "dev", "lang": "en"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="test split"):
+        load_fit_rows(leaked, tests)
+
+
+def test_compare_puts_two_models_side_by_side(tmp_path, repo_root):
+    """`llmqtt bench --compare`: the shipped 0.5B result beside a 1.5B result from another mode and machine."""
+    import copy
+    import subprocess
+    import sys
+
+    from llmqtt.bench.compare import compare_markdown
+
+    small = json.loads((repo_root / "docs" / "bench" / "result.json").read_text())
+    large = copy.deepcopy(small)
+    large["meta"] |= {"model": "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF)", "mode": "quick", "cores": 4}
+    large["accuracy"]["sentiment"]["en"] |= {"accuracy": 0.93, "n": 100}
+    del large["startup"]
+    text = compare_markdown([small, large])
+    header = next(line for line in text.splitlines() if line.startswith("| |"))
+    assert "0.5B" in header and "1.5B" in header
+    assert "| sentiment accuracy en (fp32, test split) | 90.6 % of 500 | 93.0 % of 100 |" in text
+    assert "| peak RSS, ready (fp32) | 2.65 GB | - |" in text  # not measured in one run: a dash, not a crash
+    assert "different machines" in text and "different sample sizes" in text
+    (tmp_path / "a.json").write_text(json.dumps(small))
+    (tmp_path / "b.json").write_text(json.dumps(large))
+    done = subprocess.run([sys.executable, "-m", "llmqtt", "bench", "--compare", str(tmp_path / "a.json"),
+                           str(tmp_path / "b.json"), "--out", str(tmp_path / "cmp")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "cmp" / "compare.md").read_text() == done.stdout.rstrip("\n") + "\n"

@@ -55,3 +55,13 @@ def test_a_misspelt_field_is_refused(tmp_path: Path) -> None:
     path.write_text(text)
     with pytest.raises(ValueError, match="max_batches"):
         load_config(path)
+
+
+@pytest.mark.parametrize(("profile", "board"), [("pi5-4gb", "PI5_4GB"), ("pi5-8gb", "PI5_8GB"),
+                                                ("x86-minipc", "MINIPC")])
+def test_board_configs_name_the_model_the_doctor_recommends(profile: str, board: str) -> None:
+    import test_modelchoice
+    from llmqtt.modelchoice import recommend_model
+
+    config = load_config(CONFIGS / f"{profile}.yaml")
+    assert config.model.name == recommend_model(getattr(test_modelchoice, board), config.model.quantize).name

@@ -130,3 +130,20 @@ def test_int8_with_bfloat16_is_fatal(tmp_path: Path) -> None:
     config = Config.model_validate({"model": {"dtype": "bfloat16", "quantize": "int8"}})
     report = build_report(config, write_model(tmp_path / "m", tie=False), readings=board(ram_available=7 * GiB))
     assert codes(report)["int8_needs_float32"] == "fatal" and doctor.is_fatal(report)
+
+
+def test_doctor_recommends_a_model_and_reads_measured_speed(tmp_path: Path) -> None:
+    from test_modelchoice import PI5_8GB
+
+    config = Config.model_validate({"model": {"name": "coder-1.5b", "quantize": "int8"}})
+    report = build_report(config, readings=PI5_8GB, locate=nowhere)
+    assert report["recommendation"]["name"] == "coder-1.5b"
+    assert "Recommended model\n  this board: coder-1.5b fits" in format_report(report)
+    assert codes(report)["model_not_fetched"] == "info"  # a built-in name is fetched on first start
+    bench = {"meta": {"model": "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF)"},
+             "variants": {"int8": {"sentiment": {"classify_one": {"p50_ms": 2500.0}},
+                                   "chat": {"decode_tokens_per_s": 3.0}}}}
+    (tmp_path / "result.json").write_text(json.dumps(bench))
+    measured = doctor.read_bench_speeds([tmp_path / "result.json"], "int8")
+    slow = build_report(config, readings=PI5_8GB, locate=nowhere, measured=measured)
+    assert slow["recommendation"]["name"] == "demo" and "sentiment ~2500 ms" in slow["recommendation"]["reason"]

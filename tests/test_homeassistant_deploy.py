@@ -83,12 +83,12 @@ def test_the_script_gets_its_answer_even_when_it_arrived_before_the_wait(broker,
     [answer] = [m for m in late.drain(quiet_s=0.3) if triggered(state_trigger, variables, m.payload)]
     state = json.loads(answer.payload)
     # HA turns a rendered dict back into one (literal_eval, its parse_result).
-    response = ast.literal_eval(render(script["sequence"][4]["variables"]["answer"], state=state))
+    response = ast.literal_eval(render(script["sequence"][5]["variables"]["answer"], state=state))
     assert response["status"] == "ok" and response["value"] == "negative" and response["text"] == variables["text"]
 
 
 def test_an_error_answer_carries_only_the_error(script):
-    template = script["sequence"][4]["variables"]["answer"]
+    template = script["sequence"][5]["variables"]["answer"]
     shown = render(template, state=ERROR_STATE)
     assert "negative" not in shown and "too_long" in shown and ERROR_STATE["id"] in shown
 
@@ -99,7 +99,7 @@ def test_the_script_returns_a_mapping_on_timeout(script):
     assert on_timeout["then"][1] == {"stop": "llmqtt did not answer", "response_variable": "answer"}
     assert set(on_timeout["then"][0]["variables"]["answer"]) == {"id", "status", "error"}
     assert script["sequence"][-1] == {"stop": "llmqtt answered", "response_variable": "answer"}
-    assert script["mode"] == "queued"  # the state holds one answer per task: asks of one task take turns
+    assert script["mode"] == "parallel"  # queued scripts return an empty response before HA 2025
 
 
 def test_the_automations_use_the_script_response_and_the_sensor(automations):

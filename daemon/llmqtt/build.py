@@ -11,9 +11,11 @@ and still go through resolve, plan and warm-up.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Protocol
 
 from .config import Config, ModelConfig
@@ -24,7 +26,7 @@ from .memoryguard import MemoryGuard
 from .modelfacts import ModelFactsError, read_model_facts
 from .planner import Plan, apply_threads, plan
 from .readings import live_available_bytes, read_system
-from .tasks import ClassifyTask, GenerateTask
+from .tasks import ClassifyTask, GenerateTask, task_files
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,8 @@ def build_engine(config: Config, tasks: Tasks, *, factory: EngineFactory | None 
     p = plan_for(config, resolved)
     apply_threads(p)
     model_config = config.model.model_copy(update={"max_context": p.max_context, "dtype": p.dtype})
-    engine = (factory or _load_engine)(model_config, tasks, max_batch=p.max_batch, progress=progress,
-                                       resolved=resolved)
+    load = factory or functools.partial(_load_engine, heads=head_files(config))
+    engine = load(model_config, tasks, max_batch=p.max_batch, progress=progress, resolved=resolved)
     if config.runtime.warmup if warm is None else warm:
         progress("warming up", 0, 0)
         started = time.monotonic()
@@ -87,9 +89,16 @@ def plan_for(config: Config, resolved: ResolvedModel) -> Plan:
     return p
 
 
+def head_files(config: Config) -> dict[str, Path]:
+    """Each task's learned-head file (`llmqtt fit`), beside its task file; used where it exists and fits."""
+    from .engine.headfile import head_path
+
+    return {name: head_path(path) for name, path in task_files(config.prompt_dirs()).items()}
+
+
 def _load_engine(config: ModelConfig, tasks: Tasks, *, max_batch: int, progress: Progress,
-                 resolved: ResolvedModel) -> InferenceEngine:
+                 resolved: ResolvedModel, heads: Mapping[str, Path]) -> InferenceEngine:
     from .engine import load_engine  # imports torch: only after apply_threads
 
-    return load_engine(config, tasks, max_batch=max_batch, progress=progress, resolved=resolved)
+    return load_engine(config, tasks, max_batch=max_batch, progress=progress, resolved=resolved, heads=heads)
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
 
 from . import __version__
 from .config import Config, ConfigError, file_problems, load_config
-from .tasks import TaskFileError, load_tasks
+from .tasks import TaskFileError, load_tasks, task_files
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -48,12 +49,22 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--stream", action="store_true", help="print generated text to stderr as it is produced")
     ask.add_argument("--max-new-tokens", type=int, metavar="N",
                      help="generate tasks: stop after N tokens (default: the task's generation.max_new_tokens)")
-    command("tasks", _tasks, "list the tasks defined by the prompt files")
+    command("tasks", _tasks, "list the tasks defined by the prompt files (and which have a learned head)")
+    fit = command("fit", _fit, "teach a classify task from labelled examples: fits a small head on the model's "
+                               "hidden states and writes it next to the task file")
+    fit.add_argument("task", help="a classify task from the prompt files (see `llmqtt tasks`)")
+    fit.add_argument("data", type=Path, help='labelled rows, one JSON object a line: {"text": ..., "label": ...}')
+    fit.add_argument("--out", type=Path, help="head file to write (default: <task file>.head.safetensors beside it)")
+    fit.add_argument("--test", type=Path, metavar="HELD_OUT.jsonl",
+                     help="rows kept out of fitting: prints the prompt's and the head's accuracy on them")
     check = command("check-config", _check_config, "validate a config file and its task files")
     check.add_argument("file", nargs="?", type=Path, help="config file (same as --config)")
     doctor = command("doctor", _doctor, "show this machine's resources and the runtime plan")
     doctor.add_argument("--json", action="store_true", help="print the readings and the plan as JSON")
-    model = command("model", _model, "manage models: `llmqtt model fetch demo`, `llmqtt model where`")
+    doctor.add_argument("--bench", type=Path, action="append", default=[],
+                        help="an `llmqtt bench` result.json from this board (repeatable, one per model): "
+                             "its measured speed weighs in the model recommendation")
+    model = command("model", _model, "manage models: `llmqtt model fetch demo` (or coder-1.5b), `llmqtt model where`")
     model.add_argument("action", choices=["fetch", "where"],
                        help="fetch: get the model ready (download/convert once); where: print its directory")
     model.add_argument("name", nargs="?", help="model to fetch (default: the configured one)")
@@ -63,12 +74,21 @@ def _parser() -> argparse.ArgumentParser:
     bench = command("bench", _bench, "measure accuracy and speed on this machine; writes JSON, Markdown and a plot")
     bench.add_argument("--quick", action="store_true", help="small samples (a few minutes)")
     bench.add_argument("--out", type=Path, help="output directory (default: ./bench-out)")
+    bench.add_argument("--compare", type=Path, nargs="+", metavar="RESULT_JSON",
+                       help="instead of measuring: put these result.json files (one bench run per model, each "
+                            "with its own --config) side by side; with --out, also writes OUT/compare.md")
     return parser
 
 
 def _bench(args) -> int:
     from .bench import main as bench_main
 
+    if args.compare:
+        from .bench.compare import main as compare_main
+
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+        return compare_main(args.compare, args.out / "compare.md" if args.out else None)
     return bench_main(_config(args), args.quick, args.out)
 
 
@@ -84,9 +104,79 @@ def _run(args) -> int:
 
 def _tasks(args) -> int:
     config = _config(args)
-    for name, task in load_tasks(config.prompt_dirs()).items():
+    tasks, files = load_tasks(config.prompt_dirs()), task_files(config.prompt_dirs())
+    for name, task in tasks.items():
         extra = f" labels: {', '.join(task.labels)}" if task.kind == "classify" else ""
-        print(f"{name:<16} {task.kind:<9} {task.description}{extra}")
+        print(f"{name:<16} {task.kind:<9} {task.description}{extra}{_head_note(config, files[name])}")
+    return 0
+
+
+def _head_note(config: Config, task_file: Path) -> str:
+    """' [head: ...]' for a task with a learned head: its fitted accuracy and whether it fits this model."""
+    from .engine.headfile import head_path, read_meta, weights_fingerprint
+    from .engine.modelstore import locate_model
+
+    path = head_path(task_file)
+    if not path.is_file():
+        return ""
+    try:
+        meta = read_meta(path)
+    except ValueError as exc:
+        return f" [head: unreadable, ignored: {exc}]"
+    fitted = f"{100 * meta.get('cv_accuracy', 0):.1f} % cross-validated on {meta.get('rows', 0)} rows"
+    model_dir = locate_model(config.model)
+    if model_dir is None:
+        return f" [head: {fitted}; model not fetched yet]"
+    if meta.get("fingerprint") != weights_fingerprint(model_dir):
+        return f" [head: {fitted}, for another model: ignored]"
+    return f" [head: {fitted}]"
+
+
+def _fit(args) -> int:
+    from tqdm import tqdm
+
+    from .build import START_ERRORS, build_engine
+    from .engine.headfile import head_path
+    from .fit import FitDataError, fit, held_out_accuracy, read_rows
+
+    config = _config(args)
+    tasks, files = load_tasks(config.prompt_dirs()), task_files(config.prompt_dirs())
+    task = tasks.get(args.task)
+    if task is None or task.kind != "classify":
+        known = ", ".join(sorted(n for n, t in tasks.items() if t.kind == "classify"))
+        print(f"llmqtt: no classify task named {args.task!r} (classify tasks: {known})", file=sys.stderr)
+        return 2
+    try:
+        rows = read_rows(args.data, list(task.labels))
+        test = read_rows(args.test, list(task.labels), min_per_label=1) if args.test else []
+    except FitDataError as exc:
+        print(f"llmqtt: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or head_path(files[args.task])
+    # The daemon's own path to an engine (planned dtype, threads, quantization), so the head sees the hidden
+    # states serving will see. No decode kernels or warm-up: fitting never generates.
+    config = config.model_copy(update={"model": config.model.model_copy(update={"fast_decode": False})})
+    try:
+        engine = build_engine(config, {args.task: task}, factory=args.engine_factory, progress=_ProgressBar(),
+                              warm=False).engine
+    except START_ERRORS as exc:
+        print(f"llmqtt: {exc}", file=sys.stderr)
+        return 1
+    digest = hashlib.sha256(args.data.read_bytes()).hexdigest()
+    info = {"model": engine.model_name, "fingerprint": engine.weights, "scheme": engine.dtype,
+            "data": {"file": args.data.name, "sha256": digest}}
+    bar = tqdm(total=len(rows), desc=f"fit {args.task}", unit="rows", file=sys.stderr)
+    say = lambda text: print(f"llmqtt: {text}", file=sys.stderr)  # noqa: E731
+    result = fit(engine, args.task, rows, info, tick=bar.update, say=say, collected=bar.close)
+    result.head.save(out)
+    meta = result.head.meta
+    print(f"{args.task}: head on {result.head.features.describe()} (C={meta['C']}, temperature "
+          f"{meta['temperature']}), cross-validated accuracy {100 * result.cv_accuracy:.1f} % on {meta['rows']} "
+          f"rows ({meta['rows_per_s']} rows/s through the model); written to {out}")
+    if test:
+        acc = held_out_accuracy(engine, args.task, result.head, test)
+        print(f"{args.task}: on {len(test)} held-out rows ({args.test.name}): prompt alone {100 * acc['prompt']:.1f} %, "
+              f"with the head {100 * acc['head']:.1f} %")
     return 0
 
 
@@ -106,7 +196,7 @@ def _check_config(args) -> int:
 def _doctor(args) -> int:
     from .doctor import main as doctor_main
 
-    return doctor_main(_config(args), args.json)
+    return doctor_main(_config(args), args.json, bench_results=args.bench)
 
 
 def _model(args) -> int:

@@ -29,7 +29,8 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    # `demo`, a Hugging Face id (`Qwen/Qwen2.5-0.5B-Instruct`), a local directory, or a local `.gguf` file.
+    # A built-in model (`demo`: the 0.5B, `coder-1.5b`; README "Models"), a Hugging Face id
+    # (`Qwen/Qwen2.5-0.5B-Instruct`), a local directory, or a local `.gguf` file.
     name: str = "demo"
     # `auto` is float32 (bf16 measured mixed on CPUs: docs/bench); ask for bfloat16 explicitly.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -327,7 +328,7 @@ def _unreadable(path: Path | None) -> str | None:
 
 
 def _model_problem(name: str) -> str | None:
-    """A local model that is not there or not a model; `demo` and hub ids are resolved when the daemon starts."""
+    """A local model that is not there or not a model; built-in names and hub ids are resolved when the daemon starts."""
     path = Path(name)
     if name == "demo":
         return None

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from .config import Config, ModelConfig, choose_quantize
-from .engine.modelstore import locate_model, looks_like_hub_id
+from .engine.modelstore import BUILTIN_MODELS, locate_model, looks_like_hub_id
 from .explain import explain, fmt_bytes, suggest
+from .modelchoice import Speed, recommend_model, speed_from_bench
 from .modelfacts import ModelFacts, ModelFactsError, read_model_facts
 from .planner import choose_dtype, dtype_notes, low_memory_threshold, plan, plan_threads
 from .readings import SystemReadings, read_system
@@ -40,10 +41,11 @@ class Problem:
 
 
 def build_report(config: Config, model_dir: Path | None = None, *, readings: SystemReadings | None = None,
-                 locate: Locator | None = None) -> dict[str, Any]:
-    """Readings, model facts, plan and problems as plain JSON-ready data.
+                 locate: Locator | None = None, measured: dict[str, Speed] | None = None) -> dict[str, Any]:
+    """Readings, model facts, plan, the recommended built-in model and problems as plain JSON-ready data.
 
-    `model_dir` None: look the model up without downloading (modelstore.locate_model).
+    `model_dir` None: look the model up without downloading (modelstore.locate_model). `measured`: speeds
+    of built-in models on this board, from `llmqtt bench` results (modelchoice.speed_from_bench).
     """
     readings = readings or read_system()
     problems: list[Problem] = []
@@ -60,6 +62,7 @@ def build_report(config: Config, model_dir: Path | None = None, *, readings: Sys
         "model": {"name": config.model.name, "dir": str(model_dir) if model_dir else None,
                   "facts": _jsonable(asdict(facts)) if facts else None},
         "plan": plan_data,
+        "recommendation": asdict(recommend_model(readings, config.model.quantize, measured)),
         "problems": [asdict(p) for p in problems],
     }
 
@@ -85,7 +88,7 @@ def _facts(model_dir: Path | None, problems: list[Problem]) -> ModelFacts | None
 
 def _model_missing(model_config: ModelConfig) -> Problem:
     name = model_config.name
-    if model_config.auto_fetch and (name == "demo" or looks_like_hub_id(name)):
+    if model_config.auto_fetch and (name in BUILTIN_MODELS or looks_like_hub_id(name)):
         return Problem("model_not_fetched", "info",
                        f"model {name!r} is not on disk yet: it is fetched on first start, so its size is"
                        " unknown and the memory fit is not checked; run doctor again after the first start")
@@ -186,6 +189,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines += ["", "Model", f"  name           {m['name']}", f"  directory      {m['dir'] or 'not on disk'}"]
     lines += _facts_lines(m["facts"])
     lines += ["", "Plan"] + _plan_lines(p)
+    lines += ["", "Recommended model", _wrap(report["recommendation"]["reason"], "  ")]
     lines += ["", "Problems"] + (
         [f"  [{x['severity']}] {x['code']}: {x['message']}" for x in report["problems"]] or ["  none"])
     return "\n".join(lines)
@@ -269,8 +273,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def main(config: Config, as_json: bool = False, *, model_dir: Path | None = None) -> int:
-    report = build_report(config, model_dir)
+def read_bench_speeds(paths: list[Path], quantize: str) -> dict[str, Speed]:
+    """Built-in model name -> Speed from `llmqtt bench` result.json files; files for other models are ignored."""
+    found = (speed_from_bench(json.loads(Path(p).read_text(encoding="utf-8")), quantize) for p in paths)
+    return dict(f for f in found if f is not None)
+
+
+def main(config: Config, as_json: bool = False, *, model_dir: Path | None = None,
+         bench_results: list[Path] = ()) -> int:
+    report = build_report(config, model_dir, measured=read_bench_speeds(list(bench_results), config.model.quantize))
     if as_json:
         print(json.dumps(report, indent=2))
     else:

@@ -43,8 +43,25 @@ def read_model_facts(model_dir: Path) -> ModelFacts:
     config = _read_model_config(model_dir / "config.json")
     files = sorted(model_dir.glob("*.safetensors"))
     tensors = [t for f in files for t in _safetensors_tensors(f).items()]
+    arch = _architecture(config)
+    if tensors:
+        counts = _count_tensors(tensors, arch["vocab_size"])
+        source: Literal["safetensors", "config"] = "safetensors"
+    else:
+        counts = _count_from_config(arch)
+        source = "config"
+    return ModelFacts(**arch, **counts, weight_files=len(files), params_source=source)
+
+
+def facts_from_config(config: dict) -> ModelFacts:
+    """Facts for a model known only by its config.json numbers (a built-in model not fetched yet)."""
+    arch = _architecture({"_path": "config", **config})
+    return ModelFacts(**arch, **_count_from_config(arch), weight_files=0, params_source="config")
+
+
+def _architecture(config: dict) -> dict:
     hidden, heads = _required(config, "hidden_size"), _required(config, "num_attention_heads")
-    arch = dict(
+    return dict(
         model_type=config.get("model_type"),
         hidden_size=hidden,
         num_hidden_layers=_required(config, "num_hidden_layers"),
@@ -55,13 +72,6 @@ def read_model_facts(model_dir: Path) -> ModelFacts:
         intermediate_size=config.get("intermediate_size"),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
-    if tensors:
-        counts = _count_tensors(tensors, arch["vocab_size"])
-        source: Literal["safetensors", "config"] = "safetensors"
-    else:
-        counts = _count_from_config(arch)
-        source = "config"
-    return ModelFacts(**arch, **counts, weight_files=len(files), params_source=source)
 
 
 def _read_model_config(path: Path) -> dict:

@@ -169,13 +169,22 @@ def load_task_file(path: Path) -> ClassifyTask | GenerateTask:
 
 def load_tasks(dirs: list[Path]) -> dict[str, ClassifyTask | GenerateTask]:
     """All `*.yaml`/`*.yml` files in `dirs`; a later directory's task replaces an earlier one of the same name."""
-    tasks: dict[str, ClassifyTask | GenerateTask] = {}
+    return {name: task for name, (_, task) in _load_all(dirs).items()}
+
+
+def task_files(dirs: list[Path]) -> dict[str, Path]:
+    """The file each task comes from (the one `load_tasks` keeps); a task's learned head sits beside it."""
+    return {name: path for name, (path, _) in _load_all(dirs).items()}
+
+
+def _load_all(dirs: list[Path]) -> dict[str, tuple[Path, ClassifyTask | GenerateTask]]:
+    tasks: dict[str, tuple[Path, ClassifyTask | GenerateTask]] = {}
     for directory in dirs:
         if not directory.is_dir():
             raise TaskFileError(f"{directory}: prompts directory does not exist")
         for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
             task = load_task_file(path)
-            tasks[task.name] = task
+            tasks[task.name] = (path, task)
     if not tasks:
         raise TaskFileError(f"no task files (*.yaml) in {', '.join(map(str, dirs))}")
     return tasks

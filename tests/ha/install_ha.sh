@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs a real Home Assistant for the test suite into its own virtualenv (idempotent; deploy/setup.sh
-# calls it). HA 2025.x needs Python 3.13: pyenv's 3.13 is used when there is one, else python3.13 on PATH.
+# calls it once per release in tests/ha/server.py RELEASES).
 #
-#   LLMQTT_HA_VENV     where (default ~/.cache/llmqtt-test/ha-venv)
-#   LLMQTT_HA_VERSION  which release (default below; the newest one pip offers for Python 3.13.0)
-#   LLMQTT_HA_PYTHON   the interpreter to build the venv from
+#   install_ha.sh [VERSION [VENV]]
+#   VERSION  default 2025.4.4 (or $LLMQTT_HA_VERSION): the newest release pip offers for Python 3.13.0
+#   VENV     default ~/.cache/llmqtt-test/ha-venv (or $LLMQTT_HA_VENV)
+#   $LLMQTT_HA_PYTHON  the interpreter to build the venv from; by default pyenv's 3.13 for 2025.x, 3.12 for
+#            2024.x (HA's own minimum for each), else python3.13 / python3.12 on PATH
 #
 # Besides `homeassistant` (resolved with HA's own package_constraints.txt: without it pip backtracks for many
 # minutes through old versions of HA's dependencies), it installs the requirements of every integration HA
@@ -12,8 +14,14 @@
 # with --skip-pip and never installs anything while a test waits.
 set -euo pipefail
 
-HA_VERSION=${LLMQTT_HA_VERSION:-2025.4.4}
-VENV=${LLMQTT_HA_VENV:-$HOME/.cache/llmqtt-test/ha-venv}
+HA_VERSION=${1:-${LLMQTT_HA_VERSION:-2025.4.4}}
+VENV=${2:-${LLMQTT_HA_VENV:-$HOME/.cache/llmqtt-test/ha-venv}}
+# Pins HA's own constraints lack for an older release: dependencies that broke it after it shipped
+# (josepy 2 removed ComparableX509, which the acme package of HA 2024.x imports at start).
+case "$HA_VERSION" in
+  2024.*) PY_MINOR=3.12; LATE_PINS="josepy<2" ;;
+  *) PY_MINOR=3.13; LATE_PINS="" ;;
+esac
 EXTRA_INTEGRATIONS="mqtt ollama conversation"
 MARKER="$VENV/.llmqtt-ha-$HA_VERSION"
 
@@ -27,10 +35,10 @@ find_python() {
   if [ -n "${LLMQTT_HA_PYTHON:-}" ]; then echo "$LLMQTT_HA_PYTHON"; return; fi
   local root candidate
   root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
-  for candidate in "$root"/versions/3.13*/bin/python3; do
+  for candidate in "$root"/versions/"$PY_MINOR".*/bin/python3; do
     [ -x "$candidate" ] && { echo "$candidate"; return; }
   done
-  command -v python3.13 || { echo "install_ha: no Python 3.13 (pyenv install 3.13, or set LLMQTT_HA_PYTHON)" >&2; exit 1; }
+  command -v "python$PY_MINOR" || { echo "install_ha: no Python $PY_MINOR (pyenv install $PY_MINOR, or set LLMQTT_HA_PYTHON)" >&2; exit 1; }
 }
 PYTHON=$(find_python)
 echo "install_ha: Home Assistant $HA_VERSION into $VENV with $("$PYTHON" --version)"
@@ -53,6 +61,7 @@ import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as wheel:
     open(sys.argv[2], "wb").write(wheel.read("homeassistant/package_constraints.txt"))
 PY
+for pin in $LATE_PINS; do echo "$pin" >> "$wheels/constraints.txt"; done
 pip_quiet install -c "$wheels/constraints.txt" "$wheels"/homeassistant-*.whl
 
 # The integrations' own requirements (manifest.json), for the set HA loads at start plus ours, with their

@@ -34,26 +34,28 @@ class Scored:
         return table
 
 
-def classify_rows(engine, task: str, rows: Sequence[Row], tick: Callable[[int], None] = lambda n: None) -> Scored:
-    """The classification path (prefix cache + label logits), batched like the daemon does."""
+def classify_rows(engine, task: str, rows: Sequence[Row], tick: Callable[[int], None] = lambda n: None,
+                  use_head: bool = True) -> Scored:
+    """The classification path (prefix cache + the task's head, or its label logits), batched like the
+    daemon does; `use_head=False` reads the label logits even where the task has a head."""
     labels = list(engine.tasks[task].labels)
     scored = Scored(labels)
     for start in range(0, len(rows), CHUNK):
         chunk = rows[start:start + CHUNK]
-        for row, result in zip(chunk, _classify_chunk(engine, task, chunk)):
+        for row, result in zip(chunk, _classify_chunk(engine, task, chunk, use_head)):
             scored.gold.append(row.label)
             scored.predicted.append(result.label if result else None)
         tick(len(chunk))
     return scored
 
 
-def _classify_chunk(engine, task: str, chunk: Sequence[Row]) -> list:
+def _classify_chunk(engine, task: str, chunk: Sequence[Row], use_head: bool) -> list:
     """Results in order; a text the engine refuses (e.g. too long for the context) counts as no label,
     i.e. wrong, as the daemon would answer it with an error. Its batch-mates are retried one by one."""
     try:
-        return engine.classify(task, [r.text for r in chunk])
+        return engine.classify(task, [r.text for r in chunk], use_head)
     except EngineError:
         if len(chunk) == 1:
             return [None]
-        return [result for row in chunk for result in _classify_chunk(engine, task, [row])]
+        return [result for row in chunk for result in _classify_chunk(engine, task, [row], use_head)]
 

@@ -54,17 +54,43 @@ def _targets_md(r: dict) -> str:
 def _accuracy_md(r: dict) -> str:
     d = r["meta"]["data"]
     lines = ["## Accuracy\n", f"Test split of the seeded sample in `{d['dir']}` (seed {d['seed']}; {d['split']}). "
-             "Prompts were tuned on the dev split only. Classification path; fp32 and the default config.\n"]
-    for key, variant in (("accuracy", "fp32"), ("accuracy_default", f"default ({_default_dtype(r)})")):
-        for task, per_lang in r.get(key, {}).items():
-            if "skipped" in per_lang:
-                lines.append(f"- `{task}` ({variant}): {per_lang['skipped']}\n")
-                continue
-            for lang, s in per_lang.items():
-                refused = f" ({s['no_label']} refused as too long, counted wrong)" if s["no_label"] else ""
-                lines.append(f"**{task} / {lang}, {variant}**: {100 * s['accuracy']:.1f} % of {s['n']}{refused}\n")
-                lines.append(_confusion_md(s["confusion"]))
+             "Prompts were tuned, heads and the TF-IDF baseline fitted, on dev rows only. fp32.\n"]
+    for task, section in r.get("accuracy", {}).items():
+        if "skipped" in section:
+            lines.append(f"- `{task}`: {section['skipped']}\n")
+            continue
+        head = section.get("head")
+        lines.append(f"**{task}** (the daemon serves its {section['served']})" + (
+            f": head on {head['features']}, {head['rows']} rows, cross-validated {100 * head['cv_accuracy']:.1f} %, "
+            f"fitted under {head.get('scheme')}; baseline trained on the head's rows: "
+            f"{'yes' if head['baseline_same_rows'] else 'no'}\n" if head else "\n"))
+        lines += ["| language | prompt (label logits) | learned head | TF-IDF + logistic regression |", "|---|---|---|---|"]
+        for lang, per in section["by_language"].items():
+            cells = [_acc_cell(per.get(k)) for k in ("prompt", "head", "tfidf")]
+            lines.append(f"| {lang} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if "latency" in section:
+            lat = section["latency"]
+            lines.append(f"Per-message latency, one at a time, interleaved: head p50 {lat['head']['p50_ms']:.0f} ms, "
+                         f"prompt p50 {lat['prompt']['p50_ms']:.0f} ms ({lat['p50_head_over_prompt']:.2f}x; per pass: "
+                         + ", ".join(f"{x:.2f}x" for x in lat["p50_ratio_per_rep"]) + ")\n")
+        for lang, per in section["by_language"].items():
+            s = per.get(section["served"])
+            refused = f" ({s['no_label']} refused as too long, counted wrong)" if s["no_label"] else ""
+            lines.append(f"{task} / {lang}, {section['served']}: {100 * s['accuracy']:.1f} % of {s['n']}{refused}\n")
+            lines.append(_confusion_md(s["confusion"]))
+    for task, per_lang in r.get("accuracy_default", {}).items():  # the default config, as the daemon serves
+        for lang, s in per_lang.items():
+            lines.append(f"{task} / {lang}, default ({_default_dtype(r)}): {100 * s['accuracy']:.1f} % of {s['n']}\n")
     return "\n".join(lines) + "\n"
+
+
+def _acc_cell(summary: dict | None) -> str:
+    if summary is None:
+        return "-"
+    if "skipped" in summary:
+        return f"n/a ({summary['skipped']})"
+    return f"{100 * summary['accuracy']:.1f} % of {summary['n']}"
 
 
 def _confusion_md(confusion: dict) -> str:

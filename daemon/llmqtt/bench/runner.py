@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..config import Config
+from ..engine.modelstore import BUILTIN_MODELS
 from ..tasks import ClassifyTask, GenerateTask, load_tasks
 from . import chat, data, llamacpp, speed, startup
 from .accuracy import classify_rows
@@ -42,6 +43,7 @@ class Sizes:
     startup: bool  # measure start-up in subprocesses
     bandwidth_bytes: int = 1 << 30  # the tensor read to measure memory bandwidth: far beyond the caches
     variants: tuple[str, ...] = tuple(VARIANTS)  # fp32 first: accuracy runs on it
+    baseline_rows: int | None = None  # per language, of the fit rows the TF-IDF baseline trains on (None: all)
 
 
 FULL = Sizes("full", accuracy_rows=500, compare_rows=24, other_compare_rows=24, burst=64, chat_reps=REPS,
@@ -49,10 +51,13 @@ FULL = Sizes("full", accuracy_rows=500, compare_rows=24, other_compare_rows=24, 
 QUICK = Sizes("quick", accuracy_rows=100, compare_rows=3, other_compare_rows=8, burst=32, chat_reps=REPS,
               decode_tokens=32, startup=True, variants=("fp32", "default"))
 MINI = Sizes("mini", accuracy_rows=4, compare_rows=2, other_compare_rows=1, burst=8, chat_reps=REPS,
-             decode_tokens=4, startup=True, bandwidth_bytes=1 << 26)  # for tests, with the tiny model
+             decode_tokens=4, startup=True, bandwidth_bytes=1 << 26, baseline_rows=200)  # for tests, tiny model
 
 # Labelled data per classify task: language -> file in bench/data. Tasks not listed have none.
 DATASETS = {"sentiment": {"en": "sentiment-en.jsonl", "zh": "sentiment-zh.jsonl"}}
+# The rows a task's shipped head was fitted on (dev rows only, checked disjoint from the test rows): the
+# TF-IDF baseline is trained on the same ones.
+FIT_DATA = {"sentiment": "sentiment-fit.jsonl"}
 SPEED_TASK = "sentiment"
 CHAT_TASK = "chat"
 
@@ -67,6 +72,8 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
     resolved = resolve_model(config.model)
     rows = {task: {lang: data.load_rows(data_dir / name, "test", sizes.accuracy_rows) for lang, name in files.items()}
             for task, files in DATASETS.items() if task in tasks}
+    fit_rows = {task: data.load_fit_rows(data_dir / name, [data_dir / f for f in DATASETS[task].values()])
+                for task, name in FIT_DATA.items() if task in rows and (data_dir / name).is_file()}
     started = time.perf_counter()
     with tqdm(total=_work_units(sizes, rows), unit="step", disable=not show_progress, smoothing=0) as bar:
         tick = bar.update
@@ -79,9 +86,12 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
             bar.set_description(f"loading {name}")
             engine = _engine(resolved, config, tasks, dtype, quantize)
             result["meta"]["torch_threads"] = torch_threads()  # as planned for this machine by build_engine
-            if name in ACCURACY_VARIANTS:
+            if name == "fp32":
+                bar.set_description("accuracy fp32")
+                result["accuracy"] = accuracy_section(engine, tasks, rows, fit_rows, sizes, tick)
+            elif name in ACCURACY_VARIANTS:  # the default config, on the path the daemon serves
                 bar.set_description(f"accuracy {name}")
-                result["accuracy" if name == "fp32" else f"accuracy_{name}"] = accuracy_section(engine, tasks, rows, tick)
+                result[f"accuracy_{name}"] = served_accuracy(engine, tasks, rows, tick)
             compare = sizes.compare_rows if name == "fp32" else sizes.other_compare_rows
             result["variants"][name] = variant_section(engine, tasks, rows, sizes, compare, bar)
             if name == "default":
@@ -115,7 +125,9 @@ def _engine(resolved, config: Config, tasks: dict, dtype: str, quantize: str):
     return engine
 
 
-def accuracy_section(engine, tasks: dict, rows: dict, tick) -> dict:
+def accuracy_section(engine, tasks: dict, rows: dict, fit_rows: dict, sizes: Sizes, tick) -> dict:
+    """Per classify task with data: the prompt's label logits, the learned head (if the task has one that
+    fits this model) and the TF-IDF baseline, each on the same test rows; and head vs prompt latency."""
     out: dict = {}
     for name, task in tasks.items():
         if not isinstance(task, ClassifyTask):
@@ -123,9 +135,47 @@ def accuracy_section(engine, tasks: dict, rows: dict, tick) -> dict:
         if name not in rows:
             out[name] = {"skipped": "no labelled data"}
             continue
-        out[name] = {lang: classify_rows(engine, name, task_rows, tick).summary()
-                     for lang, task_rows in rows[name].items()}
+        head = engine.head(name)
+        section: dict = {"served": "head" if head else "prompt", "head": _head_note(head, fit_rows.get(name)),
+                         "by_language": {}}
+        for lang, test in rows[name].items():
+            entry = {"prompt": classify_rows(engine, name, test, tick, use_head=False).summary()}
+            if head:
+                entry["head"] = classify_rows(engine, name, test, tick).summary()
+            entry["tfidf"] = _tfidf(fit_rows.get(name), lang, test, list(task.labels), sizes.baseline_rows)
+            section["by_language"][lang] = entry
+        if head:
+            sample = [r for lang_rows in rows[name].values() for r in lang_rows[:sizes.compare_rows]]
+            section["latency"] = speed.head_vs_prompt_latency(engine, name, sample)
+        out[name] = section
     return out
+
+
+def served_accuracy(engine, tasks: dict, rows: dict, tick) -> dict:
+    """Per classify task with data and language: accuracy on the path the daemon serves (engine.classify)."""
+    return {name: {lang: classify_rows(engine, name, test, tick).summary() for lang, test in rows[name].items()}
+            for name, task in tasks.items() if isinstance(task, ClassifyTask) and name in rows}
+
+
+def _head_note(head, fit: data.FitRows | None) -> dict | None:
+    """What the bench knows about a head: its metadata, and whether the baseline's rows are its rows."""
+    if head is None:
+        return None
+    meta = {k: v for k, v in head.meta.items() if k not in ("prompt", "fitted_at")}
+    meta["features"] = head.features.describe()
+    meta["baseline_same_rows"] = fit is not None and head.meta.get("data", {}).get("sha256") == fit.sha256
+    return meta
+
+
+def _tfidf(fit: data.FitRows | None, lang: str, test: list, labels: list[str], limit: int | None) -> dict:
+    train = [r for r in (fit.rows if fit else []) if r.lang == lang][:limit]
+    if not train:
+        return {"skipped": "no fit rows for this language"}
+    try:
+        from .baseline import tfidf_scored
+    except ImportError:
+        return {"skipped": "scikit-learn is not installed (pip install 'llmqtt[bench]')"}
+    return {**tfidf_scored(train, test, labels).summary(), "train_rows": len(train)}
 
 
 def variant_section(engine, tasks: dict, rows: dict, sizes: Sizes, compare_rows: int, bar) -> dict:
@@ -193,10 +243,10 @@ def llama_inputs(engine, rows: dict, sizes: Sizes) -> dict | None:
 
 
 def gguf_file(resolved, config: Config) -> Path | None:
-    """The GGUF the model came from: the configured file, or the demo model's, which sits beside its copy."""
+    """The GGUF the model came from: the configured file, or a built-in model's, which sits beside its copy."""
     if config.model.name.endswith(".gguf"):
         return Path(config.model.name)
-    return next(iter(sorted(resolved.path.parent.glob("*.gguf"))), None) if config.model.name == "demo" else None
+    return next(iter(sorted(resolved.path.parent.glob("*.gguf"))), None) if config.model.name in BUILTIN_MODELS else None
 
 
 def _interleave(lists: list[list[str]], n: int) -> list[str]:
@@ -206,7 +256,7 @@ def _interleave(lists: list[list[str]], n: int) -> list[str]:
 
 
 def _work_units(sizes: Sizes, rows: dict) -> int:
-    accuracy = len(ACCURACY_VARIANTS) * sum(len(r) for per_lang in rows.values() for r in per_lang.values())
+    accuracy = (2 + len(ACCURACY_VARIANTS) - 1) * sum(len(r) for per_lang in rows.values() for r in per_lang.values())
     langs = len(rows.get(SPEED_TASK, {}))
     per_variant = lambda n: 2 * n * langs + (sizes.burst if langs else 0) + 2  # noqa: E731
     others = (len(sizes.variants) - 1) * per_variant(sizes.other_compare_rows)

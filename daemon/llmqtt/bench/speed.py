@@ -38,9 +38,32 @@ def sentiment_speed(engine, task: str, rows: Sequence[Row], burst_texts: Sequenc
             "p50_a_over_b": ratio(a["p50_ms"], b["p50_ms"])}
 
 
-def _label_or_none(engine, task: str, text: str) -> str | None:
+def head_vs_prompt_latency(engine, task: str, rows: Sequence[Row], reps: int = 3) -> dict:
+    """Per-message latency with the task's learned head vs its prompt's label logits, one message at a time.
+
+    Interleaved per message (head first on even rows, prompt first on odd ones) so machine load drifts
+    into both alike; `reps` passes over the rows, medians per pass and over all.
+    """
+    samples: dict[str, list[float]] = {"head": [], "prompt": []}
+    per_rep = []
+    for _ in range(reps):
+        rep: dict[str, list[float]] = {"head": [], "prompt": []}
+        for i, row in enumerate(rows):
+            for use_head in ((True, False) if i % 2 == 0 else (False, True)):
+                start = time.perf_counter()
+                _label_or_none(engine, task, row.text, use_head)
+                rep["head" if use_head else "prompt"].append(time.perf_counter() - start)
+        per_rep.append(ratio(latency_stats(rep["head"])["p50_ms"], latency_stats(rep["prompt"])["p50_ms"]))
+        for key in samples:
+            samples[key] += rep[key]
+    head, prompt = latency_stats(samples["head"]), latency_stats(samples["prompt"])
+    return {"head": head, "prompt": prompt, "p50_head_over_prompt": ratio(head["p50_ms"], prompt["p50_ms"]),
+            "p50_ratio_per_rep": per_rep}
+
+
+def _label_or_none(engine, task: str, text: str, use_head: bool = True) -> str | None:
     try:
-        return engine.classify(task, [text])[0].label
+        return engine.classify(task, [text], use_head)[0].label
     except EngineError:  # refused (too long): no label, counted wrong
         return None
 

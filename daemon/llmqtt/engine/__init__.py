@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Mapping
 
 from ..config import ModelConfig, choose_dtype, choose_quantize
@@ -18,10 +19,15 @@ log = logging.getLogger(__name__)
 
 
 def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | GenerateTask], max_batch: int = 16,
-                progress: Progress = _no_progress, resolved: ResolvedModel | None = None):
-    """Resolve (fetch/convert if needed), load and prepare the model for `tasks`; returns an `Engine`."""
+                progress: Progress = _no_progress, resolved: ResolvedModel | None = None,
+                heads: Mapping[str, Path] | None = None):
+    """Resolve (fetch/convert if needed), load and prepare the model for `tasks`; returns an `Engine`.
+
+    `heads`: task name -> learned head file (`llmqtt fit`); one that does not fit this model is ignored with
+    a warning, and its task answers from its prompt."""
     from .engine import Engine
     from .loader import load
+    from .headfile import weights_fingerprint
     from .prefixstore import PrefixStore, model_fingerprint
     from .quantize import QuantizedStore, drop_float32
 
@@ -45,7 +51,8 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
         store = PrefixStore(cache_dir_for(config) / "prefix-kv", model_fingerprint(resolved.path, dtype, scheme))
     progress("preparing task prompts", 0, 0)
     engine = Engine(loaded, tasks, resolved.display_name, resolved.match_name, config.max_context, max_batch, store,
-                    conversation_tokens=config.conversation_cache_tokens)
+                    conversation_tokens=config.conversation_cache_tokens, heads=_load_heads(heads or {}, tasks),
+                    weights=weights_fingerprint(resolved.path))
     if store:
         log.info("task prompt caches: %d of %d read from %s", engine.prefixes_from_disk(), len(tasks), store.directory)
     return engine
@@ -56,3 +63,17 @@ def quantize_scheme(config: ModelConfig, dtype: str) -> tuple[str, str]:
     import platform
 
     return choose_quantize(config.quantize, platform.machine(), read_cpuinfo().flags, dtype)
+
+
+def _load_heads(paths: Mapping[str, Path], tasks: Mapping) -> dict:
+    """Each classify task's head file that exists and reads; a broken one is skipped with a warning."""
+    from .head import HeadFileError, load_head
+
+    heads = {}
+    for name, path in paths.items():
+        if name in tasks and tasks[name].kind == "classify" and path.is_file():
+            try:
+                heads[name] = load_head(path)
+            except HeadFileError as exc:
+                log.warning("task %r: not using its learned head: %s. The task answers from its prompt.", name, exc)
+    return heads

