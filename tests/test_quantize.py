@@ -42,10 +42,10 @@ def test_an_explicit_scheme_wins_over_auto():
 
 
 def test_auto_refuses_a_scheme_measured_more_than_a_point_below_float32(monkeypatch):
-    monkeypatch.setitem(cfg.ACCURACY_DROP_POINTS, "int8", 1.4)
+    monkeypatch.setitem(cfg.ACCURACY_VS_FLOAT32_POINTS, "int8", -1.4)
     scheme, why = choose_quantize("auto", "x86_64", frozenset({"avx2"}))
     assert scheme == "none" and "1.4 points below float32" in why
-    monkeypatch.setitem(cfg.ACCURACY_DROP_POINTS, "int8", 0.6)
+    monkeypatch.setitem(cfg.ACCURACY_VS_FLOAT32_POINTS, "int8", -0.6)
     assert choose_quantize("auto", "x86_64", frozenset({"avx2"}))[0] == "int8"
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+import threading
+
 import torch
 
 from ..tasks import ClassifyTask
@@ -92,8 +94,12 @@ class LabelScorer:
         caught: dict[int, torch.Tensor] = {}
         deepest = max(features.layers)
 
+        owner = threading.get_ident()
+
         def catch(index: int):
             def hook(module, args, output):
+                if threading.get_ident() != owner:  # e.g. decode.py compiling in the background: not ours
+                    return None
                 caught[index] = output[0] if isinstance(output, tuple) else output  # [B, S, H]
                 if index == deepest:
                     raise _Enough
