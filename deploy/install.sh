@@ -38,7 +38,7 @@ Usage: sudo deploy/install.sh [options]
 
 Installs llmqtt from this source tree as the systemd service llmqtt.service:
 apt packages, the system user '$SERVICE_USER', a venv in $VENV (torch CPU first, then
-llmqtt[gguf,systemd]), $ETC_DIR/config.yaml from configs/<profile>.yaml (only if absent),
+llmqtt[gguf,systemd,http]), $ETC_DIR/config.yaml from configs/<profile>.yaml (only if absent),
 and the unit; then enables and (re)starts it.
 
 Options:
@@ -143,7 +143,7 @@ install_python_packages() {
     run "$VENV/bin/pip" install "${pip_args[@]}" "${torch_args[@]}" "$TORCH_SPEC"
     # systemd-python builds against libsystemd-dev (journald logging, sd_notify through libsystemd).
     say "llmqtt from $REPO"
-    run "$VENV/bin/pip" install "${pip_args[@]}" "${REPO}[gguf,systemd]"
+    run "$VENV/bin/pip" install "${pip_args[@]}" "${REPO}[gguf,systemd,http]"
     run ln -sfn "$VENV/bin/llmqtt" "$CLI_LINK"
 }
 

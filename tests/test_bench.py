@@ -94,6 +94,10 @@ def test_mini_bench_covers_every_section(mini_result):
         assert s["b_over_a"] > 0 and s["c_over_a"] > 0
         assert v["chat"]["prefix_tokens"] > 0 and v["chat"]["first_token_speedup"] > 0
         assert v["bound"]["tokens_per_s"] > 0
+    c = r["variants"]["fp32"]["conversation"]  # turn 2: reuse runs fewer tokens, HA's new time stamp more
+    assert c["reps"] >= 3 and c["same_system"]["tokens_run"] < c["new_time"]["tokens_run"] <= c["off"]["tokens_run"]
+    assert c["speedup_same_system"] > 0 and len(c["off"]["runs_ms"]) == c["reps"]
+    assert c["new_time_tolerant"]["tokens_run"] < c["new_time"]["tokens_run"]  # past the changed time stamp
     assert r["variants"]["default"]["dtype"] == "float32+int8"  # quantize: auto on this x86 machine
     assert r["variants"]["default"]["weight_bytes"] < r["variants"]["fp32"]["weight_bytes"]
     # Measured with what a daemon serves with: fp32's one-row kernels, the default's compiled decode step.

@@ -146,3 +146,24 @@ def test_stop_strings_across_pieces_are_held_back_and_cut():
     plain = _Words(["no ", "stop ", "here"])
     assert "".join(StopStrings(plain, ["User:"], plain.cancel)) == "no stop here"
     assert first_stop("abcabc", ["c", "b"]) == 1 and first_stop("abc", ["x"]) is None
+
+
+def test_tolerant_mode_goes_past_a_changed_time_stamp(loaded):
+    """Home Assistant's prompt: the time at its start changes every turn. Exact reuse stops there; tolerant
+    recomputes the changed tokens and reuses the rest (approximately: the KV after the change is kept)."""
+    task = parse_task(CHAT, "t", "chat")
+    long_system = SYSTEM + " The lights are called " + ", ".join(f"lamp number {i}" for i in range(12)) + "."
+    results = {}
+    for mode in ("exact", "tolerant"):
+        engine = Engine(loaded, {"chat": task}, "tiny", "tiny", max_context=512, conversation_tokens=4096,
+                        conversation_tolerant=mode == "tolerant")
+        first, _ = turn(engine, [], "turn on the kitchen light", system=long_system)
+        history = [Turn("user", "turn on the kitchen light"), Turn("assistant", first)]
+        answer, result = turn(engine, history, "and the hall", system=long_system.replace("07:12:03", "07:13:44"))
+        results[mode] = (answer, result)
+    exact, tolerant = results["exact"][1], results["tolerant"][1]
+    head = engine._generators["chat"]._head(long_system)[1]
+    moved_on = engine._generators["chat"]._head(long_system.replace("07:12:03", "07:13:44"))[1]
+    assert exact.cached_prefix_tokens == common_prefix(head, moved_on)  # up to "Current time is 07:1"
+    assert tolerant.cached_prefix_tokens > len(head) > exact.cached_prefix_tokens  # the system prompt's rest and turn 1
+    assert tolerant.prompt_tokens == exact.prompt_tokens and results["tolerant"][0]  # it answered

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 from fake_engine import make_engine
@@ -38,34 +39,37 @@ HA_TURN_2 = {
 
 class Server:
     def __init__(self, tmp_path, token: str | None = None, queue_size: int = 64, ready: bool = True,
-                 token_delay_s: float = 0.0):
+                 token_delay_s: float = 0.0, engine=None, max_text_chars: int = 200,
+                 max_body_bytes: int = 4096):
         from llmqtt.http.server import HttpTransport
-
-        prompts = tmp_path / "prompts"
-        self.engine = make_engine(prompts, token_delay_s=token_delay_s)
-        (prompts / "route.yaml").write_text(ROUTE)
         from llmqtt.tasks import load_tasks
 
-        self.engine.tasks = load_tasks([prompts])
+        if engine is None:
+            prompts = tmp_path / "prompts"
+            engine = make_engine(prompts, token_delay_s=token_delay_s)
+            (prompts / "route.yaml").write_text(ROUTE)
+            engine.tasks = load_tasks([prompts])
+        self.engine = engine
         self.service = Service(self.engine, sessions=SessionStore(8, 60), queue_size=queue_size)
         self.service.start()
         token_file = None
         if token:
             token_file = tmp_path / "token"
             token_file.write_text(token + "\n")
-        config = HttpConfig(enabled=True, port=0, token_file=token_file, max_body_bytes=4096)
+        config = HttpConfig(enabled=True, port=0, token_file=token_file, max_body_bytes=max_body_bytes)
         health = lambda: build_health(MachineReadings(), self.service.stats.snapshot(), queue_depth=0,  # noqa: E731
                                       sessions=0, uptime_s=1.0, model="fake", dtype="float32", threads=1)
         self.http = HttpTransport(config, self.service, self.engine.tasks, model_name="fake-model",
-                                  dtype="float32", limits=Limits(16384, 200), health=health)
+                                  dtype="float32", limits=Limits(16384, max_text_chars), health=health)
         self.http.start()
         if ready:
             self.http.set_ready()
         self.url = f"http://127.0.0.1:{self.http.port}"
+        self.timeout_s = 10.0  # per raw request; the real model on a loaded machine needs more
 
     def request(self, method: str, path: str, body=None, headers: dict | None = None):
         """(status, headers, body bytes)"""
-        conn = http.client.HTTPConnection("127.0.0.1", self.http.port, timeout=10)
+        conn = http.client.HTTPConnection("127.0.0.1", self.http.port, timeout=self.timeout_s)
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
         conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
         response = conn.getresponse()
@@ -397,3 +401,60 @@ def _metrics(port: int) -> str:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     conn.request("GET", "/metrics")
     return conn.getresponse().read().decode()
+
+
+# -- the web page, in a real headless Chromium ----------------------------------------------------------
+
+def test_web_page_classifies_and_chats_in_chromium(tmp_path):
+    import asyncio
+
+    from browser import Browser
+
+    server = Server(tmp_path, token_delay_s=0.05)
+    shots = tmp_path / "shots"
+    shots.mkdir()
+
+    async def scenario():
+        async with Browser(tmp_path) as browser:
+            await browser.open(server.url + "/")
+            await browser.wait_for("document.querySelectorAll('#classify-task option').length > 0")
+            assert await browser.js("[...document.querySelectorAll('#chat-task option')].map(o => o.value)") == ["chat"]
+            # classify: a label, and a bar per label score
+            await browser.js("document.getElementById('classify-task').value = 'sentiment';"
+                             "document.getElementById('classify-text').value = 'I love this phone';"
+                             "document.getElementById('classify-go').click()")
+            await browser.wait_for("document.getElementById('label').textContent === 'positive'")
+            bars = await browser.js("[...document.querySelectorAll('.score')].map(r => [r.dataset.label, "
+                                    "r.querySelector('.fill').style.width])")
+            assert bars == [["positive", "90%"], ["negative", "10%"]]  # the browser normalises "90.0%"
+            await browser.screenshot(shots / "classify.png")
+            # chat: two turns, streaming, the history sent back with the second
+            await browser.js("document.getElementById('tab-chat').click()")
+            for text in ("hello there", "and again"):
+                await browser.js(f"document.getElementById('chat-text').value = {json.dumps(text)};"
+                                 "document.getElementById('chat-send').click()")
+                await browser.wait_for(f"[...document.querySelectorAll('.msg.assistant')].some("
+                                       f"m => m.textContent === 'echo {text}')")
+                await browser.wait_for("!document.getElementById('chat-send').disabled")
+            assert [t.content for t in server.engine.histories[-1]] == ["hello there", "echo hello there"]
+            assert "tokens" in await browser.js("document.getElementById('chat-meta').textContent")
+            await browser.screenshot(shots / "chat.png")
+            # stop: a long answer stopped mid-stream cancels the generation on the server
+            long_text = " ".join(f"w{i}" for i in range(30))
+            await browser.js(f"document.getElementById('chat-text').value = {json.dumps(long_text)};"
+                             "document.getElementById('chat-send').click()")
+            await browser.wait_for("document.querySelectorAll('.msg.assistant')[2].textContent.length > 0")
+            await browser.js("document.getElementById('chat-stop').click()")
+            await browser.wait_for("document.getElementById('chat-meta').textContent === 'Stopped.'")
+
+    try:
+        asyncio.run(scenario())
+        wait_until(lambda: server.service.stats.snapshot()["errors_by_code"].get("cancelled") == 1, 10)
+        for name in ("classify.png", "chat.png"):
+            assert (shots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        server.close()
+        keep = Path("/tmp/llmqtt-http-shots")  # for a look by hand; the test needs no human
+        keep.mkdir(exist_ok=True)
+        for shot in shots.glob("*.png"):
+            shutil.copy(shot, keep / shot.name)

@@ -57,6 +57,10 @@ class ModelConfig(_Section):
     # next turn reuses the longest common token prefix and runs only its new tokens. ~24 KiB per token
     # for the demo model; 0 turns it off.
     conversation_cache_tokens: int = Field(default=4096, ge=0)
+    # `exact`: reuse up to the first token that differs (answers as without the cache). `tolerant`: also past
+    # one short same-length change such as the time stamp Home Assistant puts at the start of its system
+    # prompt every turn; the KV after it was computed beside the old text, so answers may differ slightly.
+    conversation_cache_mode: Literal["exact", "tolerant"] = "exact"
 
 
 class SessionConfig(_Section):

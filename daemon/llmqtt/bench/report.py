@@ -33,7 +33,8 @@ def markdown(r: dict) -> str:
              f"(torch threads {m['torch_threads']}), {_gb(m['ram_bytes'])} RAM; Python {m['python']}, torch "
              f"{m['torch']}, transformers {m['transformers']}; {m['date']}; run took {m.get('elapsed_s', 0) / 60:.1f} min.\n",
              "All ratios are from this one run on this machine; absolute numbers move with machine load.\n",
-             _targets_md(r), _accuracy_md(r), _sentiment_md(r), _chat_md(r), _startup_md(r), _llama_md(r),
+             _targets_md(r), _accuracy_md(r), _sentiment_md(r), _chat_md(r), _conversation_md(r), _startup_md(r),
+             _llama_md(r),
              f"![latency and throughput]({PLOT})\n"]
     return "\n".join(p for p in parts if p)
 
@@ -141,6 +142,28 @@ def _chat_md(r: dict) -> str:
                      f"{_n(c['first_token_recomputed_ms'], 0)} | {_n(c['first_token_speedup'], 2)}x | "
                      f"{_n(c['decode_tokens_per_s'], 2)} | {_n(b.get('tokens_per_s'), 2)} | "
                      f"{_n(c.get('decode_pct_of_bound'), 0)} % |")
+    return "\n".join(lines) + "\n"
+
+
+def _conversation_md(r: dict) -> str:
+    lines = ["## Conversation turn 2 (HTTP clients resend the history)\n",
+             "First token of turn 2 (median of the runs; each after a fresh turn 1, greedy, up to 32 answer tokens): the "
+             "conversation cache off; on with the same system prompt (ollama/openai clients, the web page); on with "
+             "the system prompt's time stamp moved on, as Home Assistant renders it each turn (exact reuse stops "
+             "there), and that in the opt-in tolerant mode (`model.conversation_cache_mode: tolerant`: the changed "
+             "time stamp is recomputed, the rest reused). `tok run` = prompt tokens computed for turn 2.\n",
+             "| weights | prompt tok | off ms (tok run) | same system ms (tok run) | speed-up | new time ms (tok run) | "
+             "speed-up | new time, tolerant ms (tok run) | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, v in r.get("variants", {}).items():
+        c = v.get("conversation")
+        if not c:
+            continue
+        lines.append(f"| {name} | {c['prompt_tokens']} | {_n(c['off']['first_token_ms'], 0)} ({c['off']['tokens_run']}) | "
+                     f"{_n(c['same_system']['first_token_ms'], 0)} ({c['same_system']['tokens_run']}) | "
+                     f"{_x(c['speedup_same_system'])} | {_n(c['new_time']['first_token_ms'], 0)} "
+                     f"({c['new_time']['tokens_run']}) | {_x(c['speedup_new_time'])} | "
+                     f"{_n(c['new_time_tolerant']['first_token_ms'], 0)} ({c['new_time_tolerant']['tokens_run']}) | "
+                     f"{_x(c['speedup_new_time_tolerant'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..config import Config
 from ..engine.modelstore import BUILTIN_MODELS
 from ..tasks import ClassifyTask, GenerateTask, load_tasks
-from . import chat, data, llamacpp, speed, startup
+from . import chat, conversation, data, llamacpp, speed, startup
 from .accuracy import classify_rows
 
 
@@ -197,6 +197,10 @@ def variant_section(engine, tasks: dict, rows: dict, sizes: Sizes, compare_rows:
         bar.set_description(f"chat speed {engine.dtype}")
         out["chat"] = chat.chat_speed(engine, engine.tasks[CHAT_TASK], sizes.chat_reps, sizes.decode_tokens,
                                       bar.update)
+        if engine.dtype == "float32":  # the reuse saves prefill the same way for every variant: measured once
+            bar.set_description("conversation turn 2")
+            out["conversation"] = conversation.turn_two(engine, CHAT_TASK, max(3, sizes.chat_reps), bar.update,
+                                                        answer_tokens=min(32, 4 * sizes.decode_tokens))
     out["_bytes_per_token"] = chat.bytes_per_token(engine.loaded.model, engine.loaded.weight_bytes)
     return out
 

@@ -51,8 +51,9 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
         store = PrefixStore(cache_dir_for(config) / "prefix-kv", model_fingerprint(resolved.path, dtype, scheme))
     progress("preparing task prompts", 0, 0)
     engine = Engine(loaded, tasks, resolved.display_name, resolved.match_name, config.max_context, max_batch, store,
-                    conversation_tokens=config.conversation_cache_tokens, heads=_load_heads(heads or {}, tasks),
-                    weights=weights_fingerprint(resolved.path))
+                    conversation_tokens=config.conversation_cache_tokens,
+                    conversation_tolerant=config.conversation_cache_mode == "tolerant",
+                    heads=_load_heads(heads or {}, tasks), weights=weights_fingerprint(resolved.path))
     if store:
         log.info("task prompt caches: %d of %d read from %s", engine.prefixes_from_disk(), len(tasks), store.directory)
     return engine

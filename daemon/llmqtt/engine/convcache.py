@@ -4,16 +4,23 @@ Clients of the Ollama and OpenAI APIs (Home Assistant among them) send the whole
 turn. Turn N's prompt starts with turn N-1's prompt and answer, whose keys and values the model already
 computed; kept here, they let turn N run only its new tokens (llama.cpp's server slots do the same).
 
-Exact reuse only: a token's KV depends on every token before it, so an entry is reused up to the first
-token that differs and not beyond. Entries are plain per-layer (keys, values) tensors; a request gets a
-fresh cache built from views of them, and the decode loop's appends allocate new tensors, so a kept entry
-is never written to. Memory: the demo model (24 layers, 2 KV heads of 64 floats) keeps ~24 KiB per token.
+By default the reuse is exact: a token's KV depends on every token before it, so an entry is reused up to
+the first token that differs and not beyond. Home Assistant renders its system prompt afresh every turn with
+the current time at its start, which stops exact reuse there. The `tolerant` mode (opt-in) goes past one
+short same-length change (<= MAX_GAP tokens, such as a time stamp): it recomputes the changed tokens and
+reuses the KV after them although it was computed next to the old ones, as llama.cpp's cache reuse does;
+answers are then close to, but not bit-identical with, a full recomputation.
+
+Entries are plain per-layer (keys, values) tensors; a request gets a fresh cache built from views of them,
+and the decode loop's appends allocate new tensors, so a kept entry is never written to. Memory: the demo
+model (24 layers, 2 KV heads of 64 floats) keeps ~24 KiB per token.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 from transformers import DynamicCache
 
@@ -27,6 +34,7 @@ class Start:
     cache: DynamicCache
     reused: int  # ids[:reused] are in the cache; ids[reused:] still have to run
     continues: tuple[int, ...] | None = None  # the entry whose answer this prompt goes on from, if any
+    recomputed: int = 0  # tolerant mode: changed tokens inside ids[:reused] that were run, not reused
 
 
 @dataclass
@@ -35,20 +43,32 @@ class _Entry:
     prompt: int  # tokens before the answer: a prompt sharing more than these continues this conversation
 
 
+MAX_GAP = 16  # tokens of a same-length change the tolerant mode recomputes (a time stamp is 6-9)
+MIN_TAIL = 32  # and the match after it must go on for at least this long to be worth it
+
+Run = Callable[[list[int], DynamicCache, int], object]  # (ids, cache, first position): appends their KV
+
+
 class ConversationCache:
     """At most `max_tokens` tokens of KV over all entries, least recently used dropped first (0: off)."""
 
-    def __init__(self, max_tokens: int = 4096):
+    def __init__(self, max_tokens: int = 4096, tolerant: bool = False):
         self.max_tokens = max_tokens
+        self.tolerant = tolerant
         self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
         self.hits = self.misses = 0
 
-    def start(self, ids: list[int], fallback_ids: list[int], fallback: Layers) -> Start:
+    def start(self, ids: list[int], fallback_ids: list[int], fallback: Layers, run: Run | None = None) -> Start:
         """A cache for a prompt of `ids`, from the entry sharing the longest prefix with it.
 
         `fallback` (a task's cached system prompt) competes like an entry but is never evicted. At least one
-        token is left to run: the next token's logits come from the last prompt token's forward pass.
+        token is left to run: the next token's logits come from the last prompt token's forward pass. `run`
+        computes a changed span's KV in tolerant mode.
         """
+        if self.tolerant and run is not None:
+            patched = self._start_past_a_change(ids, run, common_prefix(fallback_ids, ids))
+            if patched is not None:
+                return patched
         key, layers, shared = tuple(fallback_ids), fallback, common_prefix(fallback_ids, ids)
         for entry_ids, entry in self._entries.items():
             n = common_prefix(entry_ids, ids)
@@ -65,6 +85,35 @@ class ConversationCache:
         for i, (keys, values) in enumerate(layers):  # keys: [1, kv_heads, T, head_dim]
             cache.update(keys[:, :, :reused], values[:, :, :reused], i)
         return Start(cache, reused, continues)
+
+    def _start_past_a_change(self, ids: list[int], run: Run, floor: int) -> Start | None:
+        """Tolerant mode: the entry matching most tokens when one short same-length change is recomputed."""
+        best = None  # (tokens matched, entry ids, change start, change end)
+        for entry_ids in self._entries:
+            a = common_prefix(entry_ids, ids)
+            for b in range(a + 1, min(a + MAX_GAP, len(ids)) + 1):
+                tail = common_prefix(entry_ids[b:], ids[b:])
+                if tail >= MIN_TAIL:
+                    if best is None or b + tail > best[0]:
+                        best = (b + tail, entry_ids, a, b)
+                    break
+        exact = max([floor, *(common_prefix(k, ids) for k in self._entries)])
+        if best is None or best[0] <= exact + MAX_GAP:
+            return None  # exact reuse does as well
+        matched, key, a, b = best
+        entry = self._entries[key]
+        reused = min(matched, len(ids) - 1)
+        cache = DynamicCache()
+        for i, (keys, values) in enumerate(entry.layers):
+            cache.update(keys[:, :, :a], values[:, :, :a], i)
+        run(ids[a:b], cache, a)  # the changed tokens, computed after the exact prefix
+        for i, (keys, values) in enumerate(entry.layers):
+            cache.update(keys[:, :, b:reused], values[:, :, b:reused], i)  # computed beside the old tokens
+        continues = key if matched > entry.prompt else None
+        if continues is not None:
+            self._entries.move_to_end(key)
+        self.hits += 1
+        return Start(cache, reused, continues, recomputed=b - a)
 
     def keep(self, ids: list[int], prompt: int, cache: DynamicCache, start: Start | None = None) -> None:
         """Remember a finished request's KV: `ids` are exactly the tokens the cache holds, in order, the
@@ -86,6 +135,9 @@ class ConversationCache:
         self._entries[key] = _Entry(layers, prompt)
         while sum(len(k) for k in self._entries) > self.max_tokens:
             self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)

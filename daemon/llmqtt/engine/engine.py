@@ -27,7 +27,8 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, tasks: Mapping[str, Task], model_name: str, match_name: str,
                  max_context: int = 2048, max_batch: int = 16, prefix_store: PrefixStore | None = None,
-                 conversation_tokens: int = 4096, heads: Mapping[str, Head] | None = None, weights: str = ""):
+                 conversation_tokens: int = 4096, conversation_tolerant: bool = False,
+                 heads: Mapping[str, Head] | None = None, weights: str = ""):
         self.loaded = loaded
         self.model_name = model_name
         self.dtype = loaded.dtype if loaded.quantize == "none" else f"{loaded.dtype}+{loaded.quantize}"
@@ -38,7 +39,7 @@ class Engine:
         self._scorers: dict[str, LabelScorer] = {}
         self._generators: dict[str, ChatGenerator] = {}
         # One budget for every generate task: recent conversations' KV, reused by the next turn.
-        self.conversations = ConversationCache(conversation_tokens)
+        self.conversations = ConversationCache(conversation_tokens, tolerant=conversation_tolerant)
         # One static KV cache and compiled step shared by every generate task (the service runs one at a time).
         self.decoder = StaticDecoder(loaded.model, max_context)
         for name, task in self.tasks.items():

@@ -52,8 +52,9 @@ class ChatGenerator:
         rest, turns_used, budget = self.prompt_ids(text, history, wanted, options.system)
         head = self._head(options.system)[1]
         ids = head + rest
-        start = self.conversations.start(ids, self.prefix.ids, self.prefix.layers)
-        result = GenerationResult(prompt_tokens=len(ids), cached_prefix_tokens=start.reused,
+        start = self.conversations.start(ids, self.prefix.ids, self.prefix.layers,
+                                         lambda span, cache, at: self.forward(torch.tensor([span]), cache, at))
+        result = GenerationResult(prompt_tokens=len(ids), cached_prefix_tokens=start.reused - start.recomputed,
                                   history_turns_used=turns_used)
         generation = Generation(self, ids, len(head), start, budget, settings, cancel, result)
         return StopStrings(generation, options.stop, generation.cancel) if options.stop else generation

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -179,7 +178,3 @@ def show(tasks: Tasks, model: Any, model_name: str, dtype: str) -> dict | ApiErr
             "parameters": parameters, "template": "", "system": task.system,
             "details": _details(model_name, dtype), "model_info": {"general.basename": model_name},
             "capabilities": ["completion"], "modified_at": now_iso()}
-
-
-def unix_now() -> int:
-    return int(time.time())

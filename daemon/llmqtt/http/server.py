@@ -312,8 +312,8 @@ class HttpTransport:
     async def metrics(self, request: web.Request) -> web.Response:
         health = await asyncio.to_thread(self.health)  # reads the machine (psutil, sysfs)
         stats = self.conversation_stats() if self.conversation_stats else None
-        return web.Response(text=metrics.prometheus(health, self.ready.is_set(), stats),
-                            content_type="text/plain", charset="utf-8", headers={"X-Format": "prometheus 0.0.4"})
+        return web.Response(body=metrics.prometheus(health, self.ready.is_set(), stats).encode("utf-8"),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     # -- Ollama -----------------------------------------------------------------------------------
 
@@ -406,7 +406,7 @@ class HttpTransport:
         error = task_api.router_error(self.tasks, self.config.router_task)
         if error:
             return self._error(request, error)
-        routed = await self._run_task(raw, self.config.router_task, stream=False)
+        routed = await self._run_task(raw, self.config.router_task)
         if isinstance(routed, ApiError):
             return self._error(request, routed)
         outcome = routed
@@ -416,7 +416,8 @@ class HttpTransport:
         route = {"task": choice, "score": outcome.result["score"]}  # type: ignore[index]
         return await self._task_call(request, raw, choice, route)
 
-    async def _run_task(self, raw: bytes, task: str, stream: bool) -> Outcome | ApiError:
+    async def _run_task(self, raw: bytes, task: str) -> Outcome | ApiError:
+        """One task's outcome, not streamed (the router's pass for `auto`)."""
         parsed = parse_request(raw, task, self.limits)
         if isinstance(parsed, BadRequest):
             return ApiError(parsed.code, parsed.message)
