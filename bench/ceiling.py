@@ -25,6 +25,7 @@ from llmqtt.bench.data import SEED, SOURCES
 from llmqtt.config import ModelConfig
 from llmqtt.engine import load_engine
 from llmqtt.engine.classify import length_chunks
+from llmqtt.engine.types import EngineError
 from llmqtt.tasks import load_tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,17 +42,24 @@ def rows(source: Path, lang: str) -> list[tuple[str, bool, str]]:
     return [(r["text"], r["label"] == "positive", split(i)) for i, r in enumerate(all_rows[:900 + EXTRA[lang]])]
 
 
-def cue_states(scorer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden state at the answer cue per text [N, H] (the engine's own batched pass), and which texts fit
-    the context (too long: zeros, counted wrong below, as the bench does)."""
+def served_ids(scorer, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+    """Each text's ids after the cached prefix, and whether the task serves it (too long: a stand-in [0],
+    counted wrong, as the bench does)."""
     ids, ok = [], []
     for text in texts:
         try:
             ids.append(scorer.rest_ids(text))
             ok.append(True)
-        except Exception:
+        except EngineError:
             ids.append([0])
             ok.append(False)
+    return ids, ok
+
+
+def cue_states(scorer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden state at the answer cue per text [N, H] (the engine's own batched pass), and which texts fit
+    the context."""
+    ids, ok = served_ids(scorer, texts)
     states = torch.zeros(len(texts), scorer.model.config.hidden_size)
     for chunk in length_chunks([len(r) for r in ids], 16):
         states[chunk] = scorer.cue_states([ids[i] for i in chunk]).float()

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from ceiling import served_ids  # bench/ is this script's directory
 
 from llmqtt.bench.baseline import tfidf_scored
 from llmqtt.bench.data import FIT_FILE, load_fit_rows, load_rows
@@ -27,7 +28,6 @@ from llmqtt.engine import load_engine
 from llmqtt.engine.classify import length_chunks
 from llmqtt.engine.head import load_head
 from llmqtt.engine.headfile import head_path
-from llmqtt.engine.types import EngineError
 from llmqtt.tasks import load_tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,14 +37,7 @@ DATA = REPO / "bench" / "data"
 def one_pass(scorer, head, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prompt probabilities [N, labels], head probabilities [N, labels], served [N]) in the task's label
     order, from one forward per chunk; a text the task refuses (too long) is not served (counted wrong)."""
-    ids, served = [], []
-    for text in texts:
-        try:
-            ids.append(scorer.rest_ids(text))
-            served.append(True)
-        except EngineError:
-            ids.append([0])
-            served.append(False)
+    ids, served = served_ids(scorer, texts)
     layers = scorer.model.base_model.layers
     order = [head.labels.index(name) for name in scorer.label_names]
     prompt, learned = torch.zeros(len(texts), len(order)), torch.zeros(len(texts), len(order))

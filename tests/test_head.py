@@ -184,3 +184,18 @@ def test_fit_cli_refuses_bad_data_before_loading_the_model(setup, tmp_path, caps
     assert cli.main(["fit", "nosuchtask", str(data), "--config", str(config)]) == 2
     assert cli.main(["fit", "mood", str(tmp_path / "missing.jsonl"), "--config", str(config)]) == 2
     assert "unreadable" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_shipped_sentiment_head_fits_the_demo_model_and_serves(demo_model, repo_root, tmp_path):
+    """The shipped head's fingerprint matches the demo model as this machine built it (so the fingerprint is
+    stable across machines), and it answers clear cases in both languages."""
+    prompts = repo_root / "prompts"
+    model = ModelConfig(name=str(demo_model.path), dtype="float32", cache_dir=tmp_path, fast_decode=False)
+    engine = load_engine(model, {"sentiment": load_tasks([prompts])["sentiment"]},
+                         heads={"sentiment": head_path(prompts / "sentiment.yaml")})
+    assert engine.head("sentiment") is not None
+    texts = {"Absolutely love it, works perfectly.": "positive", "Terrible, broke on day one.": "negative",
+             "房间很干净，服务也很好。": "positive", "太差了，再也不会来了。": "negative"}
+    for (text, gold), result in zip(texts.items(), engine.classify("sentiment", list(texts))):
+        assert result.label == gold and sum(result.scores.values()) == pytest.approx(1)
