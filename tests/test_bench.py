@@ -85,7 +85,8 @@ def test_mini_bench_covers_every_section(mini_result):
         assert sentiment["by_language"][lang]["tfidf"]["train_rows"] == MINI.baseline_rows
     assert sentiment["latency"]["head"]["n"] == sentiment["latency"]["prompt"]["n"] == 3 * 4
     assert r["accuracy"]["emotion"] == {"skipped": "no labelled data"}
-    for variant, rows in (("fp32", 4), ("int8", 2), ("bf16", 2)):  # MINI: 2 and 1 rows per language
+    assert r["accuracy_default"]["sentiment"]["en"]["n"] == 4
+    for variant, rows in (("fp32", 4), ("default", 2), ("bf16", 2)):  # MINI: 2 and 1 rows per language
         v = r["variants"][variant]
         s = v["sentiment"]
         assert s["seeds_way"]["n"] == s["classify_one"]["n"] == rows
@@ -97,14 +98,19 @@ def test_mini_bench_covers_every_section(mini_result):
     assert c["reps"] >= 3 and c["same_system"]["tokens_run"] < c["new_time"]["tokens_run"] <= c["off"]["tokens_run"]
     assert c["speedup_same_system"] > 0 and len(c["off"]["runs_ms"]) == c["reps"]
     assert c["new_time_tolerant"]["tokens_run"] < c["new_time"]["tokens_run"]  # past the changed time stamp
-    assert r["variants"]["int8"]["weight_bytes"] < r["variants"]["fp32"]["weight_bytes"]
-    assert r["variants"]["fp32"]["fast_decode"]["state"] == "ready"  # measured with the kernels a daemon serves with
-    assert "fast_decode" not in r["variants"]["int8"]
-    assert r["startup"]["ready_fp32"]["fast_decode"] == "ready" and "fast_decode" not in r["startup"]["ready_int8"]
-    for key in ("bare", "bare_forward", "first_start_fp32", "ready_fp32", "first_start_int8", "ready_int8"):
+    assert r["variants"]["default"]["dtype"] == "float32+int8"  # quantize: auto on this x86 machine
+    assert r["variants"]["default"]["weight_bytes"] < r["variants"]["fp32"]["weight_bytes"]
+    # Measured with what a daemon serves with: fp32's one-row kernels, the default's compiled decode step.
+    assert r["variants"]["fp32"]["fast_decode"]["state"] == "ready"
+    assert r["variants"]["default"]["fast_decode"]["state"] == "ready"
+    assert r["startup"]["ready_fp32"]["fast_decode"] == "ready" and r["startup"]["ready_default"]["fast_decode"] == "ready"
+    # The first start quantizes and stores; the restart reads the stored weights.
+    assert not r["startup"]["first_start_default"]["from_store"] and r["startup"]["ready_default"]["from_store"]
+    assert r["startup"]["ready_default"]["at_rest_bytes"] > 0
+    for key in ("bare", "bare_forward", "first_start_fp32", "ready_fp32", "first_start_default", "ready_default"):
         assert "error" not in r["startup"][key], r["startup"][key]
         assert r["startup"][key]["peak_rss_bytes"] > r["startup"][key]["rss_after_imports_bytes"] > 0
-    for name in ("fp32", "int8"):  # the first start computes every prefix, the restart reads every one
+    for name in ("fp32", "default"):  # the first start computes every prefix, the restart reads every one
         first, restart = r["startup"][f"first_start_{name}"], r["startup"][f"ready_{name}"]
         assert (first["prefixes_from_disk"], restart["prefixes_from_disk"]) == (0, restart["tasks"]) and first["tasks"] > 1
     assert r["llama_cpp"]["available"] in (True, False)
@@ -117,7 +123,8 @@ def test_mini_bench_writes_json_markdown_and_plot(mini_result, tmp_path):
     paths = report.write(mini_result, tmp_path)
     data = json.loads(paths["json"].read_text(encoding="utf-8"))
     assert len(data["targets"]) == len(targets.TARGETS)
-    assert all(t["met"] in (True, False) for t in data["targets"])  # every target was measured
+    # Every target was measured, but those against llama.cpp: the tiny model has no GGUF.
+    assert all(t["met"] in (True, False) for t in data["targets"] if "llama.cpp" not in t["target"])
     missed = [t for t in data["targets"] if t["met"] is False]
     assert missed and all(t["why"] for t in missed), missed  # the random model misses some: each says why
     md = paths["markdown"].read_text(encoding="utf-8")

@@ -113,7 +113,7 @@ from pathlib import Path
 from llmqtt.config import ModelConfig
 from llmqtt.engine import load_engine
 from llmqtt.tasks import parse_task
-config = ModelConfig(name={str(tiny_model_dir)!r}, dtype="float32", cache_dir=Path({str(tmp_path)!r}))
+config = ModelConfig(name={str(tiny_model_dir)!r}, dtype="float32", quantize="none", cache_dir=Path({str(tmp_path)!r}))
 engine = load_engine(config, {{"chat": parse_task({CHAT!r}, "t", "chat")}})
 engine.start_fast_decode()
 assert engine.loaded.kernels.ready.wait(300), engine.loaded.kernels.failed

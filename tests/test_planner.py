@@ -52,7 +52,8 @@ def board(**changes) -> SystemReadings:
 
 
 def plan_for(readings: SystemReadings, facts: ModelFacts | None = None, **model) -> object:
-    return plan(readings, facts or qwen25_05b(), ModelConfig(**model), RuntimeConfig())
+    """float32 unless the test asks for a scheme (the memory arithmetic below is about float32)."""
+    return plan(readings, facts or qwen25_05b(), ModelConfig(**{"quantize": "none", **model}), RuntimeConfig())
 
 
 # --------------------------------------------------------------------------- memory verdicts
@@ -135,7 +136,7 @@ def test_add_swap_suggested_when_it_would_help() -> None:
     bf16_file = replace(qwen25_05b(), stored_dtype="BF16")
     p = plan_for(board(), bf16_file, quantize="int8")
     assert p.verdict == "refuse"
-    assert "Loading needs more than RAM plus free swap (int8: the float weights" in explain(p, bf16_file)
+    assert "Loading needs more than RAM plus free swap (int8: the first start holds the float weights" in explain(p, bf16_file)
     assert any(s.startswith("add swap of at least") for s in suggest(p, bf16_file))
 
 
@@ -152,23 +153,35 @@ def test_kv_cache_formula() -> None:
     assert half.weights * 2 == m.weights and half.kv_cache * 2 == m.kv_cache
 
 
-def test_int8_keeps_embeddings_at_dtype() -> None:
+def test_quantized_weights_count_the_head_twice_and_norms_at_dtype() -> None:
     untied, tied = qwen25_05b(False), qwen25_05b(True)
+    head = 151936 * 896
+    small = untied.unquantized_params - head  # norms and biases stay float32
+    # Untied: every Linear (lm_head included) at 1 byte, the head's rows kept once more, the embedding its own
+    # int8 table.
     m = estimate_memory(untied, "float32", "int8", 512, 1)
     linear = untied.param_count - untied.unquantized_params
-    assert m.weights == int(linear * INT8_BYTES_PER_PARAM) + untied.unquantized_params * 4
-    assert m.weights < untied.param_count * 4 / 2
-    # A tied lm_head becomes its own int8 copy of the embedding matrix.
+    assert m.weights == int(linear + head + head + small * 4)
+    assert m.weights < untied.param_count * 4 / 3
+    # Tied: lm_head is a Linear of its own (the embedding reads its rows).
     t = estimate_memory(tied, "float32", "int8", 512, 1)
-    tied_linear = tied.param_count - tied.unquantized_params + 151936 * 896
-    assert t.weights == int(tied_linear * INT8_BYTES_PER_PARAM) + tied.unquantized_params * 4
+    assert t.weights == int(tied.param_count - tied.unquantized_params + head + head + small * 4)
+    four = estimate_memory(tied, "float32", "int4", 512, 1)
+    assert four.weights < t.weights * 0.7
+
+
+def test_auto_on_a_pi5_plans_int4_and_says_why() -> None:
+    p = plan(board(), qwen25_05b(), ModelConfig(), RuntimeConfig())
+    assert p.quantize == "int4" and "asimddp" in p.quantize_why
+    # 541 MiB of weights instead of float32's 1.84 GiB: the 4 GB board now fits batch 8 at full context.
+    assert p.memory.weights < 600 * MiB and p.verdict == "ok" and (p.max_batch, p.max_context) == (8, 2048)
 
 
 def test_int8_load_peak_counts_the_float_copies() -> None:
     fp32_file = qwen25_05b()
     float_weights = fp32_file.param_count * 4
     m = estimate_memory(fp32_file, "float32", "int8", 512, 1)
-    # Stored at fp32 -> mmapped, and quantize_dynamic works in place: only the int8 weights are new memory.
+    # Stored at fp32 -> mmapped while the first start quantizes: only the int8 weights are new memory.
     assert m.load_peak == m.weights + RUNTIME_BYTES
     # Stored at bf16 -> converted to an fp32 model in anonymous memory first.
     bf16_file = replace(fp32_file, stored_dtype="BF16")
@@ -206,7 +219,7 @@ def test_int8_needs_float32() -> None:
     avx512_bf16 = board(arch="x86_64", cpu_flags=frozenset({"avx512_bf16"}), ram_total=16 * GiB, ram_available=15 * GiB)
     assert plan_for(avx512_bf16, quantize="int8").dtype == "float32"
     p = plan_for(avx512_bf16, quantize="int8", dtype="bfloat16")
-    assert p.notes[0].startswith("quantize: int8 works on float32 models only")
+    assert p.notes[0].startswith("quantize: int8 computes in float32")
 
 
 def test_explicit_dtype_is_kept_with_a_note() -> None:

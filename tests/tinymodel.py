@@ -44,7 +44,7 @@ def build_tokenizer():
     return fast
 
 
-def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
+def build_tiny_model(out_dir: Path, seed: int = 0, tied: bool = False) -> Path:
     """Write a 2-layer, hidden-32 Qwen2 model with its tokenizer to `out_dir`; returns `out_dir`."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -52,7 +52,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     tokenizer = build_tokenizer()
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).eval()

@@ -34,8 +34,13 @@ class ModelConfig(_Section):
     name: str = "demo"
     # `auto` is float32 (bf16 measured mixed on CPUs: docs/bench); ask for bfloat16 explicitly.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # `int8`: dynamic int8 weights for Linear layers (torch's own quantization); smaller and often faster.
-    quantize: Literal["none", "int8"] = "none"
+    # Quantized weights, made once and kept in cache_dir (docs/quantization.md). `auto`: the scheme for this
+    # CPU (choose_quantize; `llmqtt doctor` says which and why); `none`: float32; `int8` (any CPU);
+    # `int4` (aarch64 with torch's KleidiAI kernels, e.g. a Raspberry Pi 5).
+    quantize: Literal["auto", "none", "int8", "int4"] = "auto"
+    # After quantizing, keep the float32 checkpoint converted from a GGUF (2.5 GB for the demo model)? Only
+    # `quantize: none` and re-quantizing after a library upgrade read it; without it those convert again.
+    keep_float32: bool = True
     # Where converted models (GGUF -> safetensors) and the demo model live; default: see modelstore.
     cache_dir: Path | None = None
     # Longest prompt + answer the daemon will run, in tokens; bounds the KV cache.
@@ -349,3 +354,39 @@ def choose_dtype(requested: str) -> str:
     sample. So bf16 is opt-in where someone has measured it to pay off. torch's dynamic int8 needs float32.
     """
     return "float32" if requested == "auto" else requested
+
+
+# Sentiment accuracy of each scheme minus float32's on the bench's full sample (500 test rows per language,
+# bench/data, the classification path), in points, mean over languages; `auto` never picks a scheme more
+# than 1 point below float32. None: not measured yet. int8: en 91.2 % vs 90.6 %, zh 82.2 % vs 82.2 %
+# (2026-11-29 vs the 2026-11-24 float32 run on the same rows and prompt; docs/quantization.md).
+ACCURACY_VS_FLOAT32_POINTS: dict[str, float | None] = {"int8": +0.3, "int4": None}
+MAX_AUTO_DROP_POINTS = 1.0
+
+
+def choose_quantize(requested: str, arch: str, cpu_flags: frozenset[str] | set[str],
+                    dtype: str = "float32") -> tuple[str, str]:
+    """(scheme, why) for `model.quantize`: a pure function of the CPU, so it is tested without the hardware.
+
+    aarch64 with dot-product instructions (`asimddp`; the Pi 5's Cortex-A76 has them) -> int4 through the
+    KleidiAI kernels in torch's aarch64 builds. Elsewhere -> int8 (fbgemm on x86). int4 is never chosen on
+    x86: torch's x86 build has no KleidiAI, so its int4 product is scalar reference code.
+    """
+    if requested != "auto":
+        return requested, f"model.quantize: {requested} in the config"
+    if dtype != "float32":
+        return "none", f"model.dtype: {dtype} asks for float weights at that dtype"
+    if arch in ("aarch64", "arm64") and "asimddp" in cpu_flags:
+        candidates = [("int4", f"{arch} with dot-product instructions (asimddp): int4 x int8 on KleidiAI")]
+    elif arch in ("aarch64", "arm64"):
+        candidates = []  # KleidiAI's int4 kernels need dotprod; torch's qnnpack int8 lacks per-channel speed
+    else:
+        candidates = [("int8", f"{arch}: int8 weights x int8 dynamic activations on fbgemm")]
+    for scheme, why in candidates:
+        delta = ACCURACY_VS_FLOAT32_POINTS.get(scheme)
+        if delta is not None and delta < -MAX_AUTO_DROP_POINTS:
+            return "none", (f"{scheme} would fit this CPU ({why}) but measured {-delta:.1f} points below float32 "
+                            f"(more than {MAX_AUTO_DROP_POINTS:g}): float32")
+        measured = "not measured yet" if delta is None else f"{delta:+.1f} points vs float32 on the bench sample"
+        return scheme, f"{why}; accuracy {measured}"
+    return "none", f"{arch} without dot-product instructions: no fast quantized kernels, float32"

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from .config import Config, ModelConfig
+from .config import Config, ModelConfig, choose_quantize
 from .engine.modelstore import BUILTIN_MODELS, locate_model, looks_like_hub_id
 from .explain import explain, fmt_bytes, suggest
 from .modelchoice import Speed, recommend_model, speed_from_bench
@@ -109,13 +109,14 @@ def _plan_data(readings: SystemReadings, facts: ModelFacts | None, config: Confi
     # Without the model's numbers only the machine-side half of the plan is known.
     threads, interop = plan_threads(readings, config.runtime.threads, config.runtime.interop_threads)
     dtype = choose_dtype(config.model.dtype)
-    return {"threads": threads, "interop_threads": interop, "dtype": dtype, "quantize": config.model.quantize,
+    quantize, why = choose_quantize(config.model.quantize, readings.arch, readings.cpu_flags, dtype)
+    return {"threads": threads, "interop_threads": interop, "dtype": dtype, "quantize": quantize, "quantize_why": why,
             "memory": None, "budget": None, "max_batch": config.runtime.max_batch,
             "max_context": config.model.max_context, "requested_max_batch": config.runtime.max_batch,
             "requested_max_context": config.model.max_context,
             "low_memory_bytes": low_memory_threshold(readings, config.runtime), "verdict": "unknown",
             "explanation": "The model's size is unknown, so the memory fit is not checked.",
-            "suggestions": [], "notes": dtype_notes(readings, dtype, config.model.quantize)}
+            "suggestions": [], "notes": dtype_notes(readings, dtype, quantize)}
 
 
 # --------------------------------------------------------------------------- problems
@@ -157,7 +158,7 @@ def _thermal_problems(r: SystemReadings) -> list[Problem]:
 
 
 def plan_problems(plan_data: dict[str, Any]) -> list[Problem]:
-    found = [Problem("int8_needs_float32", "fatal", n) if n.startswith("quantize: int8") else
+    found = [Problem("int8_needs_float32", "fatal", n) if "computes in float32" in n else
              Problem("dtype_slow", "warning", n) for n in plan_data["notes"]]
     verdict = plan_data["verdict"]
     if verdict == "refuse":
@@ -240,6 +241,7 @@ def _plan_lines(p: dict[str, Any]) -> list[str]:
     lines = [
         f"  threads        {p['threads']} intra-op, {p['interop_threads']} inter-op",
         f"  dtype          {p['dtype']}, quantize {p['quantize']}",
+        f"  weights        {p['quantize_why']}",
         f"  limits         max_batch {p['max_batch']}, max_context {p['max_context']}",
         f"  low memory at  {fmt_bytes(p['low_memory_bytes'])} available",
     ]

@@ -7,7 +7,7 @@ cannot fit (ModelTooLarge). Pure: plan + model facts in, sentences out.
 from __future__ import annotations
 
 from .modelfacts import ModelFacts
-from .planner import DTYPE_BYTES, INT8_BYTES_PER_PARAM, MIN_PLANNED_CONTEXT, GiB, MiB, Plan, estimate_memory
+from .planner import DTYPE_BYTES, MIN_PLANNED_CONTEXT, QUANTIZED_BYTES_PER_PARAM, GiB, MiB, Plan, estimate_memory
 
 
 class ModelTooLarge(Exception):
@@ -36,7 +36,7 @@ def explain(p: Plan, facts: ModelFacts) -> str:
     m, b = p.memory, p.budget
     model = f"{facts.model_type or 'the'} model with {facts.param_count / 1e6:.0f}M parameters"
     weights = (f"{fmt_bytes(m.weights)} weights at {p.dtype}" if p.quantize == "none"
-               else f"{fmt_bytes(m.weights)} weights with int8 Linear layers, the rest at {p.dtype}")
+               else f"{fmt_bytes(m.weights)} weights with {p.quantize} Linear layers, the rest at {p.dtype}")
     needs = (f"The {model} needs {fmt_bytes(m.steady)} while serving ({weights}, KV cache {fmt_bytes(m.kv_cache)}"
              f" and activations {fmt_bytes(m.activations)} for batch {p.max_batch} x {p.max_context} tokens,"
              f" runtime {fmt_bytes(m.runtime)}) and {fmt_bytes(m.load_peak)} while loading.")
@@ -67,7 +67,8 @@ def _verdict_sentence(p: Plan) -> str:
     if m.resident > (b.ram_available if b.ram_available is not None else b.usable):
         return "It does not fit in RAM, and the weights cannot live in swap: every token would read them back from disk."
     if m.load_peak > m.steady:
-        why = " (int8: the float weights and their int8 form are in memory together)" if p.quantize == "int8" else ""
+        why = (f" ({p.quantize}: the first start holds the float weights and their {p.quantize} form together)"
+               if p.quantize != "none" else "")
         return f"Loading needs more than RAM plus free swap{why}."
     return "Its KV cache and activations do not fit in RAM plus free swap, even at the smallest batch and context."
 
@@ -81,7 +82,7 @@ def suggest(p: Plan, facts: ModelFacts) -> list[str]:
     if p.quantize == "none" and p.dtype == "float32":
         int8 = estimate_memory(facts, p.dtype, "int8", p.max_context, p.max_batch)
         found.append(f"model.quantize: int8 needs {fmt_bytes(int8.steady)} while serving (now"
-                     f" {fmt_bytes(p.memory.steady)}) but {fmt_bytes(int8.load_peak)} while loading")
+                     f" {fmt_bytes(p.memory.steady)}) and {fmt_bytes(int8.load_peak)} while loading")
     if p.max_batch > 1:
         found.append(f"runtime.max_batch: 1 saves {fmt_bytes(_saving(p, facts, 1, p.max_context))}")
     if p.max_context > MIN_PLANNED_CONTEXT:
@@ -108,15 +109,15 @@ def _smaller_model(p: Plan, target: int) -> str:
     m, width = p.memory, DTYPE_BYTES[p.dtype]
     serving_room = target - m.runtime - m.kv_cache - m.activations
     loading_room = target - m.runtime
-    if p.quantize == "int8":
+    if p.quantize != "none":
         # Count every parameter as a Linear weight: ~1.4 bytes while serving; while loading, the float
         # weights beside their int8 form (as for a converted checkpoint: conservative).
-        per_param_serving = INT8_BYTES_PER_PARAM
-        per_param_loading = width + INT8_BYTES_PER_PARAM
+        per_param_serving = QUANTIZED_BYTES_PER_PARAM[p.quantize]
+        per_param_loading = width + per_param_serving
     else:
         per_param_serving = per_param_loading = width
     params = min(serving_room / per_param_serving, loading_room / per_param_loading)
     if params <= 0:
         return "a smaller model will not help: the runtime alone needs more than is available"
-    what = f"{p.dtype}" + (" with int8" if p.quantize == "int8" else "")
+    what = f"{p.dtype}" + (f" with {p.quantize}" if p.quantize != "none" else "")
     return f"a smaller model: up to about {params / 1e6:.0f}M parameters fit at {what}"

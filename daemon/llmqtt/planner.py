@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from .config import ModelConfig, RuntimeConfig, choose_dtype  # noqa: F401 (choose_dtype re-exported)
+from .config import ModelConfig, RuntimeConfig, choose_dtype, choose_quantize  # noqa: F401 (choose_dtype re-exported)
 from .modelfacts import ModelFacts
 from .readings import SystemReadings
 
@@ -33,9 +33,14 @@ RUNTIME_BYTES = 512 * MiB
 # token at fp32, so 512 tokens are ~50 MiB) and leaves too little room for a system prompt plus text.
 MIN_PLANNED_CONTEXT = 512
 
-# Bytes per Linear parameter after dynamic int8 quantization: 1 for the int8 values plus the backend's
-# packed copy and scales (measured with fbgemm on x86: 666 MiB for the demo model's 494M Linear params).
-INT8_BYTES_PER_PARAM = 1.4
+# Bytes per Linear parameter with quantized weights (engine/quantize.py), scales included: int8 keeps one
+# byte a weight (fbgemm's packed copy; ours is dropped after packing) + a float32 scale per row; int4 (KleidiAI)
+# half a byte + a bf16 scale per group of 32. The output head also keeps its own values, which the embedding
+# and classification read by rows: int8 1 byte, int4 1 byte (int4 values stored in int8) + a float32 scale
+# per 32.
+QUANTIZED_BYTES_PER_PARAM = {"int8": 1.0, "int4": 0.5 + 2 / 32}
+HEAD_ROWS_BYTES_PER_PARAM = {"int8": 1.0, "int4": 1 + 4 / 32}
+INT8_BYTES_PER_PARAM = QUANTIZED_BYTES_PER_PARAM["int8"]
 
 # safetensors dtype names -> ours: weights stored at the compute dtype are mmapped, not copied.
 _STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -47,8 +52,8 @@ Verdict = Literal["ok", "swap", "refuse"]
 
 
 def dtype_notes(readings: SystemReadings, dtype: str, quantize: str = "none") -> list[str]:
-    if quantize == "int8" and dtype != "float32":
-        return [f"quantize: int8 works on float32 models only; the loader refuses {dtype}: set model.dtype: float32"]
+    if quantize != "none" and dtype != "float32":
+        return [f"quantize: {quantize} computes in float32; the loader refuses {dtype}: set model.dtype: float32"]
     if dtype == "bfloat16" and not readings.native_bf16:
         return ["bfloat16 was requested but this CPU has no native bf16: expect ~2x slower than float32"]
     if dtype == "float16":
@@ -122,7 +127,7 @@ def apply_threads(plan: Plan) -> None:
 class MemoryEstimate:
     """Bytes, each part named. `steady` is what stays while serving; `load_peak` is a moment at start-up."""
 
-    weights: int  # parameters as held in memory (int8 Linear weights ~1.4 bytes, the rest at dtype)
+    weights: int  # parameters as held in memory (quantized Linear weights, the rest at dtype)
     kv_cache: int  # 2 (K and V) x layers x kv_heads x head_dim x context x batch x dtype bytes
     activations: int  # one layer's temporaries for a full batch x context prefill, plus last-token logits
     runtime: int  # the Python process with torch and transformers imported, tokenizer loaded
@@ -146,12 +151,14 @@ def estimate_memory(facts: ModelFacts, dtype: str, quantize: str, max_context: i
                     max_batch: int) -> MemoryEstimate:
     width = DTYPE_BYTES[dtype]
     float_weights = facts.param_count * width
-    if quantize == "int8":
-        linear = facts.param_count - facts.unquantized_params
-        if facts.tie_word_embeddings:
-            linear += facts.vocab_size * facts.hidden_size  # lm_head gets its own int8 copy of the tied matrix
-        weights = int(linear * INT8_BYTES_PER_PARAM) + facts.unquantized_params * width
-        load_peak = _int8_load_peak(facts, dtype, float_weights, weights)
+    if quantize in QUANTIZED_BYTES_PER_PARAM:
+        head = facts.vocab_size * facts.hidden_size
+        linear = facts.param_count - facts.unquantized_params + (head if facts.tie_word_embeddings else 0)
+        embedding = 0 if facts.tie_word_embeddings else head  # untied: its own int8 table, read by rows
+        small = facts.unquantized_params - head  # norms (and biases counted there) stay float32
+        weights = int(linear * QUANTIZED_BYTES_PER_PARAM[quantize] + head * HEAD_ROWS_BYTES_PER_PARAM[quantize]
+                      + embedding + max(small, 0) * width)
+        load_peak = _quantized_load_peak(facts, dtype, float_weights, weights)
     else:
         weights = float_weights
         load_peak = float_weights + RUNTIME_BYTES
@@ -161,13 +168,12 @@ def estimate_memory(facts: ModelFacts, dtype: str, quantize: str, max_context: i
                           load_peak)
 
 
-def _int8_load_peak(facts: ModelFacts, dtype: str, float_weights: int, int8_weights: int) -> int:
-    # engine/loader.py quantizes in place (a copy first would peak at 3.6 GiB anonymous memory for the demo
-    # model instead of 1.2 GiB). Weights stored at the compute dtype are mmapped: the kernel can drop those
-    # pages once they are read, so they do not count. Converted ones (a bf16 file loaded as fp32) are
-    # anonymous memory until freed.
+def _quantized_load_peak(facts: ModelFacts, dtype: str, float_weights: int, quantized: int) -> int:
+    # Every start after the first reads the quantized file only. The first one quantizes from the float
+    # checkpoint: stored at the compute dtype it is mmapped (clean pages the kernel can drop once read), so
+    # it does not count; converted (a bf16 file loaded as fp32) it is anonymous memory until freed.
     converted = _STORED_DTYPES.get(facts.stored_dtype or "") != dtype
-    return int(converted) * float_weights + int8_weights + RUNTIME_BYTES
+    return int(converted) * float_weights + quantized + RUNTIME_BYTES
 
 
 def _activations(facts: ModelFacts, width: int, tokens: int, batch: int) -> int:
@@ -202,7 +208,7 @@ class Plan:
     threads: int
     interop_threads: int
     dtype: str
-    quantize: str
+    quantize: str  # the scheme, `auto` resolved
     memory: MemoryEstimate
     budget: MemoryBudget
     max_batch: int
@@ -212,6 +218,7 @@ class Plan:
     low_memory_bytes: int  # the MemoryGuard threshold
     verdict: Verdict  # why, in words, and what would help: explain.py
     notes: tuple[str, ...] = ()  # warnings that do not change the verdict
+    quantize_why: str = ""  # why this scheme (config.choose_quantize)
 
 
 def low_memory_threshold(readings: SystemReadings, runtime_config: RuntimeConfig) -> int:
@@ -260,8 +267,8 @@ def _candidates(batch: int, context: int) -> list[tuple[int, int]]:
 def plan(readings: SystemReadings, facts: ModelFacts, model_config: ModelConfig,
          runtime_config: RuntimeConfig) -> Plan:
     threads, interop = plan_threads(readings, runtime_config.threads, runtime_config.interop_threads)
-    quantize = model_config.quantize
     dtype = choose_dtype(model_config.dtype)
+    quantize, quantize_why = choose_quantize(model_config.quantize, readings.arch, readings.cpu_flags, dtype)
     budget = memory_budget(readings)
     low_memory = low_memory_threshold(readings, runtime_config)
     # Size batch and context so a full batch stays above the MemoryGuard's threshold; otherwise every busy
@@ -273,7 +280,8 @@ def plan(readings: SystemReadings, facts: ModelFacts, model_config: ModelConfig,
     return Plan(threads=threads, interop_threads=interop, dtype=dtype, quantize=quantize, memory=estimate,
                  budget=budget, max_batch=batch, max_context=context,
                  requested_max_batch=runtime_config.max_batch, requested_max_context=model_config.max_context,
-                 low_memory_bytes=low_memory, verdict=verdict, notes=tuple(dtype_notes(readings, dtype, quantize)))
+                 low_memory_bytes=low_memory, verdict=verdict, notes=tuple(dtype_notes(readings, dtype, quantize)),
+                 quantize_why=quantize_why)
 
 
 def _fit(facts: ModelFacts, dtype: str, quantize: str, batch: int, context: int,

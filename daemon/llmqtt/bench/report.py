@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .plot import PATHS, plot
-from .targets import div, fmt_target, shortfall, targets
+from .targets import div, fmt_target, get, shortfall, targets
 
 PLOT = "bench.png"
 
@@ -27,8 +27,9 @@ def write(result: dict, out_dir: Path) -> dict[str, Path]:
 def markdown(r: dict) -> str:
     m = r["meta"]
     parts = [f"# llmqtt bench ({m['mode']})\n",
-             f"Model **{m['model']}**: fp32 (reference), int8 (`model.quantize: int8`, dynamic, Linear layers) and "
-             f"bf16 (`model.dtype: bfloat16`). Machine: {m['cpu']}, {m['cores']} cores "
+             f"Model **{m['model']}**: fp32 (reference, `model.quantize: none`) and default (an unchanged config: "
+             f"`model.quantize: auto`, {_default_dtype(r)}){' and bf16' if 'bf16' in r.get('variants', {}) else ''}. "
+             "Speed figures are medians of at least 3 runs. Machine: {m['cpu']}, {m['cores']} cores "
              f"(torch threads {m['torch_threads']}), {_gb(m['ram_bytes'])} RAM; Python {m['python']}, torch "
              f"{m['torch']}, transformers {m['transformers']}; {m['date']}; run took {m.get('elapsed_s', 0) / 60:.1f} min.\n",
              "All ratios are from this one run on this machine; absolute numbers move with machine load.\n",
@@ -36,6 +37,10 @@ def markdown(r: dict) -> str:
              _llama_md(r),
              f"![latency and throughput]({PLOT})\n"]
     return "\n".join(p for p in parts if p)
+
+
+def _default_dtype(r: dict) -> str:
+    return get(r, "variants", "default", "dtype") or "not run"
 
 
 def _targets_md(r: dict) -> str:
@@ -75,6 +80,9 @@ def _accuracy_md(r: dict) -> str:
             refused = f" ({s['no_label']} refused as too long, counted wrong)" if s["no_label"] else ""
             lines.append(f"{task} / {lang}, {section['served']}: {100 * s['accuracy']:.1f} % of {s['n']}{refused}\n")
             lines.append(_confusion_md(s["confusion"]))
+    for task, per_lang in r.get("accuracy_default", {}).items():  # the default config, as the daemon serves
+        for lang, s in per_lang.items():
+            lines.append(f"{task} / {lang}, default ({_default_dtype(r)}): {100 * s['accuracy']:.1f} % of {s['n']}\n")
     return "\n".join(lines) + "\n"
 
 
@@ -115,13 +123,13 @@ def _sentiment_md(r: dict) -> str:
 
 def _chat_md(r: dict) -> str:
     bw = r.get("bandwidth_bytes_per_s")
-    lines = ["## Chat speed\n", f"Memory bandwidth measured in this run (best of 5 sums of a "
+    lines = ["## Chat speed\n", f"Memory bandwidth measured in this run (median of 5 sums of a "
              f"{_gb(r['meta']['sizes']['bandwidth_bytes'])} tensor): "
              f"**{_n(bw and bw / 1e9, 1)} GB/s**; one fp32 matrix-vector product (F.linear, 1 row) over a matrix of the "
              f"same size: **{_n(r.get('gemv_bytes_per_s') and r['gemv_bytes_per_s'] / 1e9, 1)} GB/s**. "
-             "Bound = bandwidth / weight bytes read per token. Decode kernels: `compiled` = `model.fast_decode` "
-             "(default for fp32: one-row products through a compiled multiply-and-sum, engine/fastdecode.py), "
-             "`torch` = torch's own (int8, bf16).\n",
+             "Bound = bandwidth / weight bytes read per token. Decode: `compiled` = `model.fast_decode` (fp32: "
+             "one-row products through a compiled multiply-and-sum, engine/fastdecode.py; quantized: the whole step "
+             "over a static KV cache, engine/decode.py), `torch` = eager. Decode tok/s and first token: medians.\n",
              "| weights | decode kernels | prefix tok | user tok | first token cached ms | recomputed ms | speed-up | "
              "decode tok/s | bound tok/s | of bound |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in r.get("variants", {}).items():
@@ -202,10 +210,26 @@ def _llama_md(r: dict) -> str:
     row = r.get("llama_cpp", {})
     if not row.get("available"):
         return f"## llama.cpp peer\n\nNot run: {row.get('reason', 'unknown')}.\n"
-    a = row["seeds_way"]
-    return ("## llama.cpp peer\n\n| path | p50 ms | p95 ms | msg/s | accuracy | decode tok/s |\n|---|---|---|---|---|---|\n"
-            f"| {row['gguf']}, seeds' way | {_n(a['p50_ms'], 0)} | {_n(a['p95_ms'], 0)} | {_n(a['per_s'], 2)} | "
-            f"{100 * a['accuracy']:.1f} % | {_n(row['decode_tokens_per_s'], 2)} |\n")
+    v, startup = r.get("variants", {}).get("default", {}), r.get("startup", {}).get("ready_default", {})
+    c, s, ls = v.get("chat", {}), v.get("sentiment", {}).get("classify_one", {}), row["sentiment"]
+    lines = ["## llama.cpp peer\n",
+             f"llama-cpp-python on `{row['gguf']}` ({_gb(row['gguf_bytes'])}), {row['threads']} threads, in its own "
+             "process, fed the same token ids as llmqtt. Sentiment: the few-shot prefix evaluated once, `n_tokens` "
+             "reset to its length per message, label logits read with `llama_get_logits_ith`. First token: after the "
+             "chat system prompt evaluated once. Medians of at least 3 runs (sentiment: of every message).\n",
+             "| engine | sentiment p50 ms | sentiment accuracy (same rows) | first token ms | prompt tok/s | "
+             "decode tok/s | peak RSS | load s |", "|---|---|---|---|---|---|---|---|",
+             f"| llmqtt default ({_default_dtype(r)}) | {_n(s.get('p50_ms'), 0)} | {_pct(s.get('accuracy'))} | "
+             f"{_n(c.get('first_token_cached_ms'), 0)} | - | {_n(c.get('decode_tokens_per_s'), 1)} | "
+             f"{_gb(startup.get('peak_rss_bytes'))} | {_n(startup.get('load_s'), 1)} |",
+             f"| llama.cpp | {_n(ls['p50_ms'], 0)} | {_pct(ls.get('accuracy'))} | {_n(row['first_token_cached_ms'], 0)} | "
+             f"{_n(row['prompt_tokens_per_s'], 0)} | {_n(row['decode_tokens_per_s'], 1)} | {_gb(row['peak_rss_bytes'])} | "
+             f"{_n(row['load_s'], 1)} |"]
+    return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
 
 
 def _n(value, digits: int) -> str:

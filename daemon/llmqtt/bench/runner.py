@@ -1,7 +1,8 @@
 """`llmqtt bench`: every section in one run, one model, one machine; writes result.json + report.md + plot.
 
-Order matters on a small board: one engine at a time (fp32: accuracy, sentiment speed, chat; then int8
-and bf16: speed and chat), each dropped before the next is built; the start-up children run last, alone.
+Order matters on a small board: one engine at a time (fp32, then the default config's engine: accuracy,
+sentiment speed, chat; then bf16 in the mini run), each dropped before the next is built; the start-up
+children and the llama.cpp peer (its own subprocess, on the same GGUF) run last, alone.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from . import chat, conversation, data, llamacpp, speed, startup
 from .accuracy import classify_rows
 
 
-# name -> (compute dtype, quantize). fp32 is the reference (accuracy runs on it); int8 is the config option;
-# bf16 is there because CPUs with native bf16 (AVX512-BF16, AMX) run its matmuls several times faster.
-VARIANTS = {"fp32": ("float32", "none"), "int8": ("float32", "int8"), "bf16": ("bfloat16", "none")}
+# name -> (dtype, quantize). fp32 is the reference; `default` is what an unchanged config runs (quantize:
+# auto picks the scheme for this CPU); bf16 is there because CPUs with native bf16 (AVX512-BF16, AMX) run its
+# matmuls several times faster. Accuracy runs on fp32 and default (the default must stay within a point).
+VARIANTS = {"fp32": ("float32", "none"), "default": ("auto", "auto"), "bf16": ("bfloat16", "none")}
+ACCURACY_VARIANTS = ("fp32", "default")
+REPS = 3  # every speed figure is the median of this many runs
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ class Sizes:
     name: str
     accuracy_rows: int  # per language, from the test split
     compare_rows: int  # per language: seeds' way vs classification path on the same rows (fp32)
-    other_compare_rows: int  # the same for the int8 and bf16 variants
+    other_compare_rows: int  # the same for the other variants
     burst: int  # messages submitted at once to the queue
     chat_reps: int
     decode_tokens: int
@@ -42,11 +46,11 @@ class Sizes:
     baseline_rows: int | None = None  # per language, of the fit rows the TF-IDF baseline trains on (None: all)
 
 
-FULL = Sizes("full", accuracy_rows=500, compare_rows=24, other_compare_rows=8, burst=64, chat_reps=3,
-             decode_tokens=64, startup=True)
-QUICK = Sizes("quick", accuracy_rows=100, compare_rows=3, other_compare_rows=2, burst=32, chat_reps=1,
-              decode_tokens=16, startup=True, variants=("fp32", "int8"))
-MINI = Sizes("mini", accuracy_rows=4, compare_rows=2, other_compare_rows=1, burst=8, chat_reps=1,
+FULL = Sizes("full", accuracy_rows=500, compare_rows=24, other_compare_rows=24, burst=64, chat_reps=REPS,
+             decode_tokens=64, startup=True, variants=("fp32", "default"))
+QUICK = Sizes("quick", accuracy_rows=100, compare_rows=3, other_compare_rows=8, burst=32, chat_reps=REPS,
+              decode_tokens=32, startup=True, variants=("fp32", "default"))
+MINI = Sizes("mini", accuracy_rows=4, compare_rows=2, other_compare_rows=1, burst=8, chat_reps=REPS,
              decode_tokens=4, startup=True, bandwidth_bytes=1 << 26, baseline_rows=200)  # for tests, tiny model
 
 # Labelled data per classify task: language -> file in bench/data. Tasks not listed have none.
@@ -76,6 +80,7 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
         result = {"meta": machine() | {"model": resolved.display_name, "mode": sizes.name, "sizes": asdict(sizes),
                                        "data": data_note(data_dir)}}
         result["variants"] = {}
+        llama_work = None
         for name in sizes.variants:
             dtype, quantize = VARIANTS[name]
             bar.set_description(f"loading {name}")
@@ -84,8 +89,13 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
             if name == "fp32":
                 bar.set_description("accuracy fp32")
                 result["accuracy"] = accuracy_section(engine, tasks, rows, fit_rows, sizes, tick)
+            elif name in ACCURACY_VARIANTS:  # the default config, on the path the daemon serves
+                bar.set_description(f"accuracy {name}")
+                result[f"accuracy_{name}"] = served_accuracy(engine, tasks, rows, tick)
             compare = sizes.compare_rows if name == "fp32" else sizes.other_compare_rows
             result["variants"][name] = variant_section(engine, tasks, rows, sizes, compare, bar)
+            if name == "default":
+                llama_work = llama_inputs(engine, rows, sizes)
             del engine  # one model in memory at a time
             gc.collect()
         bar.set_description("memory bandwidth")
@@ -96,7 +106,8 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
         bar.set_description("start-up (subprocesses)")
         result["startup"] = startup_section(resolved, config, sizes, tick)
         bar.set_description("llama.cpp")
-        result["llama_cpp"] = llama_section(resolved, config, tasks, rows, sizes)
+        result["llama_cpp"] = llamacpp.peer_row(gguf_file(resolved, config), llama_work) if llama_work else {
+            "available": False, "reason": "no default-config engine in this run"}
         tick(1)
     result["meta"]["elapsed_s"] = time.perf_counter() - started
     return result
@@ -110,7 +121,7 @@ def _engine(resolved, config: Config, tasks: dict, dtype: str, quantize: str):
     wanted = {n: t for n, t in tasks.items() if n in DATASETS or n in (SPEED_TASK, CHAT_TASK)}
     model = config.model.model_copy(update={"dtype": dtype, "quantize": quantize})
     engine = build_engine(config.model_copy(update={"model": model}), wanted, resolved=resolved).engine
-    engine.start_fast_decode()
+    engine.start_fast_decode()  # measured with the kernels a running daemon serves with: see variant_section
     return engine
 
 
@@ -140,6 +151,12 @@ def accuracy_section(engine, tasks: dict, rows: dict, fit_rows: dict, sizes: Siz
     return out
 
 
+def served_accuracy(engine, tasks: dict, rows: dict, tick) -> dict:
+    """Per classify task with data and language: accuracy on the path the daemon serves (engine.classify)."""
+    return {name: {lang: classify_rows(engine, name, test, tick).summary() for lang, test in rows[name].items()}
+            for name, task in tasks.items() if isinstance(task, ClassifyTask) and name in rows}
+
+
 def _head_note(head, fit: data.FitRows | None) -> dict | None:
     """What the bench knows about a head: its metadata, and whether the baseline's rows are its rows."""
     if head is None:
@@ -162,12 +179,14 @@ def _tfidf(fit: data.FitRows | None, lang: str, test: list, labels: list[str], l
 
 
 def variant_section(engine, tasks: dict, rows: dict, sizes: Sizes, compare_rows: int, bar) -> dict:
-    """Sentiment speed (a, b, c) and chat speed for one loaded engine (fp32 or int8)."""
-    out: dict = {"dtype": engine.dtype, "weight_bytes": engine.loaded.weight_bytes}
-    kernels = engine.loaded.kernels
-    if kernels:  # measure what a running daemon serves with, not the minute after start
-        kernels.ready.wait(timeout=600)
-        out["fast_decode"] = {"state": kernels.state(), "compile_s": kernels.compile_s, "failed": kernels.failed}
+    """Sentiment speed (a, b, c) and chat speed for one loaded engine."""
+    out: dict = {"dtype": engine.dtype, "weight_bytes": engine.loaded.weight_bytes,
+                 "kv_cache_bytes": engine.decoder.cache_bytes()}
+    kernels = engine.loaded.kernels or (engine.decoder if engine.loaded.compile_decode else None)
+    if kernels:  # measure what a running daemon serves with, not the minutes after start
+        kernels.wait(timeout=1800)
+        out["fast_decode"] = {"state": kernels.state(), "compile_s": kernels.compile_s, "failed": kernels.failed,
+                              "kind": "one-row kernels" if engine.loaded.kernels else "whole decode step"}
     if SPEED_TASK in rows:
         bar.set_description(f"sentiment speed {engine.dtype}")
         by_lang = rows[SPEED_TASK].values()
@@ -200,7 +219,7 @@ def startup_section(resolved, config: Config, sizes: Sizes, tick) -> dict:
     out = {mode: startup.measure(mode, resolved.path, dirs, match) for mode in ("bare", "bare_forward")}
     tick(1)
     with tempfile.TemporaryDirectory(prefix="llmqtt-bench-") as cache:
-        for quantize, name in (("none", "fp32"), ("int8", "int8")):
+        for quantize, name in (("none", "fp32"), ("auto", "default")):
             # An empty prefix store: the first start computes the prefixes, the restart reads them.
             store = Path(cache) / name
             out[f"first_start_{name}"] = startup.measure("ready", resolved.path, dirs, match, quantize, store)
@@ -209,12 +228,22 @@ def startup_section(resolved, config: Config, sizes: Sizes, tick) -> dict:
     return out
 
 
-def llama_section(resolved, config: Config, tasks: dict, rows: dict, sizes: Sizes) -> dict:
-    if SPEED_TASK not in rows:
-        return {"available": False, "reason": "no labelled sentiment data"}
+def llama_inputs(engine, rows: dict, sizes: Sizes) -> dict | None:
+    """The token ids llama.cpp runs, from this engine's own prompts (the same tokens both sides)."""
+    from ..engine.generate import ChatGenerator
+
+    scorer, chat_task = engine._scorers.get(SPEED_TASK), engine.tasks.get(CHAT_TASK)
+    if scorer is None or not isinstance(chat_task, GenerateTask) or SPEED_TASK not in rows:
+        return None
     sample = [r for lang_rows in rows[SPEED_TASK].values() for r in lang_rows[:sizes.compare_rows]]
-    task = tasks[SPEED_TASK].for_model(resolved.match_name)
-    return llamacpp.peer_row(gguf_file(resolved, config), task, sample, sizes.decode_tokens)
+    gen = ChatGenerator(engine.loaded.model, engine.loaded.tokenizer, chat_task, 2048, decoder=engine.decoder)
+    decode_rest = gen.prompt_ids(chat.DECODE_PROMPT, [], 1)[0]
+    return {"threads": torch_threads(), "reps": sizes.chat_reps, "decode_tokens": sizes.decode_tokens,
+            "sentiment": {"prefix": scorer.prefix.ids, "rests": [scorer.rest_ids(r.text) for r in sample],
+                          "gold": [r.label for r in sample], "labels": scorer.label_names,
+                          "label_tokens": scorer.label_tokens},
+            "chat": {"prefix": gen.prefix.ids, "rest": gen.prompt_ids(chat.TTFT_PROMPT, [], 1)[0],
+                     "decode_prompt": gen.prefix.ids + decode_rest}}
 
 
 def gguf_file(resolved, config: Config) -> Path | None:
@@ -231,7 +260,7 @@ def _interleave(lists: list[list[str]], n: int) -> list[str]:
 
 
 def _work_units(sizes: Sizes, rows: dict) -> int:
-    accuracy = 2 * sum(len(r) for per_lang in rows.values() for r in per_lang.values())  # prompt and head
+    accuracy = (2 + len(ACCURACY_VARIANTS) - 1) * sum(len(r) for per_lang in rows.values() for r in per_lang.values())
     langs = len(rows.get(SPEED_TASK, {}))
     per_variant = lambda n: 2 * n * langs + (sizes.burst if langs else 0) + 2  # noqa: E731
     others = (len(sizes.variants) - 1) * per_variant(sizes.other_compare_rows)

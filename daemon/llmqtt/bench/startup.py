@@ -3,8 +3,8 @@
 `bare`:  AutoModelForCausalLM.from_pretrained at fp32, nothing else (the floor). transformers maps the
          safetensors file, so this does not yet read the weights: see its peak RSS.
 `bare_forward`: the same plus one token through the model, which pages every weight in.
-`ready`: what `llmqtt run` does before it serves (build.build_engine): plan, load (+ int8), every task's
-         prefix cache, warm-up. Run
+`ready`: what `llmqtt run` does before it serves (build.build_engine): plan, load (quantized weights from
+         the model cache: the first start quantizes and stores them), every task's prefix cache, warm-up. Run
          twice on one empty prefix store: the first start computes and stores the prefixes, a restart (every
          start after the first, until the model or a prompt changes) reads them.
 
@@ -70,10 +70,14 @@ def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quanti
         phases["warmup_s"] = ready - marks["warming"]
         engine.start_fast_decode()  # as the daemon does, once ready
         weight_bytes = engine.loaded.weight_bytes
-        kernels = engine.loaded.kernels
+        phases["quantize"], phases["from_store"] = engine.loaded.quantize, engine.loaded.from_store
+        phases["at_rest_bytes"] = sum(p.stat().st_size for p in (Path(cache_dir) / "quantized").glob("*.safetensors")) \
+            if cache_dir and engine.loaded.quantize != "none" else None
+        phases["kv_cache_bytes"] = engine.decoder.cache_bytes()
+        kernels = engine.loaded.kernels or (engine.decoder if engine.loaded.compile_decode else None)
     seconds = time.perf_counter() - start
     if kernels:  # compiled in the background after ready: when does decode get them? (peak RSS includes it)
-        kernels.ready.wait(timeout=600)
+        kernels.wait(timeout=1800)
         phases["fast_decode"] = kernels.state()
         phases["fast_decode_ready_s"] = time.perf_counter() - start if kernels.ready.is_set() else None
     peak = peak_rss_bytes()

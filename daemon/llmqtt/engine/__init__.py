@@ -10,9 +10,10 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from ..config import ModelConfig, choose_dtype
+from ..config import ModelConfig, choose_dtype, choose_quantize
+from ..readings import read_cpuinfo
 from ..tasks import ClassifyTask, GenerateTask
-from .modelstore import Progress, ResolvedModel, _no_progress, cache_dir_for, resolve_model
+from .modelstore import COMPLETE_MARKER, Progress, ResolvedModel, _no_progress, cache_dir_for, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
     from .loader import load
     from .headfile import weights_fingerprint
     from .prefixstore import PrefixStore, model_fingerprint
+    from .quantize import QuantizedStore, drop_float32
 
     resolved = resolved or resolve_model(config, progress)
     progress(f"loading {resolved.display_name}", 0, 0)
@@ -37,10 +39,16 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
         # systemd's PrivateTmp empties at every start. Set before loading: transformers' import of torch's
         # compile machinery already fixes inductor's default. Compiling starts with engine.start_fast_decode().
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir_for(config) / "inductor"))
-    loaded = load(resolved.path, dtype, config.quantize, config.fast_decode)
+    scheme, why = quantize_scheme(config, dtype)
+    log.info("weights: %s (%s)", scheme if scheme != "none" else dtype, why)
+    quantized = QuantizedStore(cache_dir_for(config) / "quantized")
+    loaded = load(resolved.path, dtype, scheme, config.fast_decode, quantized)
+    if (scheme != "none" and not config.keep_float32 and (resolved.path / COMPLETE_MARKER).is_file()
+            and quantized.path(resolved.path, scheme).is_file()):
+        drop_float32(resolved.path)  # the quantized copy is stored; only a checkpoint llmqtt converted itself
     store = None
     if config.prefix_cache:
-        store = PrefixStore(cache_dir_for(config) / "prefix-kv", model_fingerprint(resolved.path, dtype, config.quantize))
+        store = PrefixStore(cache_dir_for(config) / "prefix-kv", model_fingerprint(resolved.path, dtype, scheme))
     progress("preparing task prompts", 0, 0)
     engine = Engine(loaded, tasks, resolved.display_name, resolved.match_name, config.max_context, max_batch, store,
                     conversation_tokens=config.conversation_cache_tokens,
@@ -49,6 +57,13 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
     if store:
         log.info("task prompt caches: %d of %d read from %s", engine.prefixes_from_disk(), len(tasks), store.directory)
     return engine
+
+
+def quantize_scheme(config: ModelConfig, dtype: str) -> tuple[str, str]:
+    """(scheme, why) for this machine's CPU: `model.quantize` with `auto` resolved."""
+    import platform
+
+    return choose_quantize(config.quantize, platform.machine(), read_cpuinfo().flags, dtype)
 
 
 def _load_heads(paths: Mapping[str, Path], tasks: Mapping) -> dict:

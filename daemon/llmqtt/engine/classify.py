@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 
 import torch
 
@@ -21,6 +22,7 @@ from .head import Features, Head
 from .kvprefix import KVPrefix
 from .prefixstore import PrefixStore
 from .prompt import ControlTokenGuard, encode, split_at_user_text
+from .quantize import head_rows
 from .types import Classification, TaskNotServable, TextTooLong  # noqa: F401 (TaskNotServable re-exported)
 
 
@@ -91,8 +93,12 @@ class LabelScorer:
         caught: dict[int, torch.Tensor] = {}
         deepest = max(features.layers)
 
+        owner = threading.get_ident()
+
         def catch(index: int):
             def hook(module, args, output):
+                if threading.get_ident() != owner:  # e.g. decode.py compiling in the background: not ours
+                    return None
                 caught[index] = output[0] if isinstance(output, tuple) else output  # [B, S, H]
                 if index == deepest:
                     raise _Enough
@@ -208,10 +214,7 @@ def label_first_tokens(tokenizer, task: ClassifyTask) -> list[list[int]]:
 
 
 def _output_rows(model, token_ids: torch.Tensor):
-    """hidden [B, H] -> logits of just `token_ids` [B, K]: K rows of the output head instead of all 150k."""
-    head = model.get_output_embeddings()
-    if isinstance(getattr(head, "weight", None), torch.Tensor):  # a float Linear (or fast decode's wrapper)
-        weight = head.weight[token_ids].detach().clone()
-        bias = head.bias[token_ids].detach().clone() if head.bias is not None else None
-        return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
-    return lambda hidden: head(hidden)[:, token_ids]  # e.g. an int8 head: run it whole, then pick
+    """hidden [B, H] -> logits of just `token_ids` [B, K]: K rows of the output head instead of all 150k
+    (a quantized head gives back just those rows as floats)."""
+    weight, bias = head_rows(model, token_ids)
+    return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)

@@ -125,7 +125,8 @@ class ConversationCache:
         """
         if self.max_tokens <= 0 or not ids or len(ids) > self.max_tokens:
             return
-        layers = [(layer.keys[:, :, :len(ids)], layer.values[:, :, :len(ids)]) for layer in cache.layers]
+        # Copies: the decode loop's static cache (decode.py) is overwritten by the next generation.
+        layers = [(layer.keys[:, :, :len(ids)].clone(), layer.values[:, :, :len(ids)].clone()) for layer in cache.layers]
         if any(keys.shape[2] != len(ids) for keys, _ in layers):
             return  # not the tokens we were told: keep nothing rather than something wrong
         key = tuple(ids)

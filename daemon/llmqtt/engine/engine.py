@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 from ..tasks import ClassifyTask, GenerateTask
 from .classify import LabelScorer
 from .convcache import ConversationCache
+from .decode import StaticDecoder
 from .generate import ChatGenerator, Generation
 from .head import Head, mismatch
 from .loader import LoadedModel
@@ -39,6 +40,8 @@ class Engine:
         self._generators: dict[str, ChatGenerator] = {}
         # One budget for every generate task: recent conversations' KV, reused by the next turn.
         self.conversations = ConversationCache(conversation_tokens, tolerant=conversation_tolerant)
+        # One static KV cache and compiled step shared by every generate task (the service runs one at a time).
+        self.decoder = StaticDecoder(loaded.model, max_context)
         for name, task in self.tasks.items():
             if isinstance(task, ClassifyTask):
                 scorer = LabelScorer(loaded.model, loaded.tokenizer, task, max_context, prefix_store)
@@ -46,7 +49,7 @@ class Engine:
                 self._scorers[name] = scorer
             else:
                 self._generators[name] = ChatGenerator(loaded.model, loaded.tokenizer, task, max_context, prefix_store,
-                                                       self.conversations)
+                                                       self.conversations, self.decoder)
 
     def classify(self, task: str, texts: Sequence[str], use_head: bool = True) -> list[Classification]:
         """`use_head=False`: the prompt's label logits even where the task has a head (the bench compares)."""
@@ -80,9 +83,13 @@ class Engine:
 
     def start_fast_decode(self) -> None:
         """Build the fast decode kernels on a background thread, if this model has them. Called once the
-        engine is warm: compiling competes for the CPU, so it must not slow the start-up itself."""
+        engine is warm: compiling competes for the CPU, so it must not slow the start-up itself.
+
+        float32: one-row Linear kernels (fastdecode.py); quantized: the whole decode step (decode.py)."""
         if self.loaded.kernels:
             self.loaded.kernels.start()
+        elif self.loaded.quantize != "none" and self._generators and self.loaded.compile_decode:
+            self.decoder.start()
 
     def prefixes_from_disk(self) -> int:
         """How many tasks' prefix caches came from the prefix store rather than a forward pass."""

@@ -70,6 +70,11 @@ class Kernels:
         self.ready.set()
         log.info("fast decode kernels ready (%d shapes, %.1fs)", len(self.weights), self.compile_s)
 
+    def wait(self, timeout: float | None = None) -> None:
+        """Until compiling has ended (ready or failed), if it was started."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def state(self) -> str:
         return "ready" if self.ready.is_set() else "failed" if self.failed else "pending"
 

@@ -2,9 +2,10 @@
 
 prompt ids = [head: system prompt + user header] + [history turns, the new message, assistant cue]
 The head is the task's cached prefix, or a client's own system prompt (Ollama/OpenAI APIs). The prompt's KV
-starts from the longest cached prefix of it (convcache.py: the task prefix, or a recent conversation), so
-only the rest runs. Then one token at a time: sample, stop on an end token, check the cancel flag, yield the
-new text. The chat template's own tokens never reach the text (skip_special_tokens).
+starts from the longest cached prefix of it (convcache.py: the task prefix, or a recent conversation), copied
+into decode.py's static KV cache, so only the rest runs (prefill). Then one token at a time through
+decode.py's step (compiled once ready): sample, stop on an end token, check the cancel flag, yield the new
+text. The chat template's own tokens never reach the text (skip_special_tokens).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from ..tasks import GenerateTask, GenerationSettings
 from .convcache import ConversationCache, Start
+from .decode import StaticDecoder
 from .kvprefix import KVPrefix
 from .prefixstore import PrefixStore
 from .prompt import ControlTokenGuard, encode, render, split_at_user_text
@@ -28,13 +30,14 @@ MIN_ANSWER_TOKENS = 16  # a prompt that leaves less room than this for the answe
 
 class ChatGenerator:
     def __init__(self, model, tokenizer, task: GenerateTask, max_context: int, store: PrefixStore | None = None,
-                 conversations: ConversationCache | None = None):
+                 conversations: ConversationCache | None = None, decoder: StaticDecoder | None = None):
         self.model, self.tokenizer, self.task, self.max_context = model, tokenizer, task, max_context
         self.guard = ControlTokenGuard(tokenizer)
         self.system = [{"role": "system", "content": task.system}]
         self.prefix_text = split_at_user_text(tokenizer, self.system).prefix
         self.prefix = KVPrefix(model, encode(tokenizer, self.prefix_text), store)
         self.conversations = conversations if conversations is not None else ConversationCache(max_tokens=0)
+        self.decoder = decoder or StaticDecoder(model, max_context)
         self.stop_ids = _stop_token_ids(model, tokenizer)
 
     def stream(self, text: str, history: Sequence[Turn] = (), cancel: threading.Event | None = None,
@@ -97,7 +100,8 @@ class ChatGenerator:
         return encode(self.tokenizer, full[len(head_text):])
 
     def forward(self, input_ids: torch.Tensor, cache, position: int) -> torch.Tensor:
-        """input_ids: [1, S] at positions position..position+S-1 -> float logits of the last one: [V]."""
+        """input_ids: [1, S] at positions position..position+S-1 -> float logits of the last one: [V].
+        Any cache (the bench times prefill with and without the prefix through it)."""
         positions = torch.arange(position, position + input_ids.shape[1]).unsqueeze(0)
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, past_key_values=cache, position_ids=positions, use_cache=True,
@@ -119,10 +123,15 @@ class Generation:
         gen, result, settings = self._gen, self.result, self._settings
         rng = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
         started = time.perf_counter()
-        cache, reused = self._start.cache, self._start.reused
-        rest = self._ids[reused:]
+        reused = self._start.reused
+        start = [(layer.keys, layer.values) for layer in self._start.cache.layers]  # [1, kv_heads, reused, head_dim]
+        with gen.decoder.cache(start) as cache:  # static: [1, kv_heads, max_context, head_dim] per layer
+            logits = gen.decoder.prefill(torch.tensor([self._ids[reused:]]), cache, reused)  # [1, S] -> [V]
+            yield from self._decode(logits, cache, rng, started)
+
+    def _decode(self, logits: torch.Tensor, cache, rng: torch.Generator | None, started: float) -> Iterator[str]:
+        gen, result, settings = self._gen, self.result, self._settings
         fed = list(self._ids)  # the tokens whose KV the cache holds, for the conversation cache
-        logits = gen.forward(torch.tensor([rest]), cache, reused)  # prefill: [1, S]
         position = len(self._ids)
         seen = torch.tensor(self._ids[self._head:])  # the repetition penalty's scope: all after the system
         produced: list[int] = []
@@ -144,7 +153,7 @@ class Generation:
             piece = self._new_text(produced)
             if piece:
                 yield piece
-            logits = gen.forward(torch.tensor([[token]]), cache, position)  # decode: [1, 1]
+            logits = gen.decoder.step(token, cache, position)  # one token at `position` -> [V]
             fed.append(token)
             position += 1
         gen.conversations.keep(fed, len(self._ids), cache, self._start)

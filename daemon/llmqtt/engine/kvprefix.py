@@ -20,6 +20,11 @@ class KVPrefix:
         self._layers = layers
 
     @property
+    def layers(self) -> Layers:
+        """Per layer (keys, values): [1, kv_heads, P, head_dim]. Read-only: copy before writing."""
+        return self._layers
+
+    @property
     def length(self) -> int:
         return len(self.ids)
 

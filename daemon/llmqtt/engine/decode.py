@@ -1,0 +1,147 @@
+"""One token at a time over a static KV cache, compiled whole: gpt-fast's `decode_one_token`.
+
+An eager transformers step runs ~300 small Python-dispatched ops per token for a 24-layer model; compiled
+once into one graph over a cache whose shapes never change, Python runs once per token. The cache holds
+`max_context` positions per layer, allocated once (a 0.5B Qwen2 at 2048 positions: 24 layers x 2 x
+2 kv heads x 64 x 2048 x 4 bytes = 50 MB). There is one such cache, reused by every generation (the
+service runs one at a time): the compiled graph is specialised to it, and a new cache object would compile
+again. A generation that starts while the shared cache is in use gets a cache of its own, decoded eagerly.
+
+    with decoder.cache(prefix) as cache:               # the static cache, prefix KV copied in: [1, kv, T, d]
+        logits = decoder.prefill(ids, cache, position) # ids: [1, S] eager (compute-bound anyway) -> [V]
+        logits = decoder.step(token, cache, position)  # one token: compiled once ready, else eager -> [V]
+
+The compiled step is built on a background thread after the daemon is ready (`start()`), cached by
+inductor on disk, and checked against the eager step before any request uses it; if compiling fails, or
+the two disagree, decode stays eager with the same results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import Iterator
+
+import torch
+from transformers import StaticCache
+
+from .prefixstore import Layers
+
+log = logging.getLogger(__name__)
+
+CHECK_STEPS = 8  # greedy tokens the compiled step must reproduce exactly before it is used
+
+
+def decode_one_token(model: torch.nn.Module, token: torch.Tensor, position: torch.Tensor,
+                     cache: StaticCache) -> torch.Tensor:
+    """token: [1, 1] at position [1, 1] -> float logits of the next token: [V]. Writes one cache position."""
+    out = model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True)
+    return out.logits[0, -1].float()
+
+
+class StaticDecoder:
+    """The compiled step for one model, and whether requests may use it yet (`ready`)."""
+
+    def __init__(self, model: torch.nn.Module, max_context: int):
+        self.model, self.max_context = model, max_context
+        self.ready = threading.Event()
+        self.failed: str | None = None
+        self.compile_s: float | None = None
+        self._compiled = None
+        self._shared = self._new_cache()
+        self._in_use = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def cache(self, prefix: Layers) -> Iterator[StaticCache]:
+        """A static cache holding `prefix` ([1, kv_heads, P, head_dim] per layer) at positions 0..P-1 for
+        one generation: the shared one (the compiled step's), or a private one if that is in use."""
+        shared = self._in_use.acquire(blocking=False)
+        try:
+            yield self._reset(self._shared if shared else self._new_cache(), prefix)
+        finally:
+            if shared:
+                self._in_use.release()
+
+    def _new_cache(self) -> StaticCache:
+        config = self.model.config
+        cache = StaticCache(config=config, max_cache_len=self.max_context)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dtype = getattr(self.model, "dtype", torch.float32)  # the KV cache's: the model's compute dtype
+        cache.early_initialization(1, config.num_key_value_heads, head_dim, dtype, torch.device("cpu"))
+        return cache
+
+    @staticmethod
+    def _reset(cache: StaticCache, prefix: Layers) -> StaticCache:
+        for i, layer in enumerate(cache.layers):  # stale positions beyond are masked out, then overwritten
+            layer.cumulative_length.zero_()
+            if prefix:
+                cache.update(prefix[i][0], prefix[i][1], i)
+        return cache
+
+    def prefill(self, ids: torch.Tensor, cache: StaticCache, position: int) -> torch.Tensor:
+        """ids: [1, S] at positions position..position+S-1 -> float logits of the last one: [V]."""
+        positions = torch.arange(position, position + ids.shape[1]).unsqueeze(0)  # [1, S]
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                             logits_to_keep=1)
+        return out.logits[0, -1].float()
+
+    def step(self, token: int, cache: StaticCache, position: int) -> torch.Tensor:
+        """The next token's logits [V] after `token` at `position`."""
+        compiled = self.ready.is_set() and cache is self._shared  # the graph is specialised to that cache
+        step = self._compiled if compiled else decode_one_token
+        with torch.inference_mode():
+            return step(self.model, torch.tensor([[token]]), torch.tensor([[position]]), cache)
+
+    def start(self) -> None:
+        """Compile on a daemon thread (once); requests decode eagerly meanwhile."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.compile, name="decode-compile", daemon=True)
+            self._thread.start()
+
+    def compile(self) -> None:
+        started = time.perf_counter()
+        try:
+            compiled = torch.compile(decode_one_token, fullgraph=True, dynamic=False)
+            with self._in_use:
+                self._check(compiled)
+        except Exception as exc:  # no compiler, an op inductor cannot take, a mismatch: stay eager
+            self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            log.warning("compiled decode unavailable, decoding eagerly (%s)", self.failed)
+            return
+        self._compiled = compiled
+        self.compile_s = time.perf_counter() - started
+        self.ready.set()
+        log.info("compiled decode ready (%.1fs)", self.compile_s)
+
+    def _check(self, compiled) -> None:
+        """Greedy CHECK_STEPS tokens from the same start, eager and compiled: the same tokens, close logits."""
+        runs = []
+        for step in (decode_one_token, compiled):  # under the lock: no request uses the cache meanwhile
+            cache = self._reset(self._shared, [])
+            token, tokens, logits = 0, [], []
+            with torch.inference_mode():
+                for position in range(CHECK_STEPS):
+                    out = step(self.model, torch.tensor([[token]]), torch.tensor([[position]]), cache)
+                    token = int(out.argmax())
+                    tokens.append(token)
+                    logits.append(out)
+            runs.append((tokens, torch.stack(logits)))
+        (eager_tokens, eager_logits), (tokens, logits) = runs
+        if tokens != eager_tokens or not torch.allclose(logits, eager_logits, rtol=1e-3, atol=1e-3):
+            raise RuntimeError(f"compiled decode disagrees with eager (tokens {tokens} vs {eager_tokens})")
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Until compiling has ended (ready or failed), if it was started."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def cache_bytes(self) -> int:
+        """Bytes of the shared static KV cache (allocated once, max_context positions)."""
+        return sum(t.numel() * t.element_size() for layer in self._shared.layers for t in (layer.keys, layer.values))
+
+    def state(self) -> str:
+        return "ready" if self.ready.is_set() else "failed" if self.failed else "pending"

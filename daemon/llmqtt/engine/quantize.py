@@ -1,0 +1,382 @@
+"""Quantized weights at rest: quantize a float32 model once, keep the result in the model cache, and load
+it on every later start without ever holding a float32 copy.
+
+Two schemes, chosen by `config.choose_quantize` from the CPU's features:
+
+- `int8` (x86, any CPU): every Linear, the output head included, as int8 per output channel (symmetric,
+  scales from torchao's `Int8Tensor.from_hp`). Products run on fbgemm's dynamic int8 kernels, which
+  quantize the activations per call. Weights use 7 bits ([-64, 63]) so activations keep all 8: on AVX2
+  without VNNI, fbgemm multiplies u8 x s8 pairs into int16 (vpmaddubsw), which saturates unless one side
+  is 7-bit. torchao's own int8 product (`torch._int_mm`) is the alternative; on this bench machine
+  (AVX2, no VNNI) it measured 40x slower than fbgemm for a 40-row batch (docs/quantization.md).
+- `int4` (aarch64, e.g. Raspberry Pi 5): weights in groups of 32 as symmetric int4, activations int8 per
+  token, through the KleidiAI kernels inside stock torch (`aten._dyn_quant_matmul_4bit`), packed by
+  torchao's `Int8DynamicActivationIntxWeightConfig(intx_packing_format="opaque_aten_kleidiai")`.
+
+The input embedding shares the int8 output head's rows (Qwen ties them): a lookup reads only the rows it
+needs (`RowEmbedding`), never the whole 151,936 x 896 table. Classification reads only its label rows
+(`head_rows`).
+
+At rest the file is plain safetensors (int8/uint8 values, float scales, norms and biases) named by a
+fingerprint of the model files, the scheme and the library versions, so any change re-quantizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("int8", "int4")
+INT8_WEIGHT_MAX = 63  # 7-bit weights: see the module docstring (fbgemm on AVX2 without VNNI)
+INT4_GROUP = 32  # weights per int4 scale: the group size KleidiAI's kernels are tuned for
+
+
+# --------------------------------------------------------------------------- modules
+
+# fbgemm's packed weights are a TorchScript object, which torch.compile cannot take as an input: compiled
+# code reaches them through this custom op and a registry keyed by the layer's id (a plain int).
+_PACKED: dict[int, object] = {}
+
+
+@torch.library.custom_op("llmqtt::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(x, _PACKED[layer], False)
+
+
+@_int8_linear_op.register_fake
+def _(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+
+class Int8Linear(torch.nn.Module):
+    """y = x W^T + b with W as int8 per output channel. State: qdata [out, in] int8, scale [out] float32."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qdata", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(out_features))
+        self.bias = torch.nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self._packed = None
+
+    def pack(self, keep_rows: bool = False) -> None:
+        """Hand the weights to fbgemm (it keeps its own packed copy); drop ours unless rows are still read
+        (the output head, whose rows the embedding and classification use)."""
+        zeros = torch.zeros(self.out_features, dtype=torch.long)
+        weight = torch._make_per_channel_quantized_tensor(self.qdata, self.scale.double(), zeros, 0)
+        self._packed = torch.ops.quantized.linear_prepack(weight, self.bias)
+        _PACKED[id(self)] = self._packed
+        if not keep_rows:
+            self.qdata = torch.empty(0, dtype=torch.int8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] float32 -> [..., out]; fbgemm quantizes x to uint8 per call (full 8 bits)
+        if torch.compiler.is_compiling():
+            return _int8_linear_op(x, id(self), self.out_features)
+        return torch.ops.quantized.linear_dynamic(x, self._packed, False)
+
+    def __del__(self):
+        _PACKED.pop(id(self), None)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Float rows of W for `ids`: [K] -> [K, in]."""
+        return self.qdata[ids].float() * self.scale[ids, None]
+
+
+class RowEmbedding(torch.nn.Module):
+    """An embedding read from a quantized table's rows: only the looked-up rows are turned into floats."""
+
+    def __init__(self, table: Int8Linear):
+        super().__init__()
+        self.table = table
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers asks for its dtype/device only
+        return self.table.scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.rows(ids.reshape(-1)).reshape(*ids.shape, -1)  # ids: [B, S] -> [B, S, hidden]
+
+
+class Int4Linear(torch.nn.Module):
+    """KleidiAI int4 (groups of 32) x int8 dynamic activations. State: packed uint8 blob (kernel-specific)
+    and, for the output head, the int4 values and scales so rows can be read back."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("packed", torch.empty(0, dtype=torch.uint8))
+        self.register_buffer("qdata", torch.empty(0, dtype=torch.int8))  # [out, in] int4 values, head only
+        self.register_buffer("scale", torch.empty(0))  # [out, in / 32], head only
+        self.bias = None  # folded into `packed`
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # [B*S, in]
+        y = torch.ops.aten._dyn_quant_matmul_4bit(rows, self.packed, INT4_GROUP, self.in_features,
+                                                  self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        groups = self.qdata[ids].float().unflatten(-1, (-1, INT4_GROUP))  # [K, in/32, 32]
+        return (groups * self.scale[ids].float()[..., None]).flatten(-2)  # [K, in]
+
+
+def head_rows(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [K, hidden], bias [K] or None) of the output head's rows `ids`, as float32."""
+    head = model.get_output_embeddings()
+    if isinstance(head, (Int8Linear, Int4Linear)):
+        return head.rows(ids), None
+    weight = head.weight[ids].detach().clone()
+    return weight, head.bias[ids].detach().clone() if head.bias is not None else None
+
+
+# --------------------------------------------------------------------------- quantizing (first start)
+
+
+def quantize_state(model: torch.nn.Module, scheme: str) -> dict[str, torch.Tensor]:
+    """The quantized model's state from a float32 model, Linear by Linear (the float model stays as is)."""
+    state = {name: t.detach() for name, t in model.state_dict().items()}
+    for name, linear in _linears(model):
+        del state[f"{name}.weight"]
+        if scheme == "int8":
+            state.update({f"{name}.{k}": v for k, v in _int8(linear.weight).items()})
+        else:
+            state.update({f"{name}.{k}": v for k, v in _int4(linear, keep_rows=_is_head(model, linear)).items()})
+            state.pop(f"{name}.bias", None)
+    embedding = model.get_input_embeddings()
+    if _tied(model):
+        state.pop("model.embed_tokens.weight", None)  # read from the head's rows
+    elif scheme == "int8":
+        del state["model.embed_tokens.weight"]
+        state.update({f"model.embed_tokens.table.{k}": v for k, v in _int8(embedding.weight).items()})
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def _int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    from torchao.quantization import PerRow
+    from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
+
+    q = Int8Tensor.from_hp(weight.detach().float(), granularity=PerRow(), reduce_range=True)  # [-64, 63]
+    return {"qdata": q.qdata, "scale": q.scale.reshape(-1).float()}
+
+
+def _int4(linear: torch.nn.Linear, keep_rows: bool) -> dict[str, torch.Tensor]:
+    """KleidiAI-packed int4 via torchao (aarch64 only: packing needs torch.backends.kleidiai)."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup, quantize_
+    from torchao.quantization.quant_primitives import MappingType
+
+    unpacked = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    unpacked.load_state_dict(linear.state_dict())
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(INT4_GROUP),
+                                                   weight_mapping_type=MappingType.SYMMETRIC)
+    quantize_(unpacked, config)  # IntxUnpackedToInt8Tensor: the int4 values and scales, any CPU
+    values = unpacked.weight
+    packed = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    packed.load_state_dict(linear.state_dict())
+    quantize_(packed, Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4, weight_granularity=PerGroup(INT4_GROUP), weight_mapping_type=MappingType.SYMMETRIC,
+        intx_packing_format="opaque_aten_kleidiai"))
+    state = {"packed": packed.weight.packed_weights}
+    if keep_rows:
+        state.update(qdata=values.qdata, scale=values.scale.float())
+    return state
+
+
+# --------------------------------------------------------------------------- loading (every start)
+
+
+def build(model_dir: Path, state: dict[str, torch.Tensor], scheme: str) -> torch.nn.Module:
+    """The model from its quantized state, never materialising a float32 Linear: the skeleton is built on
+    the meta device and the stored tensors are assigned into it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    layer = Int8Linear if scheme == "int8" else Int4Linear
+    swapped = []
+    for name, linear in _linears(model):
+        parent, _, child = name.rpartition(".")
+        swapped.append(layer(linear.in_features, linear.out_features, linear.bias is not None and scheme == "int8"))
+        setattr(model.get_submodule(parent) if parent else model, child, swapped[-1])
+    head, tied = model.get_output_embeddings(), _tied(model)
+    if not tied and scheme == "int8":  # its own int8 table, read by rows only
+        model.set_input_embeddings(RowEmbedding(Int8Linear(config.hidden_size, config.vocab_size, False)))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if tied:  # the head's rows are the embedding (one copy in memory, as in the float model)
+        model.set_input_embeddings(RowEmbedding(head))
+        missing = [k for k in missing if k != "model.embed_tokens.weight"]
+    if scheme == "int4":  # only the head keeps its int4 values beside the packed blob
+        missing = [k for k in missing if not k.endswith((".qdata", ".scale"))]
+    if missing or unexpected:
+        raise ValueError(f"quantized state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _rebuild_meta_buffers(model)
+    for module in swapped:
+        if isinstance(module, Int8Linear):
+            module.pack(keep_rows=module is head)
+    return model.eval().requires_grad_(False)
+
+
+def _rebuild_meta_buffers(model: torch.nn.Module) -> None:
+    """Buffers computed in __init__ rather than stored (rotary inv_freq) are still on meta: build them again."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            if not hasattr(module, "config") or "rotary" not in type(module).__name__.lower():
+                raise ValueError(f"{name}: buffers not stored in the quantized file")
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, type(module)(config=module.config))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"quantized file lacks {left[:5]}")
+
+
+def _linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    return [(name, m) for name, m in model.named_modules() if type(m) is torch.nn.Linear]
+
+
+def _is_head(model: torch.nn.Module, linear: torch.nn.Module) -> bool:
+    return linear is model.get_output_embeddings()
+
+
+def _tied(model: torch.nn.Module) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class QuantizedStore:
+    """`<cache>/quantized/<model>-<scheme>-<fingerprint>.safetensors`: one file per model, scheme and build;
+    a newer build replaces the older file of the same model and scheme."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def path(self, model_dir: Path, scheme: str) -> Path:
+        return self.directory / f"{self._prefix(model_dir, scheme)}-{fingerprint(model_dir, scheme)}.safetensors"
+
+    @staticmethod
+    def _prefix(model_dir: Path, scheme: str) -> str:
+        where = hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:12]
+        return f"{Path(model_dir).resolve().parent.name}-{where}-{scheme}"
+
+    def load(self, model_dir: Path, scheme: str) -> dict[str, torch.Tensor] | None:
+        path = self.path(model_dir, scheme)
+        if not path.is_file():
+            return None
+        try:
+            return load_file(path)
+        except Exception as exc:  # torn or foreign: quantize again
+            log.warning("ignoring quantized weights %s: %s", path, exc)
+            return None
+
+    def save(self, model_dir: Path, scheme: str, state: dict[str, torch.Tensor]) -> Path | None:
+        path = self.path(model_dir, scheme)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for old in path.parent.glob(f"{self._prefix(model_dir, scheme)}-*.safetensors"):  # an older build
+                old.unlink(missing_ok=True)
+            save_file(state, tmp, metadata={"scheme": scheme})
+            tmp.replace(path)  # atomic: a reader sees no file or the whole file
+            return path
+        except Exception as exc:  # best effort: the next start quantizes again
+            log.warning("could not keep the quantized weights on disk (%s)", exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            return None
+
+
+DROPPED = "float32-dropped.json"  # the float32 files' stamps, once model.keep_float32: false removed them
+
+
+def fingerprint(model_dir: Path, scheme: str) -> str:
+    """Changes whenever the stored numbers could: the model files, the scheme, the libraries."""
+    return hashlib.sha256(json.dumps([model_stamp(model_dir), scheme, torch.__version__, _version("transformers"),
+                                      _version("torchao")]).encode()).hexdigest()[:24]
+
+
+def model_stamp(model_dir: Path) -> list:
+    """(name, size, mtime) of the model's weight and JSON files; dropped float32 files by their record."""
+    files = sorted(p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".json") and p.name != DROPPED)
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    dropped = Path(model_dir) / DROPPED
+    if dropped.is_file():
+        stamp += json.loads(dropped.read_text())
+    return sorted(stamp)
+
+
+def drop_float32(model_dir: Path) -> int:
+    """Delete the float32 safetensors of a converted model (its quantized copy is stored); bytes freed.
+    Only for directories llmqtt converted itself (demo, a .gguf): never a user's own model files."""
+    weights = sorted(Path(model_dir).glob("*.safetensors"))
+    if not weights:
+        return 0
+    record = Path(model_dir) / DROPPED
+    previous = json.loads(record.read_text()) if record.is_file() else []
+    record.write_text(json.dumps(previous + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]))
+    freed = 0
+    for path in weights:
+        freed += path.stat().st_size
+        path.unlink()
+    log.info("dropped the float32 weights of %s (%.1f GB; model.keep_float32: false)", model_dir, freed / 1e9)
+    return freed
+
+
+def float32_dropped_error(model_dir: Path) -> RuntimeError:
+    return RuntimeError(f"the float32 weights in {model_dir} were dropped (model.keep_float32: false); delete that "
+                        "directory to convert the model again, or keep the quantized default")
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
+def load_quantized(model_dir: Path, scheme: str, store: QuantizedStore) -> tuple[torch.nn.Module, bool]:
+    """(model, whether it came from the store). The first start quantizes from float32 and stores it."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r} (one of {', '.join(SCHEMES)})")
+    if scheme == "int4" and not torch.backends.kleidiai.is_available():
+        raise RuntimeError("quantize: int4 needs torch's KleidiAI kernels (aarch64 builds of torch); "
+                           "use int8 or auto on this CPU")
+    state = store.load(model_dir, scheme)
+    if state is not None:
+        return build(model_dir, state, scheme), True
+    if (Path(model_dir) / DROPPED).is_file() and not any(Path(model_dir).glob("*.safetensors")):
+        raise float32_dropped_error(model_dir)
+    state = quantize_from_float(model_dir, scheme)
+    store.save(model_dir, scheme, state)
+    return build(model_dir, state, scheme), False
+
+
+def quantize_from_float(model_dir: Path, scheme: str) -> dict[str, torch.Tensor]:
+    """Load the float32 checkpoint (memory-mapped), quantize, and let the float model go."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        import torchao  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError("quantizing needs torchao (pip install 'torchao==0.18.0'), "
+                           "or set model.quantize: none for float32") from exc
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        state = quantize_state(model, scheme)
+    log.info("quantized %s to %s in %.1fs (once; kept in the model cache)", model_dir.name, scheme,
+             time.perf_counter() - started)
+    return state

@@ -1,0 +1,198 @@
+"""Quantized weights at rest (engine/quantize.py), the scheme choice, and the compiled decode (decode.py)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from llmqtt import config as cfg
+from llmqtt.config import choose_quantize
+from llmqtt.engine import quantize as quant
+from llmqtt.engine.decode import StaticDecoder
+from llmqtt.engine.engine import Engine
+from llmqtt.engine.loader import load
+from llmqtt.tasks import parse_task
+from tinymodel import build_tiny_model
+
+CHAT = {"kind": "generate", "system": "Hello, how are you today?",
+        "generation": {"max_new_tokens": 10, "temperature": 0.0, "repetition_penalty": 1.0}}
+SENTIMENT = {"kind": "classify", "system": "You are a sentiment classifier. Answer with one word: positive or negative.",
+             "user_template": "Text: {text}", "labels": {"positive": "positive", "negative": "negative"}}
+
+
+# --------------------------------------------------------------------------- choosing a scheme (pure)
+
+@pytest.mark.parametrize("arch, flags, scheme", [
+    ("x86_64", {"avx2", "fma"}, "int8"),  # this bench machine: AVX2, no VNNI
+    ("x86_64", {"avx512f", "avx512_vnni", "amx_int8"}, "int8"),  # never int4 on x86, whatever it has
+    ("aarch64", {"fp", "asimd", "asimddp"}, "int4"),  # Raspberry Pi 5 (Cortex-A76)
+    ("aarch64", {"fp", "asimd"}, "none"),  # Pi 3/4 (Cortex-A53/A72): no dot product, no KleidiAI kernels
+])
+def test_auto_scheme_is_a_function_of_the_cpu(arch, flags, scheme):
+    chosen, why = choose_quantize("auto", arch, frozenset(flags))
+    assert chosen == scheme
+    assert why
+
+
+def test_an_explicit_scheme_wins_over_auto():
+    assert choose_quantize("none", "x86_64", frozenset({"avx2"}))[0] == "none"
+    assert choose_quantize("int8", "aarch64", frozenset({"asimddp"}))[0] == "int8"
+
+
+def test_auto_refuses_a_scheme_measured_more_than_a_point_below_float32(monkeypatch):
+    monkeypatch.setitem(cfg.ACCURACY_VS_FLOAT32_POINTS, "int8", -1.4)
+    scheme, why = choose_quantize("auto", "x86_64", frozenset({"avx2"}))
+    assert scheme == "none" and "1.4 points below float32" in why
+    monkeypatch.setitem(cfg.ACCURACY_VS_FLOAT32_POINTS, "int8", -0.6)
+    assert choose_quantize("auto", "x86_64", frozenset({"avx2"}))[0] == "int8"
+
+
+# --------------------------------------------------------------------------- at rest: quantize once, load without fp32
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def tiny_dir(request, tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), tied=request.param)
+
+
+def _reference_logits(model_dir, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+def test_second_start_loads_the_stored_int8_weights_without_float32(tiny_dir, tmp_path, monkeypatch):
+    store = quant.QuantizedStore(tmp_path / "quantized")
+    first, from_store = quant.load_quantized(tiny_dir, "int8", store)
+    assert not from_store and store.path(tiny_dir, "int8").is_file()
+    ids = torch.randint(0, first.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def no_float32(*args, **kwargs):
+        raise AssertionError("the float32 checkpoint was read")
+
+    import transformers
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_float32)
+    model, from_store = quant.load_quantized(tiny_dir, "int8", store)
+    monkeypatch.undo()
+    assert from_store
+    assert not [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert all(p.dtype != torch.float32 or p.dim() < 2 for p in model.parameters())  # only norms and biases
+
+    with torch.inference_mode():
+        logits = model(ids).logits
+        assert torch.equal(logits, first(ids).logits)  # the stored copy is exactly what was quantized
+    reference = _reference_logits(tiny_dir, ids)  # float32: int8 is close (a random tiny model has near-ties)
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8
+    assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_embedding_reads_only_the_rows_it_looks_up(tiny_dir, tmp_path, monkeypatch):
+    model, _ = quant.load_quantized(tiny_dir, "int8", quant.QuantizedStore(tmp_path))
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, quant.RowEmbedding)
+    seen = []
+    rows = type(embedding.table).rows
+    monkeypatch.setattr(type(embedding.table), "rows", lambda self, ids: seen.append(ids.numel()) or rows(self, ids))
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]))
+    assert seen == [3]
+
+
+def test_label_rows_of_the_quantized_head_match_its_products(tiny_dir, tmp_path):
+    model, _ = quant.load_quantized(tiny_dir, "int8", quant.QuantizedStore(tmp_path))
+    hidden = torch.randn(2, model.config.hidden_size)
+    ids = torch.tensor([3, 7, 11])
+    weight, bias = quant.head_rows(model, ids)
+    with torch.inference_mode():
+        full = model.get_output_embeddings()(hidden)[:, ids]
+    assert torch.allclose(hidden @ weight.T, full, atol=0.05 * full.abs().max())
+
+
+def test_a_torn_store_file_is_quantized_again(tiny_dir, tmp_path):
+    store = quant.QuantizedStore(tmp_path)
+    quant.load_quantized(tiny_dir, "int8", store)
+    store.path(tiny_dir, "int8").write_bytes(b"not safetensors")
+    _, from_store = quant.load_quantized(tiny_dir, "int8", store)
+    assert not from_store
+
+
+def test_without_torchao_quantizing_fails_with_a_clear_error(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao -> ImportError
+    with pytest.raises(RuntimeError, match="torchao.*quantize: none"):
+        quant.load_quantized(tiny_dir, "int8", quant.QuantizedStore(tmp_path))
+
+
+@pytest.mark.skipif(torch.backends.kleidiai.is_available(), reason="this torch has KleidiAI (aarch64)")
+def test_int4_is_refused_where_torch_has_no_kleidiai(tiny_dir, tmp_path):
+    with pytest.raises(RuntimeError, match="KleidiAI"):
+        quant.load_quantized(tiny_dir, "int4", quant.QuantizedStore(tmp_path))
+
+
+# --------------------------------------------------------------------------- compiled decode
+
+@pytest.fixture(scope="module")
+def int8_engine(tmp_path_factory):
+    model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny-int8"), tied=True)
+    loaded = load(model_dir, "float32", "int8", store=quant.QuantizedStore(model_dir / "quantized"))
+    tasks = {"chat": parse_task(CHAT, "t", "chat"), "sentiment": parse_task(SENTIMENT, "t", "sentiment")}
+    return Engine(loaded, tasks, "tiny", "tiny", max_context=128)
+
+
+def _greedy(engine, text):
+    stream = engine.generate("chat", text)
+    return "".join(stream), stream.result
+
+
+def test_compiled_decode_equals_eager_token_for_token(int8_engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    texts = ["I love this product", "这个酒店很好", "Summarize the text in one sentence."]
+    eager = [_greedy(int8_engine, t) for t in texts]
+    decoder = int8_engine.decoder
+    decoder.compile()
+    assert decoder.state() == "ready", decoder.failed
+    compiled = [_greedy(int8_engine, t) for t in texts]
+    for (eager_text, eager_result), (text, result) in zip(eager, compiled):
+        assert text == eager_text and result.new_tokens == eager_result.new_tokens
+    decoder.ready.clear()  # back to eager for the other tests
+
+
+def test_a_failing_compile_leaves_decode_eager(int8_engine, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    decoder = StaticDecoder(int8_engine.loaded.model, 64)
+    decoder.compile()
+    assert decoder.state() == "failed" and "no C compiler" in decoder.failed
+    with decoder.cache([]) as cache:
+        assert decoder.step(1, cache, 0).shape == (int8_engine.loaded.model.config.vocab_size,)
+
+
+def test_a_second_generation_while_the_shared_cache_is_busy_gets_its_own(int8_engine):
+    first = iter(int8_engine.generate("chat", "I love this product"))
+    next(first)  # holds the shared cache, mid-generation
+    text, _ = _greedy(int8_engine, "I love this product")
+    rest = "".join(first)
+    assert text.startswith(rest) or rest in text  # same greedy answer from its own cache
+
+
+def test_keep_float32_false_drops_a_converted_checkpoint_and_restarts_from_the_store(tmp_path):
+    from llmqtt.config import ModelConfig
+    from llmqtt.engine import load_engine
+    from llmqtt.engine.modelstore import COMPLETE_MARKER, ResolvedModel
+
+    model_dir = build_tiny_model(tmp_path / "converted", tied=True)
+    (model_dir / COMPLETE_MARKER).write_text("{}")  # as llmqtt's own GGUF conversion leaves it
+    config = ModelConfig(name=str(model_dir), quantize="int8", keep_float32=False, cache_dir=tmp_path / "cache",
+                         fast_decode=False)
+    resolved = ResolvedModel(model_dir, "tiny", "tiny")
+    tasks = {"sentiment": parse_task(SENTIMENT, "t", "sentiment")}
+    first = load_engine(config, tasks, resolved=resolved).classify("sentiment", ["I love it"])[0]
+    assert not list(model_dir.glob("*.safetensors"))
+    engine = load_engine(config, tasks, resolved=resolved)  # restart: from the stored int8 copy
+    assert engine.loaded.from_store and engine.classify("sentiment", ["I love it"])[0] == first
+    with pytest.raises(RuntimeError, match="keep_float32"):
+        load_engine(config.model_copy(update={"quantize": "none"}), tasks, resolved=resolved)
