@@ -51,7 +51,7 @@ def setup(tiny_model_dir, tmp_path_factory):
     prompts.mkdir()
     (prompts / "mood.yaml").write_text(TASK, encoding="utf-8")
     config = root / "config.yaml"
-    config.write_text(f"model: {{name: {tiny_model_dir}, dtype: float32, cache_dir: {root / 'cache'}}}\n"
+    config.write_text(f"model: {{name: {tiny_model_dir}, dtype: float32, quantize: none, cache_dir: {root / 'cache'}}}\n"
                       f"prompts: [{prompts}]\n", encoding="utf-8")
     data = root / "mood.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows(60)), encoding="utf-8")
@@ -59,7 +59,8 @@ def setup(tiny_model_dir, tmp_path_factory):
 
 
 def engine_for(tiny_model_dir, prompts, tmp_path, heads=True):
-    model = ModelConfig(name=str(tiny_model_dir), dtype="float32", cache_dir=tmp_path, fast_decode=False)
+    model = ModelConfig(name=str(tiny_model_dir), dtype="float32", quantize="none", cache_dir=tmp_path,
+                        fast_decode=False)  # float32: the states must equal a plain forward exactly
     tasks = load_tasks([prompts])
     files = {"mood": head_path(prompts / "mood.yaml")} if heads else None
     return load_engine(model, tasks, max_batch=4, heads=files)
@@ -142,6 +143,24 @@ def test_head_for_other_weights_is_ignored_with_a_warning(tiny_model_dir, setup,
     assert "for another model: ignored" in capsys.readouterr().out
 
 
+def test_head_fitted_under_another_scheme_is_ignored(tiny_model_dir, setup, tmp_path, caplog):
+    """A float32 head served on int8 weights (or the reverse) reads shifted states: prompt fallback."""
+    _, prompts, config, data = setup
+    path = head_path(prompts / "mood.yaml")
+    if not path.exists():
+        assert cli.main(["fit", "mood", str(data), "--config", str(config)]) == 0
+    head = load_head(path)
+    other = tmp_path / "prompts"
+    other.mkdir()
+    (other / "mood.yaml").write_text(TASK, encoding="utf-8")
+    Head(head.labels, head.features, head.weight, head.bias, {**head.meta, "scheme": "float32+int8"}).save(
+        head_path(other / "mood.yaml"))
+    with caplog.at_level(logging.WARNING):
+        engine = engine_for(tiny_model_dir, other, tmp_path / "cache")
+    assert engine.head("mood") is None
+    assert "fitted under float32+int8, serving float32" in caplog.text
+
+
 def test_head_is_ignored_when_the_prompt_changed(tiny_model_dir, setup, tmp_path, caplog):
     _, prompts, config, data = setup
     path = head_path(prompts / "mood.yaml")
@@ -191,7 +210,8 @@ def test_shipped_sentiment_head_fits_the_demo_model_and_serves(demo_model, repo_
     """The shipped head's fingerprint matches the demo model as this machine built it (so the fingerprint is
     stable across machines), and it answers clear cases in both languages."""
     prompts = repo_root / "prompts"
-    model = ModelConfig(name=str(demo_model.path), dtype="float32", cache_dir=tmp_path, fast_decode=False)
+    model = ModelConfig(name=str(demo_model.path), dtype="float32", quantize="none", cache_dir=tmp_path,
+                        fast_decode=False)  # the scheme the shipped head was fitted under
     engine = load_engine(model, {"sentiment": load_tasks([prompts])["sentiment"]},
                          heads={"sentiment": head_path(prompts / "sentiment.yaml")})
     assert engine.head("sentiment") is not None
