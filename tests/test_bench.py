@@ -63,7 +63,10 @@ def mini_result(tiny_model_dir, repo_root, tmp_path_factory):
     data.write_text("\n".join(dev) + "\n", encoding="utf-8")
     settings = {"model": {"name": str(tiny_model_dir), "auto_fetch": False}, "prompts": [str(prompts)]}
     config_file = prompts.parent / "config.json"
-    config_file.write_text(json.dumps(settings), encoding="utf-8")
+    # The head is fitted under float32, the scheme the bench's accuracy section serves it with (a head is
+    # served only under the scheme it was fitted under).
+    fit_settings = {**settings, "model": {**settings["model"], "quantize": "none"}}
+    config_file.write_text(json.dumps(fit_settings), encoding="utf-8")
     assert cli.main(["fit", "sentiment", str(data), "--config", str(config_file)]) == 0
     return runner.run(Config.model_validate(settings), runner.MINI, show_progress=False)
 

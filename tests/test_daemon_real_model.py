@@ -17,7 +17,7 @@ def test_demo_model_answers_over_mqtt(broker, tmp_path, demo_model, repo_root):
     try:
         client = broker.client()
         status = wait_online(client, daemon.root, timeout=LOAD_S)
-        assert status["model"].startswith("Qwen2.5-Coder-0.5B") and status["dtype"] == "float32"
+        assert status["model"].startswith("Qwen2.5-Coder-0.5B") and status["dtype"] == "float32+int8"  # quantize: auto on x86
 
         client.subscribe(f"{daemon.root}/reply/#", f"{daemon.root}/response/#")
         client.publish(f"{daemon.root}/request/sentiment", {"id": "s1", "text": "这家餐厅太难吃了，服务也很差。"},

@@ -155,7 +155,7 @@ def test_head_fitted_under_another_scheme_is_ignored(tiny_model_dir, setup, tmp_
     (other / "mood.yaml").write_text(TASK, encoding="utf-8")
     Head(head.labels, head.features, head.weight, head.bias, {**head.meta, "scheme": "float32+int8"}).save(
         head_path(other / "mood.yaml"))
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         engine = engine_for(tiny_model_dir, other, tmp_path / "cache")
     assert engine.head("mood") is None
     assert "fitted under float32+int8, serving float32" in caplog.text

@@ -157,7 +157,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing() -> None:
     assert "apt-get install -y --no-install-recommends python3-venv python3-dev" in out
     assert "mosquitto mosquitto-clients" in out
     torch = out.index("/opt/llmqtt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch")
-    llmqtt = out.index(f"/opt/llmqtt/venv/bin/pip install {REPO}\\[gguf\\,systemd\\]")
+    llmqtt = out.index(f"/opt/llmqtt/venv/bin/pip install {REPO}\\[gguf\\,systemd\\,http\\]")
     assert torch < llmqtt, "torch (CPU) must be installed before llmqtt pulls in a default torch"
     assert "configs/pi5-4gb.yaml /etc/llmqtt/config.yaml" in out or "keeping existing /etc/llmqtt/config.yaml" in out
     assert f"install -m 0644 {REPO}/systemd/llmqtt.service /etc/systemd/system/llmqtt.service" in out

@@ -11,7 +11,9 @@ disconnect cleanly, so the broker does not publish the Last Will.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -248,7 +250,23 @@ def main(config_path: Path | None, *, engine_factory: EngineFactory | None = Non
         return 1
     daemon = Daemon(config, warm.engine, threads=warm.threads, memory=warm.memory, notifier=notifier,
                     watchdog=watchdog)
-    return daemon.run()
+    code = daemon.run()
+    _exit_past_background_work(code)
+    return code
+
+
+def _exit_past_background_work(code: int) -> None:
+    """Leave at once if a background thread is still busy after a clean shutdown. A decode compile
+    (torch.compile, 3-13 s after READY) still inside native code when the interpreter finalizes aborts the
+    process ("terminate called without an active exception", exit -6): systemd would log a crash for a
+    clean stop. Replies, acks and the offline status are already sent by now; nothing is left to flush but logs."""
+    busy = [t.name for t in threading.enumerate() if t.daemon and t.is_alive() and t is not threading.current_thread()]
+    if busy:
+        log.info("exiting with background work unfinished (%s)", ", ".join(busy))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _startup_progress(notifier) -> Callable[[str, int, int], None]:
