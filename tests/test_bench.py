@@ -131,6 +131,7 @@ def test_mini_bench_writes_json_markdown_and_plot(mini_result, tmp_path):
     missed = [t for t in data["targets"] if t["met"] is False]
     assert missed and all(t["why"] for t in missed), missed  # the random model misses some: each says why
     md = paths["markdown"].read_text(encoding="utf-8")
+    assert "{m[" not in md and "Machine: " in md  # every placeholder filled in
     for heading in ("## Targets", "## Accuracy", "## Sentiment speed", "## Chat speed", "## Start-up and memory",
                     "## llama.cpp peer", "bench.png"):
         assert heading in md

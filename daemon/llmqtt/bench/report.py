@@ -29,7 +29,7 @@ def markdown(r: dict) -> str:
     parts = [f"# llmqtt bench ({m['mode']})\n",
              f"Model **{m['model']}**: fp32 (reference, `model.quantize: none`) and default (an unchanged config: "
              f"`model.quantize: auto`, {_default_dtype(r)}){' and bf16' if 'bf16' in r.get('variants', {}) else ''}. "
-             "Speed figures are medians of at least 3 runs. Machine: {m['cpu']}, {m['cores']} cores "
+             f"Speed figures are medians of at least 3 runs. Machine: {m['cpu']}, {m['cores']} cores "
              f"(torch threads {m['torch_threads']}), {_gb(m['ram_bytes'])} RAM; Python {m['python']}, torch "
              f"{m['torch']}, transformers {m['transformers']}; {m['date']}; run took {m.get('elapsed_s', 0) / 60:.1f} min.\n",
              "All ratios are from this one run on this machine; absolute numbers move with machine load.\n",
