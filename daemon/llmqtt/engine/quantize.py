@@ -13,8 +13,9 @@ Two schemes, chosen by `config.choose_quantize` from the CPU's features:
   token, through the KleidiAI kernels inside stock torch (`aten._dyn_quant_matmul_4bit`), packed by
   torchao's `Int8DynamicActivationIntxWeightConfig(intx_packing_format="opaque_aten_kleidiai")`.
 
-The input embedding shares the int8 output head's rows (Qwen ties them): a lookup reads only the rows it
-needs (`RowEmbedding`), never the whole 151,936 x 896 table. Classification reads only its label rows
+The input embedding is an int8 table read by rows (`RowEmbedding`): a lookup reads only the rows it needs,
+never the whole 151,936 x 896 table. A model with tied embeddings shares the output head's rows; the
+built-in GGUF conversions are untied (their own output matrix) and keep a table of their own. Classification reads only its label rows
 (`head_rows`).
 
 At rest the file is plain safetensors (int8/uint8 values, float scales, norms and biases) named by a
