@@ -228,3 +228,19 @@ def test_compare_puts_two_models_side_by_side(tmp_path, repo_root):
                            str(tmp_path / "b.json"), "--out", str(tmp_path / "cmp")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "cmp" / "compare.md").read_text() == done.stdout.rstrip("\n") + "\n"
+
+
+def test_compare_shows_what_the_default_config_serves(repo_root):
+    """Beside fp32: the default config's accuracy, speed and memory (quantize: auto), from the same run."""
+    from llmqtt.bench.compare import compare_markdown
+
+    quick = json.loads((repo_root / "docs" / "bench" / "quick" / "result.json").read_text())
+    text = compare_markdown([quick])
+    default, ready = quick["variants"]["default"], quick["startup"]["ready_default"]
+    zh = quick["accuracy_default"]["sentiment"]["zh"]
+    assert f"| sentiment accuracy zh (default config) | {100 * zh['accuracy']:.1f} % of {zh['n']} |" in text
+    assert f"| default config's weights | {default['dtype']} |" in text
+    assert f"| chat decode (default) | {default['chat']['decode_tokens_per_s']:.1f} tok/s |" in text
+    assert f"| weights at rest in the cache (default) | {ready['at_rest_bytes'] / 1e9:.2f} GB |" in text
+    assert f"| peak RSS, ready (default) | {ready['peak_rss_bytes'] / 1e9:.2f} GB |" in text
+    assert f"| sentiment read-out served | {quick['accuracy']['sentiment']['served']} |" in text
