@@ -116,7 +116,9 @@ def _tasks(args) -> int:
 
 def _head_note(config: Config, task_file: Path) -> str:
     """' [head: ...]' for a task with a learned head: its fitted accuracy and whether it fits this model."""
-    from .engine.headfile import head_path, read_meta, weights_fingerprint
+    from .config import choose_dtype
+    from .engine import quantize_scheme
+    from .engine.headfile import compute_scheme, head_path, read_meta, serves_under, weights_fingerprint
     from .engine.modelstore import locate_model
 
     path = head_path(task_file)
@@ -132,6 +134,10 @@ def _head_note(config: Config, task_file: Path) -> str:
         return f" [head: {fitted}; model not fetched yet]"
     if meta.get("fingerprint") != weights_fingerprint(model_dir):
         return f" [head: {fitted}, for another model: ignored]"
+    dtype = choose_dtype(config.model.dtype)
+    serving = compute_scheme(dtype, quantize_scheme(config.model, dtype)[0])
+    if not serves_under(meta.get("scheme", "?"), serving):
+        return f" [head: {fitted}, fitted under {meta.get('scheme')}, this config computes {serving}: ignored]"
     return f" [head: {fitted}]"
 
 

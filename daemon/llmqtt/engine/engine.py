@@ -12,6 +12,7 @@ from .convcache import ConversationCache
 from .decode import StaticDecoder
 from .generate import ChatGenerator, Generation, step
 from .head import Head, mismatch
+from .headfile import compute_scheme, serves_under
 from .loader import LoadedModel
 from .prefixstore import PrefixStore
 from .types import ChatOptions, Classification, Turn, UnknownTask, WrongTaskKind
@@ -30,7 +31,7 @@ class Engine:
                  heads: Mapping[str, Head] | None = None, weights: str = ""):
         self.loaded = loaded
         self.model_name = model_name
-        self.dtype = loaded.dtype if loaded.quantize == "none" else f"{loaded.dtype}+{loaded.quantize}"
+        self.dtype = compute_scheme(loaded.dtype, loaded.quantize)
         self.max_batch = max_batch
         self.weight_bytes = loaded.weight_bytes
         self.weights = weights  # fingerprint of the model's weight files (headfile.weights_fingerprint)
@@ -113,10 +114,9 @@ class Engine:
         if why:
             log.warning("task %r: not using its learned head: %s. The task answers from its prompt.", name, why)
             return None
-        if head.meta.get("scheme") != self.dtype:
-            # Hidden states shift under quantization: the demo's float32 head lost 5.0 (en) / 3.2 (zh) points
-            # served on int8 weights and fell below the prompt (docs/accuracy.md). Re-fit under the scheme served.
-            # info, not warning: the shipped float32 head meets the int8 default on every x86 start.
+        if not serves_under(head.meta.get("scheme", "?"), self.dtype):
+            # Hidden states shift under quantization (headfile.serves_under). Re-fit under the scheme served.
+            # info, not warning: a shipped head for one scheme meets the others on every start.
             log.info("task %r: not using its learned head: fitted under %s, serving %s (re-fit with `llmqtt "
                      "fit` under this scheme). The task answers from its prompt.", name, head.meta.get("scheme"),
                      self.dtype)
