@@ -71,9 +71,7 @@ def _one_token_through(model: torch.nn.Module) -> None:
 
 
 def _bytes_in_memory(model: torch.nn.Module) -> int:
+    if getattr(model, "_llmqtt_weights", None) is not None:  # quantized
+        return quant.resident_bytes(model)
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied weights count once
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    for module in model.modules():  # fbgemm keeps its packed int8 weights outside .parameters()
-        if isinstance(module, quant.Int8Linear):
-            total += module.in_features * module.out_features  # one byte a weight (+ column offsets, small)
-    return total
+    return sum(t.numel() * t.element_size() for t in tensors.values())
