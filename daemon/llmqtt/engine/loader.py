@@ -11,7 +11,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import fastdecode, quantize as quant
+from . import attention, fastdecode, quantize as quant
 from .fastdecode import Kernels
 from .modelstore import default_cache_dir
 
@@ -52,7 +52,8 @@ def load(path: Path, dtype: str, quantize: str = "none", fast_decode: bool = Fal
                 raise quant.float32_dropped_error(path)
             # Always pass dtype: transformers 5 would otherwise pick the checkpoint's (often bf16), which is
             # ~2x slower than fp32 on CPUs without native bf16 such as the Raspberry Pi 5.
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+                                                         attn_implementation=attention.register()).eval()
             model.requires_grad_(False)
         else:
             store = store or quant.QuantizedStore(default_cache_dir() / "quantized")

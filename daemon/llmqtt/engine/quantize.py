@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from . import attention
 from .mapped import MappedFile
 
 log = logging.getLogger(__name__)
@@ -236,7 +237,7 @@ def build(model_dir: Path, weights: MappedFile | dict[str, torch.Tensor], scheme
     _hand_freed_blocks_back()
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention.register())
     layer = Int8Linear if scheme == "int8" else Int4Linear
     swapped = []
     for name, linear in _linears(model):
