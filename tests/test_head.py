@@ -13,7 +13,8 @@ from llmqtt import cli
 from llmqtt.config import ModelConfig
 from llmqtt.engine import load_engine
 from llmqtt.engine.head import Features, Head, fit_temperature, load_head, logistic_regression
-from llmqtt.engine.headfile import head_path, read_meta
+from llmqtt.engine import headfile
+from llmqtt.engine.headfile import head_path, read_meta, serves_under
 from llmqtt.fit import FitDataError, read_rows
 from llmqtt.tasks import load_tasks
 
@@ -143,7 +144,7 @@ def test_head_for_other_weights_is_ignored_with_a_warning(tiny_model_dir, setup,
     assert "for another model: ignored" in capsys.readouterr().out
 
 
-def test_head_fitted_under_another_scheme_is_ignored(tiny_model_dir, setup, tmp_path, caplog):
+def test_head_fitted_under_another_scheme_is_ignored(tiny_model_dir, setup, tmp_path, caplog, capsys):
     """A float32 head served on int8 weights (or the reverse) reads shifted states: prompt fallback."""
     _, prompts, config, data = setup
     path = head_path(prompts / "mood.yaml")
@@ -159,6 +160,20 @@ def test_head_fitted_under_another_scheme_is_ignored(tiny_model_dir, setup, tmp_
         engine = engine_for(tiny_model_dir, other, tmp_path / "cache")
     assert engine.head("mood") is None
     assert "fitted under float32+int8, serving float32" in caplog.text
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(config.read_text().replace(str(prompts), str(other)), encoding="utf-8")
+    assert cli.main(["tasks", "--config", str(cfg)]) == 0
+    assert "fitted under float32+int8, this config computes float32: ignored" in capsys.readouterr().out
+
+
+def test_which_schemes_a_head_serves_under(monkeypatch):
+    assert serves_under("float32", "float32") and serves_under("float32+int8", "float32+int8")
+    assert not serves_under("float32", "float32+int8") and not serves_under("float32+int8", "float32")
+    assert not serves_under("float32", "bfloat16")
+    # A scheme computing in float32 on the checkpoint's exact weights is declared equivalent in one place.
+    monkeypatch.setattr(headfile, "FLOAT32_EQUIVALENT", frozenset({"float32", "float32+gguf"}))
+    assert serves_under("float32", "float32+gguf") and serves_under("float32+gguf", "float32")
+    assert not serves_under("float32+gguf", "float32+int8")
 
 
 def test_head_is_ignored_when_the_prompt_changed(tiny_model_dir, setup, tmp_path, caplog):

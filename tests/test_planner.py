@@ -317,3 +317,24 @@ def test_apply_threads_after_torch_sets_pools_and_tolerates_a_second_call() -> N
         "apply_threads(replace(p, threads=2, interop_threads=2))\n"
         "print(torch.get_num_threads(), torch.get_num_interop_threads())")
     assert run_python(code) == "2 1"
+
+
+# --------------------------------------------------------------------------- generations side by side
+
+
+def test_generations_are_cut_to_the_kv_caches_that_fit() -> None:
+    from llmqtt.planner import generation_kv_bytes
+
+    facts = qwen25_05b()
+    assert generation_kv_bytes(facts, "float32", 2048) == 2 * 24 * 2 * 64 * 2048 * 4 == 48 * MiB
+    roomy = plan_for(board(ram_total=16 * GiB, ram_available=14 * GiB))
+    assert roomy.max_generations == roomy.requested_max_generations == RuntimeConfig().max_generations == 4
+    # The Pi 5 4 GB at float32: batch 1 x 2048 leaves ~80 MiB beside the steady state: one more 48 MiB cache.
+    tight = plan_for(board())
+    spare = tight.budget.usable - tight.low_memory_bytes - tight.memory.steady
+    assert tight.max_generations == 1 + spare // (48 * MiB) < 4
+    unknown = plan(board(ram_available=None, cgroup_memory_max=None), facts, ModelConfig(quantize="none"),
+                   RuntimeConfig(max_generations=6))
+    assert unknown.max_generations == 6  # no reading, no cut
+    assert plan(board(ram_available=600 * MiB), facts, ModelConfig(quantize="int8"),
+                RuntimeConfig()).max_generations >= 1  # never below one

@@ -191,6 +191,18 @@ def test_compiled_decode_equals_eager_token_for_token(int8_engine, tmp_path, mon
     compiled = [_greedy(int8_engine, t) for t in texts]
     for (eager_text, eager_result), (text, result) in zip(eager, compiled):
         assert text == eager_text and result.new_tokens == eager_result.new_tokens
+    # Compiled alone, then batched (eager) while a second one runs beside it, then compiled alone again: the
+    # shared cache goes from one path to the other and the answer stays the eager one's.
+    a, b = int8_engine.generate("chat", texts[0]), int8_engine.generate("chat", texts[1], max_new_tokens=3)
+    a.start()
+    for _ in range(2):
+        int8_engine.step([a])
+    b.start()
+    while not b.done:
+        int8_engine.step([a, b])
+    while not a.done:
+        int8_engine.step([a])
+    assert a.result.text == eager[0][0] and b.result.text == _greedy(int8_engine, texts[1])[0][:len(b.result.text)]
     decoder.ready.clear()  # back to eager for the other tests
 
 

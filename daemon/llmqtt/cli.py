@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     bench = command("bench", _bench, "measure accuracy and speed on this machine; writes JSON, Markdown and a plot")
     bench.add_argument("--quick", action="store_true", help="small samples (a few minutes)")
     bench.add_argument("--out", type=Path, help="output directory (default: ./bench-out)")
+    bench.add_argument("--only", choices=["mixed"],
+                       help="one section alone on the default config's engine (with the single-request speed it "
+                            "compares to): `mixed` = sentiment while chats stream, 4 chats at once")
     bench.add_argument("--compare", type=Path, nargs="+", metavar="RESULT_JSON",
                        help="instead of measuring: put these result.json files (one bench run per model, each "
                             "with its own --config) side by side; with --out, also writes OUT/compare.md")
@@ -89,7 +92,7 @@ def _bench(args) -> int:
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
         return compare_main(args.compare, args.out / "compare.md" if args.out else None)
-    return bench_main(_config(args), args.quick, args.out)
+    return bench_main(_config(args), args.quick, args.out, args.only)
 
 
 def _config(args) -> Config:
@@ -113,7 +116,9 @@ def _tasks(args) -> int:
 
 def _head_note(config: Config, task_file: Path) -> str:
     """' [head: ...]' for a task with a learned head: its fitted accuracy and whether it fits this model."""
-    from .engine.headfile import head_path, read_meta, weights_fingerprint
+    from .config import choose_dtype
+    from .engine import quantize_scheme
+    from .engine.headfile import compute_scheme, head_path, read_meta, serves_under, weights_fingerprint
     from .engine.modelstore import locate_model
 
     path = head_path(task_file)
@@ -129,6 +134,10 @@ def _head_note(config: Config, task_file: Path) -> str:
         return f" [head: {fitted}; model not fetched yet]"
     if meta.get("fingerprint") != weights_fingerprint(model_dir):
         return f" [head: {fitted}, for another model: ignored]"
+    dtype = choose_dtype(config.model.dtype)
+    serving = compute_scheme(dtype, quantize_scheme(config.model, dtype)[0])
+    if not serves_under(meta.get("scheme", "?"), serving):
+        return f" [head: {fitted}, fitted under {meta.get('scheme')}, this config computes {serving}: ignored]"
     return f" [head: {fitted}]"
 
 

@@ -219,6 +219,8 @@ class Plan:
     verdict: Verdict  # why, in words, and what would help: explain.py
     notes: tuple[str, ...] = ()  # warnings that do not change the verdict
     quantize_why: str = ""  # why this scheme (config.choose_quantize)
+    max_generations: int = 1  # chats decoding side by side (runtime.max_generations, cut to fit memory)
+    requested_max_generations: int = 1
 
 
 def low_memory_threshold(readings: SystemReadings, runtime_config: RuntimeConfig) -> int:
@@ -277,11 +279,29 @@ def plan(readings: SystemReadings, facts: ModelFacts, model_config: ModelConfig,
     batch, context, estimate = _fit(facts, dtype, quantize, runtime_config.max_batch,
                                     model_config.max_context, room)
     verdict = judge(estimate, budget)
+    spare = None if room is None else room - estimate.steady
+    generations = plan_generations(facts, dtype, context, runtime_config.max_generations, spare)
     return Plan(threads=threads, interop_threads=interop, dtype=dtype, quantize=quantize, memory=estimate,
                  budget=budget, max_batch=batch, max_context=context,
                  requested_max_batch=runtime_config.max_batch, requested_max_context=model_config.max_context,
                  low_memory_bytes=low_memory, verdict=verdict, notes=tuple(dtype_notes(readings, dtype, quantize)),
-                 quantize_why=quantize_why)
+                 quantize_why=quantize_why, max_generations=generations,
+                 requested_max_generations=runtime_config.max_generations)
+
+
+def generation_kv_bytes(facts: ModelFacts, dtype: str, context: int) -> int:
+    """One generation's static KV cache (engine/decode.py): K and V for `context` positions in every layer,
+    at the compute dtype (quantized models too). The demo model at float32, 2048 positions: 48 MiB."""
+    return 2 * facts.num_hidden_layers * facts.num_key_value_heads * facts.head_dim * context * DTYPE_BYTES[dtype]
+
+
+def plan_generations(facts: ModelFacts, dtype: str, context: int, requested: int, spare: int | None) -> int:
+    """How many generations may decode side by side: `requested`, cut to the KV caches that fit in `spare`
+    bytes (room left beside the steady state; None: unknown, no cut). One always: the steady state's KV
+    cache covers it, and a board without room for one more chat still serves one."""
+    if spare is None:
+        return requested
+    return max(1, min(requested, 1 + spare // generation_kv_bytes(facts, dtype, context)))
 
 
 def _fit(facts: ModelFacts, dtype: str, quantize: str, batch: int, context: int,

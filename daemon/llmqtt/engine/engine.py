@@ -10,11 +10,11 @@ from ..tasks import ClassifyTask, GenerateTask
 from .classify import LabelScorer
 from .convcache import ConversationCache
 from .decode import StaticDecoder
-from .generate import ChatGenerator, Generation
+from .generate import ChatGenerator, Generation, step
 from .head import Head, mismatch
+from .headfile import compute_scheme, serves_under
 from .loader import LoadedModel
 from .prefixstore import PrefixStore
-from .stops import StopStrings
 from .types import ChatOptions, Classification, Turn, UnknownTask, WrongTaskKind
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class Engine:
                  heads: Mapping[str, Head] | None = None, weights: str = ""):
         self.loaded = loaded
         self.model_name = model_name
-        self.dtype = loaded.dtype if loaded.quantize == "none" else f"{loaded.dtype}+{loaded.quantize}"
+        self.dtype = compute_scheme(loaded.dtype, loaded.quantize)
         self.max_batch = max_batch
         self.weight_bytes = loaded.weight_bytes
         self.weights = weights  # fingerprint of the model's weight files (headfile.weights_fingerprint)
@@ -40,7 +40,8 @@ class Engine:
         self._generators: dict[str, ChatGenerator] = {}
         # One budget for every generate task: recent conversations' KV, reused by the next turn.
         self.conversations = ConversationCache(conversation_tokens, tolerant=conversation_tolerant)
-        # One static KV cache and compiled step shared by every generate task (the service runs one at a time).
+        # One static KV cache and compiled step shared by every generate task: the first active generation's;
+        # others running beside it get caches of their own and step together with it (batch.py).
         self.decoder = StaticDecoder(loaded.model, max_context)
         for name, task in self.tasks.items():
             if isinstance(task, ClassifyTask):
@@ -57,8 +58,13 @@ class Engine:
 
     def generate(self, task: str, text: str, history: Sequence[Turn] = (),
                  cancel: threading.Event | None = None, max_new_tokens: int | None = None,
-                 options: ChatOptions | None = None) -> Generation | StopStrings:
+                 options: ChatOptions | None = None) -> Generation:
+        """A generation, prepared but not run: `start()` it, then `step` it (or iterate it alone)."""
         return self._generator(task).stream(text, history, cancel, max_new_tokens, options=options)
+
+    def step(self, generations: Sequence[Generation]) -> list[str]:
+        """One decode step for every started generation, one forward for all: each one's new text."""
+        return step(generations)
 
     def conversation_stats(self) -> dict:
         return {"entries": len(self.conversations), "hits": self.conversations.hits}
@@ -108,10 +114,9 @@ class Engine:
         if why:
             log.warning("task %r: not using its learned head: %s. The task answers from its prompt.", name, why)
             return None
-        if head.meta.get("scheme") != self.dtype:
-            # Hidden states shift under quantization: the demo's float32 head lost 5.0 (en) / 3.2 (zh) points
-            # served on int8 weights and fell below the prompt (docs/accuracy.md). Re-fit under the scheme served.
-            # info, not warning: the shipped float32 head meets the int8 default on every x86 start.
+        if not serves_under(head.meta.get("scheme", "?"), self.dtype):
+            # Hidden states shift under quantization (headfile.serves_under). Re-fit under the scheme served.
+            # info, not warning: a shipped head for one scheme meets the others on every start.
             log.info("task %r: not using its learned head: fitted under %s, serving %s (re-fit with `llmqtt "
                      "fit` under this scheme). The task answers from its prompt.", name, head.meta.get("scheme"),
                      self.dtype)

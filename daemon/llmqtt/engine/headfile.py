@@ -10,10 +10,29 @@ from pathlib import Path
 HEAD_SUFFIX = ".head.safetensors"
 META_KEY = "llmqtt_head"
 
+# Compute schemes (Engine.dtype: "float32", "float32+int8", ...) whose hidden states equal float32's up to
+# rounding, so a head fitted under one serves under any other. A scheme that quantizes activations or
+# rounds weights differently from the checkpoint moves the states: the demo's float32 head lost 5.0 (en) /
+# 3.2 (zh) points on int8 weights with int8 activations, falling below the prompt (docs/accuracy.md).
+# A scheme that computes in float32 on exactly the checkpoint's weights (e.g. the GGUF's own blocks,
+# dequantized in the kernel) belongs here.
+FLOAT32_EQUIVALENT = frozenset({"float32"})
+
 
 def head_path(task_file: Path) -> Path:
     """`prompts/sentiment.yaml` -> `prompts/sentiment.head.safetensors`."""
     return task_file.with_name(task_file.stem + HEAD_SUFFIX)
+
+
+def compute_scheme(dtype: str, quantize: str) -> str:
+    """The name a head records for how the model computed its states: `float32`, `float32+int8`, ..."""
+    return dtype if quantize == "none" else f"{dtype}+{quantize}"
+
+
+def serves_under(fitted: str, serving: str) -> bool:
+    """May a head fitted under compute scheme `fitted` serve under `serving`? The same scheme, or two whose
+    hidden states are float32's up to rounding. The one rule; the engine and `llmqtt tasks` both ask it."""
+    return fitted == serving or (fitted in FLOAT32_EQUIVALENT and serving in FLOAT32_EQUIVALENT)
 
 
 def read_meta(path: Path) -> dict:
