@@ -119,6 +119,41 @@ def test_a_torn_store_file_is_quantized_again(tiny_dir, tmp_path):
     assert not from_store
 
 
+def test_a_truncated_store_file_is_quantized_again(tiny_dir, tmp_path):
+    store = quant.QuantizedStore(tmp_path)
+    quant.load_quantized(tiny_dir, "int8", store)
+    path = store.path(tiny_dir, "int8")
+    path.write_bytes(path.read_bytes()[:-100])  # the header is intact, the data is not
+    _, from_store = quant.load_quantized(tiny_dir, "int8", store)
+    assert not from_store
+
+
+def test_row_tables_stay_mapped_and_packed_layers_keep_no_int8_copy(tiny_dir, tmp_path):
+    store = quant.QuantizedStore(tmp_path)
+    quant.load_quantized(tiny_dir, "int8", store)
+    model, from_store = quant.load_quantized(tiny_dir, "int8", store)
+    assert from_store
+    mapped = model._llmqtt_weights
+    start = torch.frombuffer(mapped._map, dtype=torch.uint8, count=1).data_ptr()
+    in_file = lambda t: start <= t.data_ptr() < start + len(mapped._map)  # noqa: E731
+    head, table = model.get_output_embeddings(), model.get_input_embeddings().table
+    assert in_file(head.qdata) and in_file(table.qdata)  # read by rows from the file, not copied
+    layers = [m for m in model.modules() if isinstance(m, quant.Int8Linear) and m is not head and m is not table]
+    assert layers and all(m.packed and m.qdata.numel() == 0 for m in layers)  # fbgemm's copy only
+    assert not any(in_file(t) for n, t in model.named_parameters())  # norms and biases are copies
+    rows_bytes = head.qdata.numel() + (table.qdata.numel() if table is not head else 0)
+    packed = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, quant.Int8Linear) and m.packed)
+    assert quant.resident_bytes(model) < packed + rows_bytes  # the tables are not counted as held
+    with torch.inference_mode():  # and the rows read from the mapping are the stored ones
+        first = quant.build(tiny_dir, {k: v.clone() for k, v in _state(mapped).items()}, "int8")
+        ids = torch.tensor([[1, 5, 9]])
+        assert torch.equal(model(ids).logits, first(ids).logits)
+
+
+def _state(mapped) -> dict[str, torch.Tensor]:
+    return {name: mapped.view(name) for name in mapped.keys()}
+
+
 def test_without_torchao_quantizing_fails_with_a_clear_error(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao -> ImportError
     with pytest.raises(RuntimeError, match="torchao.*quantize: none"):
