@@ -152,6 +152,32 @@ def test_only_mixed_runs_the_default_engine_and_the_mixed_section(tiny_model_dir
     assert "## Mixed load" in paths["markdown"].read_text(encoding="utf-8")
 
 
+@pytest.mark.timeout(900)
+def test_only_served_measures_what_compare_needs_of_a_second_model(tiny_model_dir, tmp_path, repo_root):
+    """`llmqtt bench --only served`: the default config's engine alone: served accuracy, speed, peak RSS."""
+    from llmqtt.bench import report, runner
+    from llmqtt.bench.compare import compare_markdown
+    from llmqtt.config import Config
+
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for name in ("sentiment.yaml", "chat.yaml"):
+        (prompts / name).write_text((repo_root / "prompts" / name).read_text(encoding="utf-8"), encoding="utf-8")
+    settings = {"model": {"name": str(tiny_model_dir), "auto_fetch": False}, "prompts": [str(prompts)]}
+    r = runner.run(Config.model_validate(settings), runner.MINI, show_progress=False, only="served")
+    assert list(r["variants"]) == ["default"] and "accuracy" not in r and "mixed" not in r and "startup" not in r
+    per_lang = r["accuracy_default"]["sentiment"]
+    assert {lang: s["n"] for lang, s in per_lang.items()} == {"en": runner.MINI.accuracy_rows,
+                                                              "zh": runner.MINI.accuracy_rows}
+    default = r["variants"]["default"]
+    assert default["process_peak_rss_bytes"] > default["weight_bytes"] > 0
+    text = compare_markdown([r])
+    assert f"| peak RSS of a process serving it (default, --only served) | " \
+           f"{default['process_peak_rss_bytes'] / 1e9:.2f} GB |" in text
+    assert "| sentiment accuracy en (fp32, test split) | - |" in text  # not run: a dash
+    assert "default" in report.write(r, tmp_path / "out")["markdown"].read_text(encoding="utf-8")
+
+
 @pytest.mark.timeout(1500)
 def test_mini_bench_writes_json_markdown_and_plot(mini_result, tmp_path):
     from llmqtt.bench import report, targets

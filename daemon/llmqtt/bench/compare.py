@@ -25,7 +25,7 @@ def compare_markdown(results: list[dict]) -> str:
 
 
 def _rows(results: list[dict]) -> list[Row]:
-    langs = sorted({lang for r in results for lang in _served(r)})
+    langs = sorted({lang for r in results for lang in [*_served(r), *r.get("accuracy_default", {}).get("sentiment", {})]})
     rows: list[Row] = [("bench mode, machine", lambda r: f"{r['meta']['mode']}, {r['meta']['cpu']} x{r['meta']['cores']}")]
     for lang in langs:
         rows.append((f"sentiment accuracy {lang} (fp32, test split)",
@@ -56,6 +56,9 @@ def _speed_rows(variant: str) -> list[Row]:
     ]
     if variant != "fp32":
         rows.append(("weights at rest in the cache (default)", lambda r: f"{ready(r)['at_rest_bytes'] / 1e9:.2f} GB"))
+    if variant != "fp32":  # `llmqtt bench --only served`: the process held this engine alone
+        rows.append(("peak RSS of a process serving it (default, --only served)",
+                     lambda r: f"{v(r)['process_peak_rss_bytes'] / 1e9:.2f} GB"))
     rows += [
         (f"peak RSS, ready ({tag})", lambda r: f"{ready(r)['peak_rss_bytes'] / 1e9:.2f} GB"),
         (f"time to ready, restart ({tag})", lambda r: f"{ready(r)['seconds']:.1f} s"),
