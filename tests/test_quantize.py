@@ -243,3 +243,18 @@ def test_keep_float32_false_drops_a_converted_checkpoint_and_restarts_from_the_s
     assert engine.loaded.from_store and engine.classify("sentiment", ["I love it"])[0] == first
     with pytest.raises(RuntimeError, match="keep_float32"):
         load_engine(config.model_copy(update={"quantize": "none"}), tasks, resolved=resolved)
+
+
+def test_an_untied_embedding_is_an_int8_row_table_under_int4_too(tmp_path, monkeypatch):
+    """The Pi's scheme (int4, KleidiAI: not on this CPU) stores an untied model's embedding as int8 rows like
+    int8 does, never float32. The int4 packing itself is stubbed: only the layout is checked here."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_tiny_model(tmp_path / "untied", tied=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    monkeypatch.setattr(quant, "_int4", lambda linear, keep_rows: {"packed": torch.zeros(8, dtype=torch.uint8)})
+    state = quant.quantize_state(model, "int4")
+    assert "model.embed_tokens.weight" not in state
+    assert state["model.embed_tokens.table.qdata"].dtype == torch.int8
+    assert state["model.embed_tokens.table.qdata"].shape == model.get_input_embeddings().weight.shape
+    assert quant.fingerprint(model_dir, "int4") != quant.fingerprint(model_dir, "int8")

@@ -40,7 +40,8 @@ MIN_PLANNED_CONTEXT = 512
 # read (engine/mapped.py); int4 keeps the head's float32 scales per 32 in memory.
 QUANTIZED_BYTES_PER_PARAM = {"int8": 1.0, "int4": 0.5 + 2 / 32}
 HEAD_ROWS_BYTES_PER_PARAM = {"int8": 0.0, "int4": 4 / 32}
-MAPPED_TABLE_BYTES_PER_PARAM = {"int8": 0.0, "int4": 1.0}  # an untied model's own embedding table
+# an untied model's own int8 embedding table; int4 counted as held until measured on a board (a Pi 5)
+MAPPED_TABLE_BYTES_PER_PARAM = {"int8": 0.0, "int4": 1.0}
 INT8_BYTES_PER_PARAM = QUANTIZED_BYTES_PER_PARAM["int8"]
 
 # safetensors dtype names -> ours: weights stored at the compute dtype are mmapped, not copied.

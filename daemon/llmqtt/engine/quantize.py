@@ -185,7 +185,7 @@ def quantize_state(model: torch.nn.Module, scheme: str) -> dict[str, torch.Tenso
     embedding = model.get_input_embeddings()
     if _tied(model):
         state.pop("model.embed_tokens.weight", None)  # read from the head's rows
-    elif scheme == "int8":
+    else:  # an untied model's own table, int8 under either scheme: read by rows, 1 byte instead of 4
         del state["model.embed_tokens.weight"]
         state.update({f"model.embed_tokens.table.{k}": v for k, v in _int8(embedding.weight).items()})
     return {k: v.contiguous() for k, v in state.items()}
@@ -246,7 +246,7 @@ def build(model_dir: Path, weights: MappedFile | dict[str, torch.Tensor], scheme
                                     linear.bias is not None and scheme == "int8")))
         setattr(model.get_submodule(parent) if parent else model, child, swapped[-1][1])
     head, tied = model.get_output_embeddings(), _tied(model)
-    if not tied and scheme == "int8":  # its own int8 table, read by rows only
+    if not tied:  # its own int8 table, read by rows only
         model.set_input_embeddings(RowEmbedding(Int8Linear(config.hidden_size, config.vocab_size, False)))
     # int values stay views of the file (packed then released, or read by rows); the small rest is copied
     state = {name: source.view(name) if name.endswith(".qdata") else source.copy(name) for name in source.keys()}
@@ -397,10 +397,16 @@ class QuantizedStore:
 DROPPED = "float32-dropped.json"  # the float32 files' stamps, once model.keep_float32: false removed them
 
 
+# The stored layout's version per scheme, named in the fingerprint once past 1. int4 2: an untied model's
+# embedding is an int8 row table (was float32: 0.54 GB of a Pi's memory for the demo model).
+LAYOUT = {"int8": 1, "int4": 2}
+
+
 def fingerprint(model_dir: Path, scheme: str) -> str:
-    """Changes whenever the stored numbers could: the model files, the scheme, the libraries."""
+    """Changes whenever the stored numbers could: the model files, the scheme, the libraries, the layout."""
+    layout = [LAYOUT[scheme]] if LAYOUT.get(scheme, 1) > 1 else []
     return hashlib.sha256(json.dumps([model_stamp(model_dir), scheme, torch.__version__, _version("transformers"),
-                                      _version("torchao")]).encode()).hexdigest()[:24]
+                                      _version("torchao"), *layout]).encode()).hexdigest()[:24]
 
 
 def model_stamp(model_dir: Path) -> list:
