@@ -126,7 +126,7 @@ def check_mixed(m: dict, sizes) -> None:
     for run in m["runs"]:
         assert run["sentiment_idle"]["n"] == run["sentiment_busy"]["n"] == sizes.mixed_sentiments
         assert len(run["four"]["first_token_ms"]) == 4 and run["four"]["tokens_per_s"] > 0
-    assert m["chat_tokens_while_busy"] > 0  # the chats kept streaming between the sentiments
+    assert m["chat_steps_while_busy"] > 0  # the chats kept streaming between the sentiments
     for key in ("sentiment_p95_busy_over_idle", "four_over_one_tokens_per_s", "first_token_slowest_of_four_over_one"):
         assert m[key] > 0
 

@@ -112,10 +112,14 @@ def _sentiment_md(r: dict) -> str:
         if not s:
             continue
         for key, label in PATHS:
+            if key not in s:  # `--only`: (b) alone
+                continue
             p = s[key]
             acc = f"{100 * p['accuracy']:.1f} %" if "accuracy" in p else "-"
             lines.append(f"| {name} | {label} | {p['n']} | {_n(p['p50_ms'], 0)} | {_n(p['p95_ms'], 0)} | "
                          f"{_n(p['per_s'], 2)} | {acc} |")
+        if "burst" not in s:
+            continue
         ratios.append(f"- {name}: b/a = **{_n(s['b_over_a'], 1)}x** throughput (p50 latency a/b {_n(s['p50_a_over_b'], 1)}x), "
                       f"c/a = **{_n(s['c_over_a'], 1)}x** (burst batch {s['burst']['batch']}, errors {s['burst']['errors']})")
     return "\n".join(lines + [""] + ratios) + "\n"
@@ -157,7 +161,7 @@ def _mixed_md(r: dict) -> str:
         "| | idle | while 2 chats stream |", "|---|---|---|",
         f"| sentiment p50 ms | {_n(m['sentiment_idle_p50_ms'], 0)} | {_n(m['sentiment_busy_p50_ms'], 0)} |",
         f"| sentiment p95 ms | {_n(m['sentiment_idle_p95_ms'], 0)} | {_n(m['sentiment_busy_p95_ms'], 0)} |",
-        f"\nThe 2 chats sent {_n(m['chat_tokens_while_busy'], 0)} chunks while the sentiments ran.\n",
+        f"\nThe 2 chats made {_n(m['chat_steps_while_busy'], 0)} decode steps (a token each) while the sentiments ran.\n",
         "| chats at once | tokens/s (all) | ms a step | first token ms |", "|---|---|---|---|",
         f"| 1 | {_n(m['one_tokens_per_s'], 2)} | {_n(m['one_step_ms'], 0)} | {_n(m['one_first_token_ms'], 0)} |",
         f"| 4 | {_n(m['four_tokens_per_s'], 2)} | {_n(m['four_step_ms'], 0)} | "
