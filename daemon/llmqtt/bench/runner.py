@@ -83,7 +83,8 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
     if only is not None:
         sizes = replace(sizes, variants=("default",), startup=False)
     started = time.perf_counter()
-    with tqdm(total=_work_units(sizes, rows), unit="step", disable=not show_progress, smoothing=0) as bar:
+    total = _work_units(sizes, rows) if only is None else sizes.other_compare_rows * len(rows.get(SPEED_TASK, {})) + 2 + sizes.chat_reps
+    with tqdm(total=total, unit="step", disable=not show_progress, smoothing=0) as bar:
         tick = bar.update
         result = {"meta": machine() | {"model": resolved.display_name, "mode": sizes.name, "sizes": asdict(sizes),
                                        "data": data_note(data_dir)}}
