@@ -26,15 +26,20 @@ def write(result: dict, out_dir: Path) -> dict[str, Path]:
 
 def markdown(r: dict) -> str:
     m = r["meta"]
-    parts = [f"# llmqtt bench ({m['mode']})\n",
-             f"Model **{m['model']}**: fp32 (reference, `model.quantize: none`) and default (an unchanged config: "
-             f"`model.quantize: auto`, {_default_dtype(r)}){' and bf16' if 'bf16' in r.get('variants', {}) else ''}. "
+    weights = (f"fp32 (reference, `model.quantize: none`) and default (an unchanged config: `model.quantize: auto`, "
+               f"{_default_dtype(r)}){' and bf16' if 'bf16' in r.get('variants', {}) else ''}")
+    if m.get("only"):
+        weights = (f"`--only {m['only']}`: that section alone, on the default config's engine (`model.quantize: auto`, "
+                   f"{_default_dtype(r)}); the other targets were not measured in this run")
+    parts = [f"# llmqtt bench ({m['mode']}{', only ' + m['only'] if m.get('only') else ''})\n",
+             f"Model **{m['model']}**: {weights}. "
              f"Speed figures are medians of at least 3 runs. Machine: {m['cpu']}, {m['cores']} cores "
              f"(torch threads {m['torch_threads']}), {_gb(m['ram_bytes'])} RAM; Python {m['python']}, torch "
              f"{m['torch']}, transformers {m['transformers']}; {m['date']}; run took {m.get('elapsed_s', 0) / 60:.1f} min.\n",
              "All ratios are from this one run on this machine; absolute numbers move with machine load.\n",
-             _targets_md(r), _accuracy_md(r), _sentiment_md(r), _chat_md(r), _mixed_md(r), _conversation_md(r), _startup_md(r),
-             _llama_md(r),
+             _targets_md(r), *([_sentiment_md(r), _chat_md(r), _mixed_md(r)] if m.get("only") else
+                               [_accuracy_md(r), _sentiment_md(r), _chat_md(r), _mixed_md(r), _conversation_md(r),
+                                _startup_md(r), _llama_md(r)]),
              f"![latency and throughput]({PLOT})\n"]
     return "\n".join(p for p in parts if p)
 
@@ -46,6 +51,8 @@ def _default_dtype(r: dict) -> str:
 def _targets_md(r: dict) -> str:
     lines = ["## Targets\n", "| target | goal | this run | met | why, where missed |", "|---|---|---|---|---|"]
     for t in r["targets"]:
+        if r["meta"].get("only") and t["value"] is None:
+            continue  # a section this run left out
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else f"**no** ({shortfall(t)})")
         value = fmt_target(t)
         lines.append(f"| {t['target']} | {t['goal']} | {value} | {met} | {t['why']} |")
