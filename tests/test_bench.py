@@ -153,6 +153,32 @@ def test_only_mixed_runs_the_default_engine_and_the_mixed_section(tiny_model_dir
     assert "## Mixed load" in paths["markdown"].read_text(encoding="utf-8")
 
 
+@pytest.mark.timeout(900)
+def test_only_served_measures_what_compare_needs_of_a_second_model(tiny_model_dir, tmp_path, repo_root):
+    """`llmqtt bench --only served`: the default config's engine alone: served accuracy, speed, peak RSS."""
+    from llmqtt.bench import report, runner
+    from llmqtt.bench.compare import compare_markdown
+    from llmqtt.config import Config
+
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for name in ("sentiment.yaml", "chat.yaml"):
+        (prompts / name).write_text((repo_root / "prompts" / name).read_text(encoding="utf-8"), encoding="utf-8")
+    settings = {"model": {"name": str(tiny_model_dir), "auto_fetch": False}, "prompts": [str(prompts)]}
+    r = runner.run(Config.model_validate(settings), runner.MINI, show_progress=False, only="served")
+    assert list(r["variants"]) == ["default"] and "accuracy" not in r and "mixed" not in r and "startup" not in r
+    per_lang = r["accuracy_default"]["sentiment"]
+    assert {lang: s["n"] for lang, s in per_lang.items()} == {"en": runner.MINI.accuracy_rows,
+                                                              "zh": runner.MINI.accuracy_rows}
+    default = r["variants"]["default"]
+    assert default["process_peak_rss_bytes"] > default["weight_bytes"] > 0
+    text = compare_markdown([r])
+    assert f"| peak RSS of a process serving it (default, --only served) | " \
+           f"{default['process_peak_rss_bytes'] / 1e9:.2f} GB |" in text
+    assert "| sentiment accuracy en (fp32, test split) | - |" in text  # not run: a dash
+    assert "default" in report.write(r, tmp_path / "out")["markdown"].read_text(encoding="utf-8")
+
+
 @pytest.mark.timeout(1500)
 def test_mini_bench_writes_json_markdown_and_plot(mini_result, tmp_path):
     from llmqtt.bench import report, targets
@@ -262,3 +288,19 @@ def test_compare_puts_two_models_side_by_side(tmp_path, repo_root):
                            str(tmp_path / "b.json"), "--out", str(tmp_path / "cmp")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "cmp" / "compare.md").read_text() == done.stdout.rstrip("\n") + "\n"
+
+
+def test_compare_shows_what_the_default_config_serves(repo_root):
+    """Beside fp32: the default config's accuracy, speed and memory (quantize: auto), from the same run."""
+    from llmqtt.bench.compare import compare_markdown
+
+    quick = json.loads((repo_root / "docs" / "bench" / "quick" / "result.json").read_text())
+    text = compare_markdown([quick])
+    default, ready = quick["variants"]["default"], quick["startup"]["ready_default"]
+    zh = quick["accuracy_default"]["sentiment"]["zh"]
+    assert f"| sentiment accuracy zh (default config) | {100 * zh['accuracy']:.1f} % of {zh['n']} |" in text
+    assert f"| default config's weights | {default['dtype']} |" in text
+    assert f"| chat decode (default) | {default['chat']['decode_tokens_per_s']:.1f} tok/s |" in text
+    assert f"| weights at rest in the cache (default) | {ready['at_rest_bytes'] / 1e9:.2f} GB |" in text
+    assert f"| peak RSS, ready (default) | {ready['peak_rss_bytes'] / 1e9:.2f} GB |" in text
+    assert f"| sentiment read-out served | {quick['accuracy']['sentiment']['served']} |" in text

@@ -62,7 +62,7 @@ def build_report(config: Config, model_dir: Path | None = None, *, readings: Sys
         "model": {"name": config.model.name, "dir": str(model_dir) if model_dir else None,
                   "facts": _jsonable(asdict(facts)) if facts else None},
         "plan": plan_data,
-        "recommendation": asdict(recommend_model(readings, config.model.quantize, measured)),
+        "recommendation": asdict(recommend_model(readings, plan_data["quantize"], measured)),
         "problems": [asdict(p) for p in problems],
     }
 
@@ -285,7 +285,11 @@ def read_bench_speeds(paths: list[Path], quantize: str) -> dict[str, Speed]:
 
 def main(config: Config, as_json: bool = False, *, model_dir: Path | None = None,
          bench_results: list[Path] = ()) -> int:
-    report = build_report(config, model_dir, measured=read_bench_speeds(list(bench_results), config.model.quantize))
+    readings = read_system()
+    # the scheme the daemon would load with on this board: the bench variant whose speed counts
+    scheme, _ = choose_quantize(config.model.quantize, readings.arch, readings.cpu_flags, choose_dtype(config.model.dtype))
+    report = build_report(config, model_dir, readings=readings,
+                          measured=read_bench_speeds(list(bench_results), scheme))
     if as_json:
         print(json.dumps(report, indent=2))
     else:

@@ -35,11 +35,13 @@ MIN_PLANNED_CONTEXT = 512
 
 # Bytes per Linear parameter with quantized weights (engine/quantize.py), scales included: int8 keeps one
 # byte a weight (fbgemm's packed copy; ours is dropped after packing) + a float32 scale per row; int4 (KleidiAI)
-# half a byte + a bf16 scale per group of 32. The output head also keeps its own values, which the embedding
-# and classification read by rows: int8 1 byte, int4 1 byte (int4 values stored in int8) + a float32 scale
-# per 32.
+# half a byte + a bf16 scale per group of 32. The rows the embedding and classification read (the head's
+# values, an untied model's int8 table) stay in the mapped quantized file, resident only as far as rows are
+# read (engine/mapped.py); int4 keeps the head's float32 scales per 32 in memory.
 QUANTIZED_BYTES_PER_PARAM = {"int8": 1.0, "int4": 0.5 + 2 / 32}
-HEAD_ROWS_BYTES_PER_PARAM = {"int8": 1.0, "int4": 1 + 4 / 32}
+HEAD_ROWS_BYTES_PER_PARAM = {"int8": 0.0, "int4": 4 / 32}
+# an untied model's own int8 embedding table; int4 counted as held until measured on a board (a Pi 5)
+MAPPED_TABLE_BYTES_PER_PARAM = {"int8": 0.0, "int4": 1.0}
 INT8_BYTES_PER_PARAM = QUANTIZED_BYTES_PER_PARAM["int8"]
 
 # safetensors dtype names -> ours: weights stored at the compute dtype are mmapped, not copied.
@@ -154,10 +156,10 @@ def estimate_memory(facts: ModelFacts, dtype: str, quantize: str, max_context: i
     if quantize in QUANTIZED_BYTES_PER_PARAM:
         head = facts.vocab_size * facts.hidden_size
         linear = facts.param_count - facts.unquantized_params + (head if facts.tie_word_embeddings else 0)
-        embedding = 0 if facts.tie_word_embeddings else head  # untied: its own int8 table, read by rows
+        embedding = 0 if facts.tie_word_embeddings else head * MAPPED_TABLE_BYTES_PER_PARAM[quantize]
         small = facts.unquantized_params - head  # norms (and biases counted there) stay float32
         weights = int(linear * QUANTIZED_BYTES_PER_PARAM[quantize] + head * HEAD_ROWS_BYTES_PER_PARAM[quantize]
-                      + embedding + max(small, 0) * width)
+                      + int(embedding) + max(small, 0) * width)
         load_peak = _quantized_load_peak(facts, dtype, float_weights, weights)
     else:
         weights = float_weights

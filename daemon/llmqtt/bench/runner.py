@@ -54,7 +54,10 @@ QUICK = Sizes("quick", accuracy_rows=100, compare_rows=3, other_compare_rows=8, 
 MINI = Sizes("mini", accuracy_rows=4, compare_rows=2, other_compare_rows=1, burst=8, chat_reps=REPS,
              decode_tokens=4, startup=True, bandwidth_bytes=1 << 26, baseline_rows=200,
              mixed_sentiments=3)  # for tests, tiny model
-SECTIONS = ("mixed",)  # what `llmqtt bench --only` can run alone (on the default config's engine)
+# What `llmqtt bench --only` can run alone, on the default config's engine: `mixed` (the mixed-load section)
+# or `served` (accuracy on the served path, single-request speed and the process's peak RSS: a second
+# model's figures for `--compare` without the fp32 pass, which for the 1.5B is 7 GB and 3.7x the 0.5B's work).
+SECTIONS = ("mixed", "served")
 
 # Labelled data per classify task: language -> file in bench/data. Tasks not listed have none.
 DATASETS = {"sentiment": {"en": "sentiment-en.jsonl", "zh": "sentiment-zh.jsonl"}}
@@ -95,7 +98,10 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
             bar.set_description(f"loading {name}")
             engine = _engine(resolved, config, tasks, dtype, quantize)
             result["meta"]["torch_threads"] = torch_threads()  # as planned for this machine by build_engine
-            if only is not None:
+            if only == "served":
+                bar.set_description(f"accuracy {name}")
+                result[f"accuracy_{name}"] = served_accuracy(engine, tasks, rows, tick)
+            elif only is not None:
                 pass
             elif name == "fp32":
                 bar.set_description("accuracy fp32")
@@ -107,13 +113,16 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
             result["variants"][name] = variant_section(engine, tasks, rows, sizes, compare, bar, only is not None)
             if name == "default":
                 llama_work = llama_inputs(engine, rows, sizes) if only is None else None
-                bar.set_description("mixed load")
-                result["mixed"] = mixed_section(engine, tasks, rows, sizes, tick)
+                if only != "served":
+                    bar.set_description("mixed load")
+                    result["mixed"] = mixed_section(engine, tasks, rows, sizes, tick)
             del engine  # one model in memory at a time
             gc.collect()
         if only is not None:
             for variant in result["variants"].values():
                 variant.pop("_bytes_per_token")
+                # this process loaded only this engine, so its peak is the engine's serving peak
+                variant["process_peak_rss_bytes"] = _peak_rss()
             result["meta"]["elapsed_s"] = time.perf_counter() - started
             result["meta"]["only"] = only
             return result
@@ -295,6 +304,12 @@ def _work_units(sizes: Sizes, rows: dict) -> int:
     per_variant = lambda n: 2 * n * langs + (sizes.burst if langs else 0) + 2  # noqa: E731
     others = (len(sizes.variants) - 1) * per_variant(sizes.other_compare_rows)
     return accuracy + per_variant(sizes.compare_rows) + others + 3 * sizes.startup + 1 + sizes.chat_reps
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def torch_threads() -> int:

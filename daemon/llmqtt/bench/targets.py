@@ -218,10 +218,10 @@ def _gb(value) -> float | None:
 
 def _peer_decode_reason(r: dict) -> str:
     v, peer, bw = r["variants"]["default"], r["llama_cpp"], r["bandwidth_bytes_per_s"]
-    ours, theirs = v["bound"]["bytes_per_token"], peer["gguf_bytes"]
+    ours, theirs = v["bound"]["bytes_per_token"], peer.get("gguf_decode_bytes") or peer["gguf_bytes"]
     rate, peer_rate = v["chat"]["decode_tokens_per_s"], peer["decode_tokens_per_s"]
     return (f"bytes: our step reads {ours / 1e6:.0f} MB of weights a token ({v['dtype']}) vs the GGUF's"
-            f" {theirs / 1e6:.0f} MB (4-6 bits a weight); at the {bw / 1e9:.1f} GB/s measured here that bounds us at"
+            f" {theirs / 1e6:.0f} MB (4-8 bits a weight, its token table not counted); at the {bw / 1e9:.1f} GB/s measured here that bounds us at"
             f" {bw / ours:.1f} tok/s and llama.cpp at {bw / theirs:.1f}; we reach {100 * rate * ours / bw:.0f} % of our"
             f" bound ({rate:.1f} tok/s, decode {v.get('fast_decode', {}).get('state', 'eager')}), llama.cpp"
             f" {100 * peer_rate * theirs / bw:.0f} % of its ({peer_rate:.1f} tok/s)")
