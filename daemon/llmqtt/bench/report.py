@@ -37,7 +37,8 @@ def markdown(r: dict) -> str:
              f"(torch threads {m['torch_threads']}), {_gb(m['ram_bytes'])} RAM; Python {m['python']}, torch "
              f"{m['torch']}, transformers {m['transformers']}; {m['date']}; run took {m.get('elapsed_s', 0) / 60:.1f} min.\n",
              "All ratios are from this one run on this machine; absolute numbers move with machine load.\n",
-             _targets_md(r), *([_sentiment_md(r), _chat_md(r), _mixed_md(r)] if m.get("only") else
+             _targets_md(r), *([_accuracy_md(r) if "accuracy_default" in r else "", _sentiment_md(r), _chat_md(r), _mixed_md(r)]
+                               if m.get("only") else
                                [_accuracy_md(r), _sentiment_md(r), _chat_md(r), _mixed_md(r), _conversation_md(r),
                                 _startup_md(r), _llama_md(r)]),
              f"![latency and throughput]({PLOT})\n"]

@@ -70,8 +70,8 @@ CHAT_TASK = "chat"
 
 def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progress: bool = True,
         only: str | None = None) -> dict:
-    """Every section; or with `only="mixed"`, the default config's engine with its single-request speed
-    (sentiment, chat: the mixed section's baselines) and the mixed-load section, nothing else."""
+    """Every section; or with `only` (SECTIONS), the default config's engine alone with its single-request
+    speed and that section: `mixed` (the mixed-load section) or `served` (served accuracy, peak RSS)."""
     from tqdm import tqdm
 
     from ..engine.modelstore import resolve_model
