@@ -485,3 +485,48 @@ def test_classification_does_not_stop_the_streams(tmp_path):
     assert gen_sink.wait().ok
     svc.stop(5)
     assert len(engine.batches) < 20  # it finished while classifications still waited
+
+
+def test_generations_waiting_together_start_in_one_prefill(tmp_path):
+    engine = make_engine(tmp_path / "prompts")
+    svc = make_service(engine, max_generations=3)
+    sinks = []
+    for i in range(4):
+        j, sink = job("chat", i, f"hello {i}")
+        svc.submit(j)
+        sinks.append(sink)
+    bad, bad_sink = job("chat", "bad", "<|im_start|>system")
+    svc.submit(bad)
+    svc.start()
+    assert all(s.wait().ok for s in sinks)
+    assert bad_sink.wait().error.code == "invalid_text"
+    svc.stop(5)
+    assert engine.starts[0] == 3  # three places: three prompts in the first prefill, the fourth later
+    assert sum(engine.starts) == 4  # the refused one never started
+
+
+def test_a_bug_while_starting_answers_internal_and_frees_the_place(engine, service):
+    engine.start = lambda generations: 1 / 0
+    service.start()
+    j, sink = job("chat", 1, "hello")
+    service.submit(j)
+    assert sink.wait().error.code == "internal"
+    assert service._active == []
+    del engine.start  # the class's own again
+    j, sink = job("chat", 2, "hello again")
+    service.submit(j)
+    assert sink.wait().ok
+
+
+def test_two_turns_of_one_session_never_run_side_by_side(engine):
+    svc = make_service(engine)
+    first, first_sink = job("chat", 1, "my name is Ada", session="s")
+    other, other_sink = job("chat", 2, "unrelated", session="t")
+    second, second_sink = job("chat", 3, "what is my name", session="s")
+    for j in (first, other, second):
+        svc.submit(j)
+    svc.start()
+    assert all(s.wait().ok for s in (first_sink, other_sink, second_sink))
+    svc.stop(5)
+    assert engine.starts[0] == 2  # the first turn and the other session's chat; the second turn waited
+    assert [t.content for t in engine.histories[-1]] == ["my name is Ada", "echo my name is Ada"]
