@@ -243,18 +243,25 @@ def _peer_first_token_reason(r: dict) -> str:
 def _default_rss_reason(r: dict) -> str:
     row = r["startup"]["ready_default"]
     imports, peak = row["rss_after_imports_bytes"], row["peak_rss_bytes"]
-    at_rest, kv = row.get("at_rest_bytes") or 0, row.get("kv_cache_bytes") or 0
+    weights, kv = row.get("weight_bytes") or 0, row.get("kv_cache_bytes") or 0
+    at_ready = row.get("peak_rss_ready_bytes")
     peer = get(r, "llama_cpp", "peak_rss_bytes")
-    return (f"the runtime alone (torch, transformers, the 151k-entry tokenizer) is {imports / 1e9:.2f} GB of the"
-            f" {peak / 1e9:.2f} GB peak before any weight; weights at rest {at_rest / 1e9:.2f} GB + KV cache"
-            f" {kv / 1e9:.2f} GB; the rest is fbgemm's packed copies built at load, activations and inductor's compiled"
-            " step" + (f"; llama.cpp's whole process peaked at {peer / 1e9:.2f} GB" if peer else ""))
+    parts = [f"the runtime (torch, transformers) is {imports / 1e9:.2f} GB before any weight",
+             f"weights held {weights / 1e9:.2f} GB (at rest {(row.get('at_rest_bytes') or 0) / 1e9:.2f} GB) + KV cache"
+             f" {kv / 1e9:.2f} GB"]
+    if at_ready:
+        parts.append(f"peak {at_ready / 1e9:.2f} GB once ready (tokenizer, prompt caches, activations:"
+                     f" {(at_ready - imports - weights - kv) / 1e9:.2f} GB), then {peak / 1e9:.2f} GB after the decode"
+                     f" step compiled ({(peak - at_ready) / 1e9:+.2f} GB, inductor)")
+    if peer:
+        parts.append(f"llama.cpp's whole process peaked at {peer / 1e9:.2f} GB")
+    return "; ".join(parts)
 
 
 def _default_ready_reason(r: dict) -> str:
     row, bare = r["startup"]["ready_default"], r["startup"]["bare"]["seconds"]
-    return (f"restart {row['seconds']:.1f} s = load {row['load_s']:.1f} s (the quantized file read and packed for"
-            f" fbgemm, tokenizer in parallel) + prompt caches {row['prefix_s']:.1f} s + warm-up {row['warmup_s']:.1f} s,"
+    return (f"restart {row['seconds']:.1f} s = load {row['load_s']:.1f} s (the quantized file packed for fbgemm"
+            f" beside the model code's import, tokenizer in parallel) + prompt caches {row['prefix_s']:.1f} s + warm-up {row['warmup_s']:.1f} s,"
             f" vs {bare:.1f} s for a bare from_pretrained that maps the float32 file without reading it")
 
 
