@@ -127,8 +127,9 @@ def check_mixed(m: dict, sizes) -> None:
     for run in m["runs"]:
         assert run["sentiment_idle"]["n"] == run["sentiment_busy"]["n"] == sizes.mixed_sentiments
         assert len(run["four"]["first_token_ms"]) == 4 and run["four"]["tokens_per_s"] > 0
-    assert m["chat_tokens_while_busy"] > 0  # the chats kept streaming between the sentiments
-    for key in ("sentiment_p95_busy_over_idle", "four_over_one_tokens_per_s", "first_token_slowest_of_four_over_one"):
+    assert m["chat_steps_while_busy"] > 0  # the chats kept streaming between the sentiments
+    for key in ("sentiment_p95_busy_over_idle", "four_over_one_tokens_per_s", "first_token_slowest_of_four_over_one",
+                "one_over_direct_tokens_per_s", "one_over_direct_first_token", "idle_over_direct_sentiment_p50"):
         assert m[key] > 0
 
 
@@ -146,7 +147,7 @@ def test_only_mixed_runs_the_default_engine_and_the_mixed_section(tiny_model_dir
     assert list(r["variants"]) == ["default"] and "accuracy" not in r and "startup" not in r
     check_mixed(r["mixed"], runner.MINI)
     mixed = [t for t in targets.targets(r) if t["target"].startswith("mixed:")]
-    assert len(mixed) == 5 and all(t["met"] in (True, False) for t in mixed)
+    assert len(mixed) == 6 and all(t["met"] in (True, False) for t in mixed)
     for t in mixed:  # a missed one says why, in this run's numbers
         assert t["met"] or any(ch.isdigit() for ch in t["why"])
     paths = report.write(r, tmp_path / "out")
