@@ -69,5 +69,9 @@ def test_board_configs_name_the_model_the_doctor_recommends(profile: str, board:
     report = build_report(config, readings=getattr(test_modelchoice, board), locate=lambda _model: None)
     assert report["recommendation"]["name"] == config.model.name
     assert f"Recommended model\n  this board: {config.model.name} fits" in format_report(report)
+    text = (CONFIGS / f"{profile}.yaml").read_text()
     other = next(n for n in ("demo", "coder-1.5b") if n != config.model.name)
-    assert other in (CONFIGS / f"{profile}.yaml").read_text()  # the comment says why not the other one
+    assert other in text  # the comment says why not the other one
+    # ... with the planner's current figure for the 1.5B (chosen, or too large for this board)
+    coder = next(o for o in report["recommendation"]["options"] if o["name"] == "coder-1.5b")
+    assert f"~{coder['serving_bytes'] / 2**30:.1f} GiB" in text
