@@ -405,37 +405,41 @@ def test_stats_and_observer(engine):
 
 
 def test_a_classification_during_a_long_generation_is_answered_before_it_ends(tmp_path):
-    engine = make_engine(tmp_path / "prompts", token_delay_s=0.02)
+    engine = make_engine(tmp_path / "prompts", token_delay_s=0.01)
     svc = make_service(engine)
-    svc.start()
     gen, gen_sink = job("chat", "g", " ".join(f"w{i}" for i in range(30)), stream=True)
-    svc.submit(gen)
-    wait_until(lambda: len(gen_sink.chunks) >= 3)  # streaming
     cls, cls_sink = job("sentiment", "c", "great")
-    svc.submit(cls)
-    assert cls_sink.wait().ok
-    assert not gen_sink.done.is_set() and len(gen_sink.chunks) < 20  # answered between two of its tokens
-    assert gen_sink.wait().ok
+    chunks_at_answer = []
+    cls_sink.finish = lambda o: (chunks_at_answer.append(len(gen_sink.chunks)), Sink.finish(cls_sink, o))
+
+    def chunk(seq, delta):
+        Sink.chunk(gen_sink, seq, delta)
+        if seq == 2:  # the chat is streaming: a classification arrives
+            svc.submit(cls)
+
+    gen_sink.chunk = chunk
+    svc.submit(gen)
+    svc.start()
+    assert cls_sink.wait().ok and gen_sink.wait().ok
     svc.stop(5)
+    assert chunks_at_answer == [3]  # answered right after the step in flight, not after the chat's 31 chunks
+    assert len(gen_sink.chunks) == 31
 
 
 def test_concurrent_generations_share_each_step_up_to_the_bound(tmp_path):
     engine = make_engine(tmp_path / "prompts", token_delay_s=0.01)
-    engine.gate = threading.Event()  # hold the first step until all three are queued
     svc = make_service(engine, max_generations=2)
-    svc.start()
     sinks = []
     for i, n in enumerate((6, 6, 3)):
         j, sink = job("chat", i, " ".join(f"{i}w{k}" for k in range(n)), stream=True)
         svc.submit(j)
         sinks.append(sink)
-    wait_until(lambda: engine.steps)
-    engine.gate.set()
+    svc.start()
     outcomes = [s.wait() for s in sinks]
     svc.stop(5)
     assert all(o.ok for o in outcomes)
-    assert max(engine.steps) == 2  # two side by side, never three
-    assert engine.steps.count(2) >= 5  # the first two stepped together all the way
+    assert engine.starts == [2, 1]  # two prompts together, the third once a place was free
+    assert max(engine.steps) == 2 and engine.steps.count(2) == 6  # the first two stepped together all the way
     for i, (sink, outcome) in enumerate(zip(sinks, outcomes)):  # each stream complete and in order
         assert [seq for seq, _ in sink.chunks] == list(range(len(sink.chunks)))
         assert "".join(d for _, d in sink.chunks) == outcome.result["text"]

@@ -72,7 +72,7 @@ class Service:
         self._inflight: dict[tuple, list[ReplySink]] = {}  # key -> sinks of duplicates waiting for it
         self._answered: OrderedDict[tuple, Outcome] = OrderedDict()
         self._stopping = False
-        self._silenced = False  # set when stop() gave up on the running job: its answer is dropped
+        self._silenced = False  # set when stop() gave up on the running work: its answers are dropped
         self._worker: threading.Thread | None = None
 
     # -- the door ---------------------------------------------------------------------------------
