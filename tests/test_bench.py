@@ -7,6 +7,7 @@ checked is that every section runs and lands in the report. The real figures liv
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -304,3 +305,21 @@ def test_compare_shows_what_the_default_config_serves(repo_root):
     assert f"| weights at rest in the cache (default) | {ready['at_rest_bytes'] / 1e9:.2f} GB |" in text
     assert f"| peak RSS, ready (default) | {ready['peak_rss_bytes'] / 1e9:.2f} GB |" in text
     assert f"| sentiment read-out served | {quick['accuracy']['sentiment']['served']} |" in text
+
+
+def test_rows_limits_the_accuracy_sample(monkeypatch):
+    """`llmqtt bench --rows N`: the first N test rows per language, every other size as the mode has it."""
+    from llmqtt import bench
+    from llmqtt.bench import report, runner, targets
+
+    seen = {}
+
+    def run(config, sizes, only=None):
+        seen["sizes"] = sizes
+        return {}
+
+    monkeypatch.setattr(runner, "run", run)
+    monkeypatch.setattr(report, "write", lambda result, out: {"markdown": "m", "json": "j", "plot": "p"})
+    monkeypatch.setattr(targets, "targets", lambda result: [])
+    bench.main(None, quick=True, rows=20)
+    assert seen["sizes"] == replace(runner.QUICK, accuracy_rows=20)

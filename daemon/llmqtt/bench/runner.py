@@ -98,6 +98,8 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
             bar.set_description(f"loading {name}")
             engine = _engine(resolved, config, tasks, dtype, quantize)
             result["meta"]["torch_threads"] = torch_threads()  # as planned for this machine by build_engine
+            bar.set_description(f"fast decode {name}")
+            _settle(engine)
             if only == "served":
                 bar.set_description(f"accuracy {name}")
                 result[f"accuracy_{name}"] = served_accuracy(engine, tasks, rows, tick)
@@ -151,6 +153,15 @@ def _engine(resolved, config: Config, tasks: dict, dtype: str, quantize: str):
     engine = build_engine(config.model_copy(update={"model": model}), wanted, resolved=resolved).engine
     engine.start_fast_decode()  # measured with the kernels a running daemon serves with: see variant_section
     return engine
+
+
+def _settle(engine) -> None:
+    """Let the background decode compile finish before anything runs: while it traces, torch.fx patches
+    nn.Module.__call__ process-wide, and a classification on this thread then died mid-forward with
+    "NameError: module is not installed as a submodule" (a quick bench, 2026-11-29 09:35)."""
+    kernels = engine.loaded.kernels or (engine.decoder if engine.loaded.compile_decode else None)
+    if kernels:
+        kernels.wait(timeout=1800)
 
 
 def accuracy_section(engine, tasks: dict, rows: dict, fit_rows: dict, sizes: Sizes, tick) -> dict:
