@@ -43,32 +43,44 @@ def write_prompts(directory: Path) -> Path:
 
 
 class FakeStream:
-    def __init__(self, words: list[str], cancel: threading.Event | None, delay_s: float,
-                 history_turns: int, gate: threading.Event | None):
+    """A word per step; `start()` gives the first word."""
+
+    def __init__(self, words: list[str], cancel: threading.Event | None, history_turns: int):
         self.result = GenerationResult(prompt_tokens=7, history_turns_used=history_turns)
-        self._words, self._cancel, self._delay, self._gate = words, cancel, delay_s, gate
+        self._words, self._cancel = words, cancel
+        self.done = False
+        self._started = 0.0
+
+    def start(self) -> str:
+        self._started = time.monotonic()
+        self.result.finish_reason = "length"
+        return self.advance()
+
+    def advance(self) -> str:
+        if self._cancel is not None and self._cancel.is_set():
+            self.result.finish_reason = "cancelled"
+            self.done = True
+            return ""
+        i = self.result.new_tokens
+        piece = self._words[i] if i == 0 else " " + self._words[i]
+        self.result.text += piece
+        self.result.new_tokens += 1
+        self.result.decode_s = time.monotonic() - self._started
+        if self.result.new_tokens == len(self._words):
+            self.result.finish_reason = "stop"
+            self.done = True
+        return piece
+
+    def close(self) -> None:
+        self.done = True
 
     def __iter__(self):
-        start = time.monotonic()
-        for i, word in enumerate(self._words):
-            if self._gate is not None:
-                self._gate.wait(30)
-            if self._cancelled():
-                self.result.finish_reason = "cancelled"
-                return
-            piece = word if i == 0 else " " + word
-            self.result.text += piece
-            self.result.new_tokens += 1
-            self.result.decode_s = time.monotonic() - start
+        piece = self.start()
+        while True:
             yield piece
-        self.result.finish_reason = "stop"
-
-    def _cancelled(self) -> bool:
-        """Wait one token's time; True if cancelled meanwhile."""
-        if self._cancel is None:
-            time.sleep(self._delay)
-            return False
-        return self._cancel.wait(self._delay) if self._delay else self._cancel.is_set()
+            if self.done:
+                return
+            piece = self.advance()
 
 
 class FakeEngine:
@@ -86,7 +98,8 @@ class FakeEngine:
         self.batches: list[tuple[str, int]] = []  # (task, batch size) of every classify call
         self.histories: list[list[Turn]] = []
         self.options: list[ChatOptions | None] = []  # of every generate call
-        self.gate: threading.Event | None = None  # when set to an unset Event, generation and classify wait on it
+        self.gate: threading.Event | None = None  # when set to an unset Event, decode steps and classify wait on it
+        self.steps: list[int] = []  # how many generations each decode step ran together
         self.classify_delay_s = 0.0  # per classify call (a batch), like a forward pass
         self.warmed_up = False
 
@@ -124,7 +137,20 @@ class FakeEngine:
         self.options.append(options)
         limit = max_new_tokens or self.tasks[task].generation.max_new_tokens
         words = ["echo", *text.split()][:limit]
-        return FakeStream(words, cancel, self.token_delay_s, len(history) // 2, self.gate)
+        return FakeStream(words, cancel, len(history) // 2)
+
+    def step(self, generations: Sequence[FakeStream]) -> list[str]:
+        """One token for every generation, in the time of one (a batched decode step)."""
+        going = [g for g in generations if not g.done]
+        self.steps.append(len(going))
+        if self.gate is not None:
+            self.gate.wait(30)
+        if self.token_delay_s:
+            cancels = [g._cancel for g in going if g._cancel is not None]
+            deadline = time.monotonic() + self.token_delay_s
+            while time.monotonic() < deadline and not any(c.is_set() for c in cancels):
+                time.sleep(min(0.01, self.token_delay_s))
+        return [g.advance() if not g.done else "" for g in generations]
 
 
 def load_engine(model_config, tasks, *, max_batch: int = 16, progress=None, resolved=None) -> FakeEngine:

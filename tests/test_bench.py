@@ -117,6 +117,65 @@ def test_mini_bench_covers_every_section(mini_result):
         first, restart = r["startup"][f"first_start_{name}"], r["startup"][f"ready_{name}"]
         assert (first["prefixes_from_disk"], restart["prefixes_from_disk"]) == (0, restart["tasks"]) and first["tasks"] > 1
     assert r["llama_cpp"]["available"] in (True, False)
+    check_mixed(r["mixed"], MINI)
+
+
+def check_mixed(m: dict, sizes) -> None:
+    """The mixed-load section: every run measured, sentiments answered while the chats streamed."""
+    assert len(m["runs"]) == sizes.chat_reps and m["sentiments"] == sizes.mixed_sentiments
+    for run in m["runs"]:
+        assert run["sentiment_idle"]["n"] == run["sentiment_busy"]["n"] == sizes.mixed_sentiments
+        assert len(run["four"]["first_token_ms"]) == 4 and run["four"]["tokens_per_s"] > 0
+    assert m["chat_tokens_while_busy"] > 0  # the chats kept streaming between the sentiments
+    for key in ("sentiment_p95_busy_over_idle", "four_over_one_tokens_per_s", "first_token_slowest_of_four_over_one"):
+        assert m[key] > 0
+
+
+@pytest.mark.timeout(900)
+def test_only_mixed_runs_the_default_engine_and_the_mixed_section(tiny_model_dir, tmp_path, repo_root):
+    from llmqtt.bench import report, runner, targets
+    from llmqtt.config import Config
+
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for name in ("sentiment.yaml", "chat.yaml"):
+        (prompts / name).write_text((repo_root / "prompts" / name).read_text(encoding="utf-8"), encoding="utf-8")
+    settings = {"model": {"name": str(tiny_model_dir), "auto_fetch": False}, "prompts": [str(prompts)]}
+    r = runner.run(Config.model_validate(settings), runner.MINI, show_progress=False, only="mixed")
+    assert list(r["variants"]) == ["default"] and "accuracy" not in r and "startup" not in r
+    check_mixed(r["mixed"], runner.MINI)
+    mixed = [t for t in targets.targets(r) if t["target"].startswith("mixed:")]
+    assert len(mixed) == 5 and all(t["met"] in (True, False) for t in mixed)
+    for t in mixed:  # a missed one says why, in this run's numbers
+        assert t["met"] or any(ch.isdigit() for ch in t["why"])
+    paths = report.write(r, tmp_path / "out")
+    assert "## Mixed load" in paths["markdown"].read_text(encoding="utf-8")
+
+
+@pytest.mark.timeout(900)
+def test_only_served_measures_what_compare_needs_of_a_second_model(tiny_model_dir, tmp_path, repo_root):
+    """`llmqtt bench --only served`: the default config's engine alone: served accuracy, speed, peak RSS."""
+    from llmqtt.bench import report, runner
+    from llmqtt.bench.compare import compare_markdown
+    from llmqtt.config import Config
+
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for name in ("sentiment.yaml", "chat.yaml"):
+        (prompts / name).write_text((repo_root / "prompts" / name).read_text(encoding="utf-8"), encoding="utf-8")
+    settings = {"model": {"name": str(tiny_model_dir), "auto_fetch": False}, "prompts": [str(prompts)]}
+    r = runner.run(Config.model_validate(settings), runner.MINI, show_progress=False, only="served")
+    assert list(r["variants"]) == ["default"] and "accuracy" not in r and "mixed" not in r and "startup" not in r
+    per_lang = r["accuracy_default"]["sentiment"]
+    assert {lang: s["n"] for lang, s in per_lang.items()} == {"en": runner.MINI.accuracy_rows,
+                                                              "zh": runner.MINI.accuracy_rows}
+    default = r["variants"]["default"]
+    assert default["process_peak_rss_bytes"] > default["weight_bytes"] > 0
+    text = compare_markdown([r])
+    assert f"| peak RSS of a process serving it (default, --only served) | " \
+           f"{default['process_peak_rss_bytes'] / 1e9:.2f} GB |" in text
+    assert "| sentiment accuracy en (fp32, test split) | - |" in text  # not run: a dash
+    assert "default" in report.write(r, tmp_path / "out")["markdown"].read_text(encoding="utf-8")
 
 
 @pytest.mark.timeout(1500)
@@ -228,3 +287,19 @@ def test_compare_puts_two_models_side_by_side(tmp_path, repo_root):
                            str(tmp_path / "b.json"), "--out", str(tmp_path / "cmp")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "cmp" / "compare.md").read_text() == done.stdout.rstrip("\n") + "\n"
+
+
+def test_compare_shows_what_the_default_config_serves(repo_root):
+    """Beside fp32: the default config's accuracy, speed and memory (quantize: auto), from the same run."""
+    from llmqtt.bench.compare import compare_markdown
+
+    quick = json.loads((repo_root / "docs" / "bench" / "quick" / "result.json").read_text())
+    text = compare_markdown([quick])
+    default, ready = quick["variants"]["default"], quick["startup"]["ready_default"]
+    zh = quick["accuracy_default"]["sentiment"]["zh"]
+    assert f"| sentiment accuracy zh (default config) | {100 * zh['accuracy']:.1f} % of {zh['n']} |" in text
+    assert f"| default config's weights | {default['dtype']} |" in text
+    assert f"| chat decode (default) | {default['chat']['decode_tokens_per_s']:.1f} tok/s |" in text
+    assert f"| weights at rest in the cache (default) | {ready['at_rest_bytes'] / 1e9:.2f} GB |" in text
+    assert f"| peak RSS, ready (default) | {ready['peak_rss_bytes'] / 1e9:.2f} GB |" in text
+    assert f"| sentiment read-out served | {quick['accuracy']['sentiment']['served']} |" in text

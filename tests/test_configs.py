@@ -60,8 +60,14 @@ def test_a_misspelt_field_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("profile", "board"), [("pi5-4gb", "PI5_4GB"), ("pi5-8gb", "PI5_8GB"),
                                                 ("x86-minipc", "MINIPC")])
 def test_board_configs_name_the_model_the_doctor_recommends(profile: str, board: str) -> None:
+    """`llmqtt doctor --config <profile>` on that board (fake readings) recommends the model the file names,
+    and says why in the report; the file's comment gives the same reason."""
     import test_modelchoice
-    from llmqtt.modelchoice import recommend_model
+    from llmqtt.doctor import build_report, format_report
 
     config = load_config(CONFIGS / f"{profile}.yaml")
-    assert config.model.name == recommend_model(getattr(test_modelchoice, board), config.model.quantize).name
+    report = build_report(config, readings=getattr(test_modelchoice, board), locate=lambda _model: None)
+    assert report["recommendation"]["name"] == config.model.name
+    assert f"Recommended model\n  this board: {config.model.name} fits" in format_report(report)
+    other = next(n for n in ("demo", "coder-1.5b") if n != config.model.name)
+    assert other in (CONFIGS / f"{profile}.yaml").read_text()  # the comment says why not the other one

@@ -12,8 +12,8 @@ import pytest
 from llmqtt.engine.convcache import common_prefix
 from llmqtt.engine.engine import Engine
 from llmqtt.engine.loader import load
-from llmqtt.engine.stops import StopStrings, first_stop
-from llmqtt.engine.types import ChatOptions, GenerationResult, InvalidText, Turn
+from llmqtt.engine.stops import StopFilter, first_stop
+from llmqtt.engine.types import ChatOptions, InvalidText, Turn
 from llmqtt.tasks import parse_task
 
 CHAT = {"kind": "generate", "system": "You are terse.",
@@ -119,32 +119,13 @@ def test_stop_string_ends_the_answer_before_it(loaded):
     assert stream.result.finish_reason == "stop"
 
 
-class _Words:
-    def __init__(self, words):
-        self.result = GenerationResult()
-        self.words = words
-        self.cancel = threading.Event()
-        self.after_cancel = 0
-
-    def __iter__(self):
-        for word in self.words:
-            if self.cancel.is_set():
-                self.after_cancel += 1
-                self.result.finish_reason = "cancelled"
-                return
-            self.result.text += word
-            yield word
-        self.result.finish_reason = "length"
-
-
 def test_stop_strings_across_pieces_are_held_back_and_cut():
-    words = _Words(["Hel", "lo\n", "Us", "er: more", " and more"])
-    wrapped = StopStrings(words, ["User:"], words.cancel)
-    assert "".join(wrapped) == "Hello\n"
-    assert wrapped.result.text == "Hello\n" and wrapped.result.finish_reason == "stop"
-    assert words.after_cancel == 1  # the loop was told to stop, and stopped at its next step
-    plain = _Words(["no ", "stop ", "here"])
-    assert "".join(StopStrings(plain, ["User:"], plain.cancel)) == "no stop here"
+    stops = StopFilter(["User:"])
+    sent = [stops.feed(piece) for piece in ["Hel", "lo\n", "Us", "er: more", " and more"]]
+    assert sent[0] == "" and "".join(sent) == "Hello\n"  # the last 4 characters wait: "User:" may start there
+    assert stops.cut == len("Hello\n") and stops.flush() == ""
+    plain = StopFilter(["User:"])
+    assert "".join(plain.feed(p) for p in ["no ", "stop ", "Use"]) + plain.flush() == "no stop Use"
     assert first_stop("abcabc", ["c", "b"]) == 1 and first_stop("abc", ["x"]) is None
 
 

@@ -93,3 +93,31 @@ def test_llmqtt_run_with_the_tiny_model(broker, tmp_path, tiny_model_dir, tiny_p
         assert daemon.terminate(timeout=30) == 0, daemon.log()
     finally:
         daemon.close()
+
+
+def test_a_sentiment_is_answered_while_a_chat_streams(start_daemon, broker, tiny_engine):
+    """The step loop end to end over a real broker: a sentiment published while a long chat streams comes
+    back between two of the chat's chunks, and the chat streams on, in order, to its end."""
+    daemon = start_daemon(engine=tiny_engine)
+    root = daemon.topics.root
+    client = broker.client().subscribe(f"{root}/response/#")
+    client.publish(f"{root}/request/chat", {"id": "long", "text": "Tell me a long story", "stream": True,
+                                            "max_new_tokens": 200})
+    client.expect_json(f"{root}/response/chat", where=lambda r: r["id"] == "long" and r.get("seq") == 2)
+    client.publish(f"{root}/request/sentiment", {"id": "s1", "text": "I love this product"})
+    chunks_after_sentiment, sentiment, seqs = None, None, [0, 1, 2]
+    while True:
+        msg = client.expect_json(f"{root}/response/#", where=lambda r: r.get("id") in ("long", "s1"))
+        if msg["id"] == "s1":
+            sentiment, chunks_after_sentiment = msg, 0
+        elif "seq" in msg:
+            seqs.append(msg["seq"])
+            if sentiment is not None:
+                chunks_after_sentiment += 1
+        else:
+            final = msg
+            break
+    assert sentiment is not None and sentiment["status"] == "ok"
+    assert chunks_after_sentiment > 10  # answered long before the chat's end (200 tokens), which went on
+    assert seqs == list(range(len(seqs)))
+    assert final["status"] == "ok" and final["result"]["tokens"] == 200

@@ -36,7 +36,10 @@ def test_pi5_4gb_runs_the_05b_because_the_15b_does_not_fit():
 
 
 def test_pi5_8gb_runs_the_15b_with_int8_but_not_in_float32():
-    assert recommend_model(PI5_8GB, quantize="int8").name == "coder-1.5b"
+    choice = recommend_model(PI5_8GB, quantize="int8")
+    assert choice.name == "coder-1.5b"
+    # what the smaller model buys, from the two architectures' sizes and the planner's estimates
+    assert "demo if you need faster answers (3.7x less compute per message) or 1.4 GiB more memory" in choice.reason
     # float32 weights of the 1.5B alone are ~6 GiB: too much beside the OS and Home Assistant.
     assert recommend_model(PI5_8GB, quantize="none").name == "demo"
 
@@ -45,6 +48,15 @@ def test_x86_minipc_runs_the_15b_even_in_float32():
     choice = recommend_model(MINIPC, quantize="none")
     assert choice.name == "coder-1.5b" and choice.reason.startswith("this board: coder-1.5b fits")
     assert "speed not measured" in choice.reason
+
+
+def test_auto_is_judged_as_the_scheme_the_board_would_load():
+    """`quantize: auto` is int8 on x86 and int4 on a Pi 5 (dotprod): sized as such, not as float32."""
+    x86 = recommend_model(MINIPC, quantize="auto")
+    assert x86.name == "coder-1.5b" and "~2.8 GiB serving with int8" in x86.reason
+    pi = recommend_model(PI5_8GB, quantize="auto")
+    assert pi.name == "coder-1.5b" and "with int4" in pi.reason
+    assert recommend_model(PI5_4GB, quantize="auto").name == "demo"
 
 
 def test_two_cores_are_too_few_for_the_15b_whatever_the_memory():
@@ -59,8 +71,10 @@ def test_a_measured_slow_15b_is_ruled_out_and_a_fast_one_is_quoted():
     slow = {"coder-1.5b": Speed(sentiment_ms=1400, chat_tokens_per_s=4.0), "demo": Speed(400, 12.0)}
     choice = recommend_model(PI5_8GB, quantize="int8", measured=slow)
     assert choice.name == "demo" and "sentiment ~1400 ms" in choice.reason
-    fast = recommend_model(MINIPC, measured={"coder-1.5b": Speed(600, 9.5)})
-    assert fast.name == "coder-1.5b" and "sentiment ~600 ms, chat ~9.5 tok/s measured" in fast.reason
+    fast = recommend_model(MINIPC, measured={"coder-1.5b": Speed(600, 9.5), "demo": Speed(180, 17.0)})
+    assert fast.reason.startswith("this board: coder-1.5b fits (~8.0 GiB serving, sentiment ~600 ms, chat ~9.5 "
+                                  "tok/s measured); demo if you need faster answers (3.7x less compute per "
+                                  "message; sentiment ~180 ms, chat ~17.0 tok/s measured)")
 
 
 def test_a_cgroup_memory_limit_counts_like_small_ram():
@@ -77,4 +91,10 @@ def test_speed_is_read_from_a_bench_result(repo_root):
     result = json.loads((repo_root / "docs" / "bench" / "result.json").read_text())
     name, speed = speed_from_bench(result)
     assert name == "demo" and speed.sentiment_ms > 0 and speed.chat_tokens_per_s > 0
+    # a run's `default` variant counts for the scheme it loaded (float32+int8 on this x86 bench machine)
+    quick = json.loads((repo_root / "docs" / "bench" / "quick" / "result.json").read_text())
+    default = quick["variants"]["default"]
+    assert speed_from_bench(quick, "int8") == ("demo", Speed(default["sentiment"]["classify_one"]["p50_ms"],
+                                                             default["chat"]["decode_tokens_per_s"]))
+    assert speed_from_bench(quick, "int4") is None  # not what that run measured
     assert speed_from_bench({"meta": {"model": "someone else's"}, "variants": {}}) is None

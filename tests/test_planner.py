@@ -109,7 +109,8 @@ def test_cgroup_without_memory_controller_uses_ram_only() -> None:
 def test_swap_verdict_when_only_the_transient_part_spills() -> None:
     # A bf16 checkpoint loaded as fp32 for int8 is an anonymous float copy while quantizing: that may swap.
     bf16_file = replace(qwen25_05b(), stored_dtype="BF16")
-    p = plan_for(board(swap_total=4 * GiB, swap_free=4 * GiB), bf16_file, quantize="int8")
+    # (3.2 GiB available: the int8 weights, read by rows from the mapped file, leave the steady state ~0.5 GB)
+    p = plan_for(board(swap_total=4 * GiB, swap_free=4 * GiB, ram_available=3_350_000 * KiB), bf16_file, quantize="int8")
     assert p.memory.steady <= p.budget.usable < p.memory.load_peak
     assert p.verdict == "swap" and "swap" in explain(p, bf16_file)
     check_fits(p, bf16_file)  # swap passes; the daemon warns
@@ -134,7 +135,7 @@ def test_unknown_memory_does_not_block() -> None:
 
 def test_add_swap_suggested_when_it_would_help() -> None:
     bf16_file = replace(qwen25_05b(), stored_dtype="BF16")
-    p = plan_for(board(), bf16_file, quantize="int8")
+    p = plan_for(board(ram_available=3_350_000 * KiB), bf16_file, quantize="int8")
     assert p.verdict == "refuse"
     assert "Loading needs more than RAM plus free swap (int8: the first start holds the float weights" in explain(p, bf16_file)
     assert any(s.startswith("add swap of at least") for s in suggest(p, bf16_file))
@@ -153,19 +154,19 @@ def test_kv_cache_formula() -> None:
     assert half.weights * 2 == m.weights and half.kv_cache * 2 == m.kv_cache
 
 
-def test_quantized_weights_count_the_head_twice_and_norms_at_dtype() -> None:
+def test_quantized_weights_count_packed_linears_and_norms_at_dtype() -> None:
     untied, tied = qwen25_05b(False), qwen25_05b(True)
     head = 151936 * 896
     small = untied.unquantized_params - head  # norms and biases stay float32
-    # Untied: every Linear (lm_head included) at 1 byte, the head's rows kept once more, the embedding its own
-    # int8 table.
+    # Untied: every Linear (lm_head included) at 1 byte in fbgemm's copy; the head's rows and the embedding's
+    # own int8 table stay in the mapped file (resident only as rows are read).
     m = estimate_memory(untied, "float32", "int8", 512, 1)
     linear = untied.param_count - untied.unquantized_params
-    assert m.weights == int(linear + head + head + small * 4)
-    assert m.weights < untied.param_count * 4 / 3
-    # Tied: lm_head is a Linear of its own (the embedding reads its rows).
+    assert m.weights == int(linear + small * 4)
+    assert m.weights < untied.param_count * 4 / 4
+    # Tied: lm_head is a Linear of its own (the embedding reads its rows from the file).
     t = estimate_memory(tied, "float32", "int8", 512, 1)
-    assert t.weights == int(tied.param_count - tied.unquantized_params + head + head + small * 4)
+    assert t.weights == int(tied.param_count - tied.unquantized_params + head + small * 4)
     four = estimate_memory(tied, "float32", "int4", 512, 1)
     assert four.weights < t.weights * 0.7
 
@@ -317,3 +318,24 @@ def test_apply_threads_after_torch_sets_pools_and_tolerates_a_second_call() -> N
         "apply_threads(replace(p, threads=2, interop_threads=2))\n"
         "print(torch.get_num_threads(), torch.get_num_interop_threads())")
     assert run_python(code) == "2 1"
+
+
+# --------------------------------------------------------------------------- generations side by side
+
+
+def test_generations_are_cut_to_the_kv_caches_that_fit() -> None:
+    from llmqtt.planner import generation_kv_bytes
+
+    facts = qwen25_05b()
+    assert generation_kv_bytes(facts, "float32", 2048) == 2 * 24 * 2 * 64 * 2048 * 4 == 48 * MiB
+    roomy = plan_for(board(ram_total=16 * GiB, ram_available=14 * GiB))
+    assert roomy.max_generations == roomy.requested_max_generations == RuntimeConfig().max_generations == 4
+    # The Pi 5 4 GB at float32: batch 1 x 2048 leaves ~80 MiB beside the steady state: one more 48 MiB cache.
+    tight = plan_for(board())
+    spare = tight.budget.usable - tight.low_memory_bytes - tight.memory.steady
+    assert tight.max_generations == 1 + spare // (48 * MiB) < 4
+    unknown = plan(board(ram_available=None, cgroup_memory_max=None), facts, ModelConfig(quantize="none"),
+                   RuntimeConfig(max_generations=6))
+    assert unknown.max_generations == 6  # no reading, no cut
+    assert plan(board(ram_available=600 * MiB), facts, ModelConfig(quantize="int8"),
+                RuntimeConfig()).max_generations >= 1  # never below one

@@ -399,3 +399,89 @@ def test_stats_and_observer(engine):
     assert snap["ok"] == 4 and snap["error"] == 1 and snap["errors_by_code"] == {"unknown_task": 1}
     assert snap["tasks"]["sentiment"]["ok"] == 3 and snap["tasks"]["sentiment"]["p95_ms"] is not None
     assert seen[:3] == [(0, True), (1, True), (2, True)] and ("x", False) in seen
+
+
+# -- the step loop: generations side by side, classification between their tokens --------------------
+
+
+def test_a_classification_during_a_long_generation_is_answered_before_it_ends(tmp_path):
+    engine = make_engine(tmp_path / "prompts", token_delay_s=0.02)
+    svc = make_service(engine)
+    svc.start()
+    gen, gen_sink = job("chat", "g", " ".join(f"w{i}" for i in range(30)), stream=True)
+    svc.submit(gen)
+    wait_until(lambda: len(gen_sink.chunks) >= 3)  # streaming
+    cls, cls_sink = job("sentiment", "c", "great")
+    svc.submit(cls)
+    assert cls_sink.wait().ok
+    assert not gen_sink.done.is_set() and len(gen_sink.chunks) < 20  # answered between two of its tokens
+    assert gen_sink.wait().ok
+    svc.stop(5)
+
+
+def test_concurrent_generations_share_each_step_up_to_the_bound(tmp_path):
+    engine = make_engine(tmp_path / "prompts", token_delay_s=0.01)
+    engine.gate = threading.Event()  # hold the first step until all three are queued
+    svc = make_service(engine, max_generations=2)
+    svc.start()
+    sinks = []
+    for i, n in enumerate((6, 6, 3)):
+        j, sink = job("chat", i, " ".join(f"{i}w{k}" for k in range(n)), stream=True)
+        svc.submit(j)
+        sinks.append(sink)
+    wait_until(lambda: engine.steps)
+    engine.gate.set()
+    outcomes = [s.wait() for s in sinks]
+    svc.stop(5)
+    assert all(o.ok for o in outcomes)
+    assert max(engine.steps) == 2  # two side by side, never three
+    assert engine.steps.count(2) >= 5  # the first two stepped together all the way
+    for i, (sink, outcome) in enumerate(zip(sinks, outcomes)):  # each stream complete and in order
+        assert [seq for seq, _ in sink.chunks] == list(range(len(sink.chunks)))
+        assert "".join(d for _, d in sink.chunks) == outcome.result["text"]
+        assert outcome.result["text"].startswith(f"echo {i}w0")
+    assert outcomes[2].queue_ms > 0  # the third waited for a free place
+
+
+def test_cancelling_one_of_two_generations_leaves_the_other(tmp_path):
+    engine = make_engine(tmp_path / "prompts", token_delay_s=0.01)
+    svc = make_service(engine)
+    svc.start()
+    a, a_sink = job("chat", "a", " ".join(["x"] * 40), stream=True)
+    b, b_sink = job("chat", "b", " ".join(["y"] * 10), stream=True)
+    svc.submit(a)
+    svc.submit(b)
+    wait_until(lambda: len(a_sink.chunks) >= 2 and b_sink.chunks)
+    assert svc.cancel("chat", "a") is True
+    assert a_sink.wait().error.code == "cancelled"
+    b_out = b_sink.wait()
+    svc.stop(5)
+    assert b_out.ok and b_out.result["text"] == "echo " + " ".join(["y"] * 10)
+
+
+def test_stop_lets_active_generations_finish_and_drops_queued_ones(tmp_path):
+    engine = make_engine(tmp_path / "prompts", token_delay_s=0.01)
+    svc = make_service(engine, max_generations=1)
+    svc.start()
+    a, a_sink = job("chat", "a", "one two three four five")
+    b, b_sink = job("chat", "b", "queued")
+    svc.submit(a)
+    wait_until(lambda: engine.steps)
+    svc.submit(b)
+    assert svc.stop(5) is True
+    assert a_sink.wait().ok and b_sink.outcomes == []
+
+
+def test_classification_does_not_stop_the_streams(tmp_path):
+    """A steady flow of classifications: generations still get a step between two classification batches."""
+    engine = make_engine(tmp_path / "prompts", token_delay_s=0.005)
+    engine.classify_delay_s = 0.005
+    svc = make_service(engine, max_batch=1)
+    for i in range(20):
+        svc.submit(job("sentiment", f"c{i}")[0])
+    gen, gen_sink = job("chat", "g", "a b c")
+    svc.submit(gen)
+    svc.start()
+    assert gen_sink.wait().ok
+    svc.stop(5)
+    assert len(engine.batches) < 20  # it finished while classifications still waited

@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     bench = command("bench", _bench, "measure accuracy and speed on this machine; writes JSON, Markdown and a plot")
     bench.add_argument("--quick", action="store_true", help="small samples (a few minutes)")
     bench.add_argument("--out", type=Path, help="output directory (default: ./bench-out)")
+    bench.add_argument("--only", choices=["mixed", "served"],
+                       help="one section alone on the default config's engine (with the single-request speed it "
+                            "compares to): `mixed` = sentiment while chats stream, 4 chats at once; `served` = "
+                            "accuracy on the served path and peak RSS, for --compare")
     bench.add_argument("--compare", type=Path, nargs="+", metavar="RESULT_JSON",
                        help="instead of measuring: put these result.json files (one bench run per model, each "
                             "with its own --config) side by side; with --out, also writes OUT/compare.md")
@@ -89,7 +93,7 @@ def _bench(args) -> int:
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
         return compare_main(args.compare, args.out / "compare.md" if args.out else None)
-    return bench_main(_config(args), args.quick, args.out)
+    return bench_main(_config(args), args.quick, args.out, args.only)
 
 
 def _config(args) -> Config:

@@ -72,6 +72,10 @@ class RuntimeConfig(_Section):
     threads: int | Literal["auto"] = "auto"
     interop_threads: int | Literal["auto"] = "auto"
     max_batch: int = Field(default=16, ge=1, le=256)
+    # Chats decoding side by side, sharing each decode step (one forward for all); more wait in the queue.
+    # Each holds a KV cache of model.max_context positions (the demo model: 48 MiB at 2048); the planner
+    # lowers this to what fits in memory.
+    max_generations: int = Field(default=4, ge=1, le=64)
     queue_size: int = Field(default=64, ge=1, le=100000)
     max_payload_bytes: int = Field(default=16384, ge=64)
     max_text_chars: int = Field(default=4000, ge=1)

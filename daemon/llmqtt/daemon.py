@@ -60,7 +60,8 @@ class Daemon:
 
     def __init__(self, config: Config, engine: InferenceEngine, *, threads: int | None = None,
                  memory: MemoryGuard | None = None, notifier=None, watchdog=None,
-                 request_log: Callable[[Job, Outcome], None] | None = None, stop_grace_s: float | None = None):
+                 request_log: Callable[[Job, Outcome], None] | None = None, stop_grace_s: float | None = None,
+                 max_generations: int | None = None):
         self.config = config
         self.engine = engine
         self.notifier = notifier or _NoSystemd()  # HOOK(systemd): llmqtt.systemd.Notifier
@@ -75,6 +76,7 @@ class Daemon:
             engine, sessions=SessionStore(runtime.sessions.max_sessions, runtime.sessions.idle_ttl_s),
             queue_size=runtime.queue_size,
             max_batch=min(runtime.max_batch, engine.max_batch),  # the planned batch
+            max_generations=max_generations or runtime.max_generations,  # the plan's: their KV caches fit
             default_deadline_ms=runtime.default_deadline_ms, dedup_size=mqtt.dedup_cache_size,
             memory=memory,  # memoryguard.MemoryGuard, at the plan's threshold
             observer=_fan_out(observers),  # the request log line, then Home Assistant's sensors
@@ -249,7 +251,7 @@ def main(config_path: Path | None, *, engine_factory: EngineFactory | None = Non
         log.error("%s", exc)
         return 1
     daemon = Daemon(config, warm.engine, threads=warm.threads, memory=warm.memory, notifier=notifier,
-                    watchdog=watchdog)
+                    watchdog=watchdog, max_generations=warm.plan.max_generations)
     code = daemon.run()
     _exit_past_background_work(code)
     return code

@@ -62,7 +62,7 @@ def build_report(config: Config, model_dir: Path | None = None, *, readings: Sys
         "model": {"name": config.model.name, "dir": str(model_dir) if model_dir else None,
                   "facts": _jsonable(asdict(facts)) if facts else None},
         "plan": plan_data,
-        "recommendation": asdict(recommend_model(readings, config.model.quantize, measured)),
+        "recommendation": asdict(recommend_model(readings, plan_data["quantize"], measured)),
         "problems": [asdict(p) for p in problems],
     }
 
@@ -114,6 +114,8 @@ def _plan_data(readings: SystemReadings, facts: ModelFacts | None, config: Confi
             "memory": None, "budget": None, "max_batch": config.runtime.max_batch,
             "max_context": config.model.max_context, "requested_max_batch": config.runtime.max_batch,
             "requested_max_context": config.model.max_context,
+            "max_generations": config.runtime.max_generations,
+            "requested_max_generations": config.runtime.max_generations,
             "low_memory_bytes": low_memory_threshold(readings, config.runtime), "verdict": "unknown",
             "explanation": "The model's size is unknown, so the memory fit is not checked.",
             "suggestions": [], "notes": dtype_notes(readings, dtype, quantize)}
@@ -166,7 +168,8 @@ def plan_problems(plan_data: dict[str, Any]) -> list[Problem]:
     elif verdict == "swap":
         found.append(Problem("needs_swap", "warning", plan_data["explanation"]))
     lowered = [f"{field} from {plan_data['requested_' + key]} to {plan_data[key]}"
-               for field, key in (("runtime.max_batch", "max_batch"), ("model.max_context", "max_context"))
+               for field, key in (("runtime.max_batch", "max_batch"), ("model.max_context", "max_context"),
+                                  ("runtime.max_generations", "max_generations"))
                if plan_data[key] != plan_data["requested_" + key]]
     if verdict in ("ok", "swap") and lowered:
         found.append(Problem("limits_lowered", "info",
@@ -242,7 +245,8 @@ def _plan_lines(p: dict[str, Any]) -> list[str]:
         f"  threads        {p['threads']} intra-op, {p['interop_threads']} inter-op",
         f"  dtype          {p['dtype']}, quantize {p['quantize']}",
         f"  weights        {p['quantize_why']}",
-        f"  limits         max_batch {p['max_batch']}, max_context {p['max_context']}",
+        f"  limits         max_batch {p['max_batch']}, max_context {p['max_context']},"
+        f" max_generations {p['max_generations']}",
         f"  low memory at  {fmt_bytes(p['low_memory_bytes'])} available",
     ]
     if p["memory"] is not None:
@@ -281,7 +285,11 @@ def read_bench_speeds(paths: list[Path], quantize: str) -> dict[str, Speed]:
 
 def main(config: Config, as_json: bool = False, *, model_dir: Path | None = None,
          bench_results: list[Path] = ()) -> int:
-    report = build_report(config, model_dir, measured=read_bench_speeds(list(bench_results), config.model.quantize))
+    readings = read_system()
+    # the scheme the daemon would load with on this board: the bench variant whose speed counts
+    scheme, _ = choose_quantize(config.model.quantize, readings.arch, readings.cpu_flags, choose_dtype(config.model.dtype))
+    report = build_report(config, model_dir, readings=readings,
+                          measured=read_bench_speeds(list(bench_results), scheme))
     if as_json:
         print(json.dumps(report, indent=2))
     else:

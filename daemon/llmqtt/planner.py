@@ -35,11 +35,13 @@ MIN_PLANNED_CONTEXT = 512
 
 # Bytes per Linear parameter with quantized weights (engine/quantize.py), scales included: int8 keeps one
 # byte a weight (fbgemm's packed copy; ours is dropped after packing) + a float32 scale per row; int4 (KleidiAI)
-# half a byte + a bf16 scale per group of 32. The output head also keeps its own values, which the embedding
-# and classification read by rows: int8 1 byte, int4 1 byte (int4 values stored in int8) + a float32 scale
-# per 32.
+# half a byte + a bf16 scale per group of 32. The rows the embedding and classification read (the head's
+# values, an untied model's int8 table) stay in the mapped quantized file, resident only as far as rows are
+# read (engine/mapped.py); int4 keeps the head's float32 scales per 32 in memory.
 QUANTIZED_BYTES_PER_PARAM = {"int8": 1.0, "int4": 0.5 + 2 / 32}
-HEAD_ROWS_BYTES_PER_PARAM = {"int8": 1.0, "int4": 1 + 4 / 32}
+HEAD_ROWS_BYTES_PER_PARAM = {"int8": 0.0, "int4": 4 / 32}
+# an untied model's own int8 embedding table; int4 counted as held until measured on a board (a Pi 5)
+MAPPED_TABLE_BYTES_PER_PARAM = {"int8": 0.0, "int4": 1.0}
 INT8_BYTES_PER_PARAM = QUANTIZED_BYTES_PER_PARAM["int8"]
 
 # safetensors dtype names -> ours: weights stored at the compute dtype are mmapped, not copied.
@@ -154,10 +156,10 @@ def estimate_memory(facts: ModelFacts, dtype: str, quantize: str, max_context: i
     if quantize in QUANTIZED_BYTES_PER_PARAM:
         head = facts.vocab_size * facts.hidden_size
         linear = facts.param_count - facts.unquantized_params + (head if facts.tie_word_embeddings else 0)
-        embedding = 0 if facts.tie_word_embeddings else head  # untied: its own int8 table, read by rows
+        embedding = 0 if facts.tie_word_embeddings else head * MAPPED_TABLE_BYTES_PER_PARAM[quantize]
         small = facts.unquantized_params - head  # norms (and biases counted there) stay float32
         weights = int(linear * QUANTIZED_BYTES_PER_PARAM[quantize] + head * HEAD_ROWS_BYTES_PER_PARAM[quantize]
-                      + embedding + max(small, 0) * width)
+                      + int(embedding) + max(small, 0) * width)
         load_peak = _quantized_load_peak(facts, dtype, float_weights, weights)
     else:
         weights = float_weights
@@ -219,6 +221,8 @@ class Plan:
     verdict: Verdict  # why, in words, and what would help: explain.py
     notes: tuple[str, ...] = ()  # warnings that do not change the verdict
     quantize_why: str = ""  # why this scheme (config.choose_quantize)
+    max_generations: int = 1  # chats decoding side by side (runtime.max_generations, cut to fit memory)
+    requested_max_generations: int = 1
 
 
 def low_memory_threshold(readings: SystemReadings, runtime_config: RuntimeConfig) -> int:
@@ -277,11 +281,29 @@ def plan(readings: SystemReadings, facts: ModelFacts, model_config: ModelConfig,
     batch, context, estimate = _fit(facts, dtype, quantize, runtime_config.max_batch,
                                     model_config.max_context, room)
     verdict = judge(estimate, budget)
+    spare = None if room is None else room - estimate.steady
+    generations = plan_generations(facts, dtype, context, runtime_config.max_generations, spare)
     return Plan(threads=threads, interop_threads=interop, dtype=dtype, quantize=quantize, memory=estimate,
                  budget=budget, max_batch=batch, max_context=context,
                  requested_max_batch=runtime_config.max_batch, requested_max_context=model_config.max_context,
                  low_memory_bytes=low_memory, verdict=verdict, notes=tuple(dtype_notes(readings, dtype, quantize)),
-                 quantize_why=quantize_why)
+                 quantize_why=quantize_why, max_generations=generations,
+                 requested_max_generations=runtime_config.max_generations)
+
+
+def generation_kv_bytes(facts: ModelFacts, dtype: str, context: int) -> int:
+    """One generation's static KV cache (engine/decode.py): K and V for `context` positions in every layer,
+    at the compute dtype (quantized models too). The demo model at float32, 2048 positions: 48 MiB."""
+    return 2 * facts.num_hidden_layers * facts.num_key_value_heads * facts.head_dim * context * DTYPE_BYTES[dtype]
+
+
+def plan_generations(facts: ModelFacts, dtype: str, context: int, requested: int, spare: int | None) -> int:
+    """How many generations may decode side by side: `requested`, cut to the KV caches that fit in `spare`
+    bytes (room left beside the steady state; None: unknown, no cut). One always: the steady state's KV
+    cache covers it, and a board without room for one more chat still serves one."""
+    if spare is None:
+        return requested
+    return max(1, min(requested, 1 + spare // generation_kv_bytes(facts, dtype, context)))
 
 
 def _fit(facts: ModelFacts, dtype: str, quantize: str, batch: int, context: int,

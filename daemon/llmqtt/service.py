@@ -1,9 +1,13 @@
-"""The work queue between the transport and the engine. No paho, no torch.
+"""The work queue between the transport and the engine, and the one loop that runs the engine. No paho,
+no torch.
 
-One worker thread runs all inference, so the model sees one request (or one classification batch) at a
-time. Classification is cheap and latency-sensitive, so it goes ahead of generation, and classification
-requests that wait together for the same task run as one batched forward pass. Everything that is
-accepted gets exactly one `ReplySink.finish`; what is refused at the door (queue full) is answered at once.
+One worker thread runs all inference in steps, never a whole answer at once (`_run`, policy in
+`_next_step`): a step is a classification batch, the start of a generation (its prompt), or one decode step
+for every active generation together. Classification is cheap and latency-sensitive, so it goes first, and
+classification requests that wait together for the same task run as one batched forward pass; up to
+`max_generations` chats stream side by side, sharing each decode forward pass, and get a classification
+answered between two of their tokens. Everything that is accepted gets exactly one `ReplySink.finish`;
+what is refused at the door (queue full) is answered at once.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
-from .engine.types import EngineError, GenerationResult, InferenceEngine
+from .engine.types import EngineError, GenerationResult, GenerationStream, InferenceEngine
 from .jobs import Failure, Job, Outcome, ReplySink, RequestId, ServiceHealth, Submitted  # noqa: F401 (re-exported)
 from .sessions import SessionStore
 from .stats import ServiceStats
@@ -38,7 +42,8 @@ class MemoryPressure(Protocol):
 
 class Service:
     def __init__(self, engine: InferenceEngine, *, sessions: SessionStore, queue_size: int = 64,
-                 max_batch: int = 16, default_deadline_ms: int | None = None, dedup_size: int = 512,
+                 max_batch: int = 16, max_generations: int = 4, default_deadline_ms: int | None = None,
+                 dedup_size: int = 512,
                  memory: MemoryPressure | None = None,
                  observer: Callable[[Job, Outcome], None] | None = None,
                  heartbeat: Callable[[], None] | None = None, idle_wait_s: float = 5.0,
@@ -48,6 +53,7 @@ class Service:
         self.stats = ServiceStats()
         self._queue_size = queue_size
         self._max_batch = max_batch
+        self._max_generations = max(1, max_generations)  # generations decoding side by side (runtime.max_generations)
         self._default_deadline_ms = default_deadline_ms
         self._dedup_size = dedup_size
         self._memory = memory  # memoryguard.MemoryGuard: smaller batches and no generation when low
@@ -60,7 +66,9 @@ class Service:
         self._cond = threading.Condition()
         self._classify_q: deque[Job] = deque()
         self._generate_q: deque[Job] = deque()
-        self._running: list[Job] = []
+        self._running: list[Job] = []  # the classification batch or the generation being started, this step
+        self._active: list[_Active] = []  # generations started and not yet done: each decode step runs them all
+        self._last_step = ""
         self._inflight: dict[tuple, list[ReplySink]] = {}  # key -> sinks of duplicates waiting for it
         self._answered: OrderedDict[tuple, Outcome] = OrderedDict()
         self._stopping = False
@@ -121,7 +129,7 @@ class Service:
                     queue.remove(job)
                     break
             else:
-                running = next((j for j in self._running if (j.task, j.id) == key), None)
+                running = next((j for j in self._in_hand() if (j.task, j.id) == key), None)
                 if running is not None:
                     running.cancel.set()  # the engine stops at the next token; the worker answers
                 return running is not None
@@ -137,10 +145,11 @@ class Service:
                              sessions=len(self.sessions), stats=self.stats.snapshot())
 
     def stop(self, timeout: float) -> bool:
-        """Take no more work; wait up to `timeout` for the running job. Queued jobs are dropped unanswered
-        (the transport leaves them unacknowledged, so the broker redelivers them after a restart).
+        """Take no more work; wait up to `timeout` for the running step and the active generations. Queued
+        jobs are dropped unanswered (the transport leaves them unacknowledged, so the broker redelivers them
+        after a restart).
 
-        Returns False if the running job did not finish in time; it is then cancelled and its answer dropped.
+        Returns False if they did not finish in time; they are then cancelled and their answers dropped.
         """
         with self._cond:
             self._stopping = True
@@ -157,55 +166,78 @@ class Service:
             return True
         with self._cond:
             self._silenced = True
-            for job in self._running:
+            for job in self._in_hand():
                 job.cancel.set()
         return False
 
-    # -- the worker -------------------------------------------------------------------------------
+    # -- the worker: one step at a time ------------------------------------------------------------
+
+    def _in_hand(self) -> list[Job]:
+        """Jobs the worker has taken: this step's, and every active generation's. Under the lock."""
+        return [*self._running, *(a.job for a in self._active)]
 
     def _queue_for(self, job: Job) -> deque[Job]:
         return self._classify_q if isinstance(self.engine.tasks[job.task], ClassifyTask) else self._generate_q
 
     def _run(self) -> None:
+        """The step loop. Each turn runs one step, chosen by `_next_step`: a classification batch, the start
+        of a generation (its prompt's prefill), or one decode step for every active generation together."""
         while True:
-            jobs = self._take()
-            if jobs is None:
+            step = self._next_step()
+            if step is None:
                 return
-            kind = "classify" if isinstance(self.engine.tasks[jobs[0].task], ClassifyTask) else "generate"
+            kind, jobs = step
             started = self._clock()
             try:
                 if kind == "classify":
                     self._classify(jobs)
+                elif kind == "admit":
+                    self._admit(jobs[0])
                 else:
-                    self._generate(jobs[0])
+                    self._decode()
             except Exception:  # a bug here must not kill the only worker; answer what is left
-                log.exception("worker failed on task %s", jobs[0].task)
-                for job in jobs:
-                    self._complete(job, Failure("internal", "internal error"), started=None)
+                log.exception("worker failed on a %s step", kind)
+                self._fail_step(kind, jobs)
             finally:
-                self.stats.record_work(kind, len(jobs), self._clock() - started)  # the drain rate for `busy`
+                if kind == "classify":
+                    self.stats.record_work(kind, len(jobs), self._clock() - started)  # the drain rate for `busy`
                 with self._cond:
                     self._running = []
+                    self._last_step = kind
                 self._heartbeat()
 
-    def _take(self) -> list[Job] | None:
-        """Block for the next unit of work: a batch of classifications of one task, or one generation."""
+    def _next_step(self) -> tuple[str, list[Job]] | None:
+        """The policy, all of it. Block until there is something to do; None once stopping and idle.
+
+        1. Classification first: it is one short forward pass and its callers wait for the whole answer.
+           Not twice in a row while generations are active or may start: a flood of classifications slows
+           their streams (one batch between two tokens) but never stops them.
+        2. Start a waiting generation while fewer than `max_generations` run (memory for their KV caches).
+        3. One decode step for every active generation: one forward for all of them.
+        """
         with self._cond:
-            while not self._stopping and not (self._classify_q or self._generate_q):
+            while not self._stopping and not (self._classify_q or self._can_admit() or self._active):
                 if not self._cond.wait(self._idle_wait_s):
                     self._heartbeat()
-            if self._stopping:
-                return None
-            if self._classify_q:
+            if self._stopping:  # queued work was dropped by stop(); active generations finish
+                return ("decode", []) if self._active else None
+            generations_wait = bool(self._active) or self._can_admit()
+            if self._classify_q and not (generations_wait and self._last_step == "classify"):
                 task = self._classify_q[0].task
                 limit = self._memory.batch_limit(self._max_batch) if self._memory else self._max_batch
                 batch = [j for j in self._classify_q if j.task == task][:limit]
                 for job in batch:
                     self._classify_q.remove(job)
-            else:
-                batch = [self._generate_q.popleft()]
-            self._running = batch
-            return batch
+                self._running = batch
+                return "classify", batch
+            if self._can_admit():
+                job = self._generate_q.popleft()
+                self._running = [job]
+                return "admit", [job]
+            return "decode", []
+
+    def _can_admit(self) -> bool:
+        return bool(self._generate_q) and len(self._active) < self._max_generations
 
     def _classify(self, jobs: list[Job]) -> None:
         live = [job for job in jobs if not self._expire(job)]
@@ -226,7 +258,8 @@ class Service:
         for job, result in zip(live, results):
             self._complete(job, result.as_dict(), started)
 
-    def _generate(self, job: Job) -> None:
+    def _admit(self, job: Job) -> None:
+        """Start a generation: its prompt through the model and its first token; it then decodes with the rest."""
         if self._expire(job):
             return
         started = self._clock()
@@ -237,27 +270,65 @@ class Service:
             history = list(job.history)
         else:
             history = self.sessions.history(job.task, job.session) if job.session else []
+        active = _Active(job, started)
         try:
-            stream = self.engine.generate(job.task, job.text, history, cancel=job.cancel,
-                                          max_new_tokens=job.max_new_tokens, options=job.options)
-            for seq, delta in enumerate(piece for piece in stream if piece):
-                self._heartbeat()
-                if job.stream:
-                    self._send_chunk(job, seq, delta)
+            active.stream = self.engine.generate(job.task, job.text, history, cancel=job.cancel,
+                                                 max_new_tokens=job.max_new_tokens, options=job.options)
+            with self._cond:
+                self._active.append(active)
+            self._deliver(active, active.stream.start())
         except EngineError as exc:
+            self._drop(active)
             self._complete(job, Failure(exc.code, str(exc)), started)
+
+    def _decode(self) -> None:
+        """One decode step for every active generation; each gets its new text, the finished are answered."""
+        actives = list(self._active)
+        if not actives:
             return
+        pieces = self.engine.step([a.stream for a in actives])
+        for active, piece in zip(actives, pieces):
+            self._deliver(active, piece)
+
+    def _deliver(self, active: _Active, piece: str) -> None:
+        """A generation's new text goes out as the next chunk; once it is done, its answer."""
+        job, stream = active.job, active.stream
+        if piece:
+            self._heartbeat()
+            if job.stream:
+                self._send_chunk(job, active.seq, piece)
+            active.seq += 1
+        if not stream.done:
+            return
+        self._drop(active)
         result = stream.result
+        self.stats.record_work("generate", 1, (self._clock() - active.started) / self._max_generations)
         if result.finish_reason == "cancelled":
             self._complete(job, Failure("cancelled", "cancelled while generating",
-                                        partial=generation_dict(result)), started)
+                                        partial=generation_dict(result)), active.started)
             return
         if job.session:
             spec = self.engine.tasks[job.task]
             max_turns = spec.history.max_turns if isinstance(spec, GenerateTask) else 0
             self.sessions.append(job.task, job.session, job.text, result.text, max_turns)
         self.stats.record_tokens_per_s(result.tokens_per_s)
-        self._complete(job, generation_dict(result), started)
+        self._complete(job, generation_dict(result), active.started)
+
+    def _drop(self, active: _Active) -> None:
+        """Out of the active set, its KV cache released."""
+        with self._cond:
+            if active in self._active:
+                self._active.remove(active)
+        if active.stream is not None:
+            active.stream.close()
+
+    def _fail_step(self, kind: str, jobs: list[Job]) -> None:
+        """After a bug in a step: answer `internal` to everything the step had in hand."""
+        hit = list(self._active) if kind == "decode" else [a for a in self._active if a.job in jobs]
+        for active in hit:
+            self._drop(active)
+        for job in [*jobs, *(a.job for a in hit if a.job not in jobs)]:
+            self._complete(job, Failure("internal", "internal error"), started=None)
 
     def _send_chunk(self, job: Job, seq: int, delta: str) -> None:
         if self._silenced:
@@ -323,6 +394,16 @@ class Service:
             self._observer(job, outcome)
         except Exception:
             log.exception("request observer failed")
+
+
+@dataclass(eq=False)
+class _Active:
+    """A generation the worker is stepping: its job, its stream, its next chunk's number."""
+
+    job: Job
+    started: float
+    stream: GenerationStream | None = None
+    seq: int = 0
 
 
 def generation_dict(result: GenerationResult) -> dict:

@@ -90,16 +90,12 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def bytes_per_token(model: torch.nn.Module, weight_bytes: int) -> int:
-    """Weight bytes one decode step reads: all of them, except an input embedding table that is not also
-    the output head (a lookup reads one row of it, not the table), and a quantized head's row copy (kept
-    for the embedding and label rows; decode's product reads the packed copy)."""
-    from ..engine.quantize import RowEmbedding
+    """Weight bytes one decode step reads. Quantized: every packed Linear (quantize.decode_bytes). Float: all
+    weights, except an input embedding table that is not also the output head (a lookup reads one row)."""
+    from ..engine import quantize
 
-    embedding_module, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if isinstance(embedding_module, RowEmbedding):
-        table = embedding_module.table
-        return weight_bytes - table.qdata.numel() * table.qdata.element_size()
-    embedding = embedding_module.weight
+    if getattr(model, "_llmqtt_weights", None) is not None:
+        return quantize.decode_bytes(model)
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings()
     tied = isinstance(getattr(head, "weight", None), torch.Tensor) and head.weight.data_ptr() == embedding.data_ptr()
     return weight_bytes if tied else weight_bytes - embedding.numel() * embedding.element_size()
-

@@ -25,19 +25,43 @@ def compare_markdown(results: list[dict]) -> str:
 
 
 def _rows(results: list[dict]) -> list[Row]:
-    langs = sorted({lang for r in results for lang in _served(r)})
+    langs = sorted({lang for r in results for lang in [*_served(r), *r.get("accuracy_default", {}).get("sentiment", {})]})
     rows: list[Row] = [("bench mode, machine", lambda r: f"{r['meta']['mode']}, {r['meta']['cpu']} x{r['meta']['cores']}")]
     for lang in langs:
         rows.append((f"sentiment accuracy {lang} (fp32, test split)",
                      lambda r, lang=lang: _accuracy(_served(r)[lang])))
+    rows.append(("sentiment read-out served", lambda r: r["accuracy"]["sentiment"]["served"]))
+    for lang in langs:  # what an unchanged config serves (quantize: auto), on the same rows
+        rows.append((f"sentiment accuracy {lang} (default config)",
+                     lambda r, lang=lang: _accuracy(r["accuracy_default"]["sentiment"][lang])))
+    for variant in ("fp32", "default"):
+        rows += _speed_rows(variant)
+    return rows
+
+
+def _speed_rows(variant: str) -> list[Row]:
+    """Speed and memory of one variant: fp32 (`model.quantize: none`) or the default config's scheme."""
+    v = lambda r: r["variants"][variant]  # noqa: E731
+    ready = lambda r: r["startup"][f"ready_{variant}"]  # noqa: E731
+    tag = "fp32" if variant == "fp32" else "default"
+    rows: list[Row] = []
+    if variant != "fp32":
+        rows.append(("default config's weights", lambda r: f"{v(r)['dtype']}"))
     rows += [
-        ("sentiment p50, one message (fp32)", lambda r: f"{_fp32(r)['sentiment']['classify_one']['p50_ms']:.0f} ms"),
-        ("sentiment burst throughput (fp32)", lambda r: f"{_fp32(r)['sentiment']['burst']['per_s']:.2f} msg/s"),
-        ("chat first token, cached prompt (fp32)", lambda r: f"{_fp32(r)['chat']['first_token_cached_ms']:.0f} ms"),
-        ("chat decode (fp32)", lambda r: f"{_fp32(r)['chat']['decode_tokens_per_s']:.1f} tok/s"),
-        ("weights in memory (fp32)", lambda r: f"{_fp32(r)['weight_bytes'] / 1e9:.2f} GB"),
-        ("peak RSS, ready (fp32)", lambda r: f"{r['startup']['ready_fp32']['peak_rss_bytes'] / 1e9:.2f} GB"),
-        ("time to ready, restart (fp32)", lambda r: f"{r['startup']['ready_fp32']['seconds']:.1f} s"),
+        (f"sentiment p50, one message ({tag})", lambda r: f"{v(r)['sentiment']['classify_one']['p50_ms']:.0f} ms"),
+        (f"sentiment burst throughput ({tag})", lambda r: f"{v(r)['sentiment']['burst']['per_s']:.2f} msg/s"),
+        (f"chat first token, cached prompt ({tag})", lambda r: f"{v(r)['chat']['first_token_cached_ms']:.0f} ms"),
+        (f"chat decode ({tag})", lambda r: f"{v(r)['chat']['decode_tokens_per_s']:.1f} tok/s"),
+        (f"weights in memory ({tag})", lambda r: f"{v(r)['weight_bytes'] / 1e9:.2f} GB"),
+    ]
+    if variant != "fp32":
+        rows.append(("weights at rest in the cache (default)", lambda r: f"{ready(r)['at_rest_bytes'] / 1e9:.2f} GB"))
+    if variant != "fp32":  # `llmqtt bench --only served`: the process held this engine alone
+        rows.append(("peak RSS of a process serving it (default, --only served)",
+                     lambda r: f"{v(r)['process_peak_rss_bytes'] / 1e9:.2f} GB"))
+    rows += [
+        (f"peak RSS, ready ({tag})", lambda r: f"{ready(r)['peak_rss_bytes'] / 1e9:.2f} GB"),
+        (f"time to ready, restart ({tag})", lambda r: f"{ready(r)['seconds']:.1f} s"),
     ]
     return rows
 
@@ -49,10 +73,6 @@ def _served(result: dict) -> dict[str, dict]:
     if "by_language" in section:
         return {lang: per[section["served"]] for lang, per in section["by_language"].items()}
     return {lang: s for lang, s in section.items() if isinstance(s, dict)}
-
-
-def _fp32(result: dict) -> dict:
-    return result["variants"]["fp32"]
 
 
 def _accuracy(summary: dict) -> str:

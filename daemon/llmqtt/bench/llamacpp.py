@@ -109,7 +109,14 @@ def _child(work: dict) -> dict:
             "prompt_tokens_per_s": statistics.median(prompt_rates), "prompt_tokens": len(c["decode_prompt"]),
             "decode_tokens_per_s": statistics.median(decode_rates), "decode_runs_tokens_per_s": decode_rates,
             "decode_tokens": work["decode_tokens"], "peak_rss_bytes": peak_rss_bytes(),
-            "gguf_bytes": Path(work["gguf"]).stat().st_size}
+            "gguf_bytes": Path(work["gguf"]).stat().st_size, "gguf_decode_bytes": gguf_decode_bytes(work["gguf"])}
+
+
+def gguf_decode_bytes(path: str) -> int:
+    """Bytes of the GGUF's tensors a decode step reads: all but the token embedding (one row a token)."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors if t.name != "token_embd.weight")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def markdown(r: dict) -> str:
              f"(torch threads {m['torch_threads']}), {_gb(m['ram_bytes'])} RAM; Python {m['python']}, torch "
              f"{m['torch']}, transformers {m['transformers']}; {m['date']}; run took {m.get('elapsed_s', 0) / 60:.1f} min.\n",
              "All ratios are from this one run on this machine; absolute numbers move with machine load.\n",
-             _targets_md(r), _accuracy_md(r), _sentiment_md(r), _chat_md(r), _conversation_md(r), _startup_md(r),
+             _targets_md(r), _accuracy_md(r), _sentiment_md(r), _chat_md(r), _mixed_md(r), _conversation_md(r), _startup_md(r),
              _llama_md(r),
              f"![latency and throughput]({PLOT})\n"]
     return "\n".join(p for p in parts if p)
@@ -143,6 +143,26 @@ def _chat_md(r: dict) -> str:
                      f"{_n(c['decode_tokens_per_s'], 2)} | {_n(b.get('tokens_per_s'), 2)} | "
                      f"{_n(c.get('decode_pct_of_bound'), 0)} % |")
     return "\n".join(lines) + "\n"
+
+
+def _mixed_md(r: dict) -> str:
+    m = r.get("mixed")
+    if not m or "skipped" in m:
+        return ""
+    return "\n".join([
+        "## Mixed load (the service's step loop, default weights)\n",
+        f"Through `service.Service` as the daemon runs it; medians of {len(m['runs'])} runs. Sentiment: "
+        f"{m['sentiments']} messages one after another, idle and while 2 long chats stream. Chats: greedy, each its "
+        "own question; tokens/s = tokens after the first / seconds from the first chunk to the last answer.\n",
+        "| | idle | while 2 chats stream |", "|---|---|---|",
+        f"| sentiment p50 ms | {_n(m['sentiment_idle_p50_ms'], 0)} | {_n(m['sentiment_busy_p50_ms'], 0)} |",
+        f"| sentiment p95 ms | {_n(m['sentiment_idle_p95_ms'], 0)} | {_n(m['sentiment_busy_p95_ms'], 0)} |",
+        f"\nThe 2 chats sent {_n(m['chat_tokens_while_busy'], 0)} chunks while the sentiments ran.\n",
+        "| chats at once | tokens/s (all) | ms a step | first token ms |", "|---|---|---|---|",
+        f"| 1 | {_n(m['one_tokens_per_s'], 2)} | {_n(m['one_step_ms'], 0)} | {_n(m['one_first_token_ms'], 0)} |",
+        f"| 4 | {_n(m['four_tokens_per_s'], 2)} | {_n(m['four_step_ms'], 0)} | "
+        f"{', '.join(_n(v, 0) for v in m['four_first_token_ms'])} |",
+    ]) + "\n"
 
 
 def _conversation_md(r: dict) -> str:

@@ -12,14 +12,14 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ..config import Config
 from ..engine.modelstore import BUILTIN_MODELS
 from ..tasks import ClassifyTask, GenerateTask, load_tasks
-from . import chat, conversation, data, llamacpp, speed, startup
+from . import chat, conversation, data, llamacpp, mixed, speed, startup
 from .accuracy import classify_rows
 
 
@@ -41,17 +41,23 @@ class Sizes:
     chat_reps: int
     decode_tokens: int
     startup: bool  # measure start-up in subprocesses
+    mixed_sentiments: int = 8  # sentiments per run of the mixed-load section, idle and while 2 chats stream
     bandwidth_bytes: int = 1 << 30  # the tensor read to measure memory bandwidth: far beyond the caches
     variants: tuple[str, ...] = tuple(VARIANTS)  # fp32 first: accuracy runs on it
     baseline_rows: int | None = None  # per language, of the fit rows the TF-IDF baseline trains on (None: all)
 
 
 FULL = Sizes("full", accuracy_rows=500, compare_rows=24, other_compare_rows=24, burst=64, chat_reps=REPS,
-             decode_tokens=64, startup=True, variants=("fp32", "default"))
+             decode_tokens=64, startup=True, variants=("fp32", "default"), mixed_sentiments=20)
 QUICK = Sizes("quick", accuracy_rows=100, compare_rows=3, other_compare_rows=8, burst=32, chat_reps=REPS,
               decode_tokens=32, startup=True, variants=("fp32", "default"))
 MINI = Sizes("mini", accuracy_rows=4, compare_rows=2, other_compare_rows=1, burst=8, chat_reps=REPS,
-             decode_tokens=4, startup=True, bandwidth_bytes=1 << 26, baseline_rows=200)  # for tests, tiny model
+             decode_tokens=4, startup=True, bandwidth_bytes=1 << 26, baseline_rows=200,
+             mixed_sentiments=3)  # for tests, tiny model
+# What `llmqtt bench --only` can run alone, on the default config's engine: `mixed` (the mixed-load section)
+# or `served` (accuracy on the served path, single-request speed and the process's peak RSS: a second
+# model's figures for `--compare` without the fp32 pass, which for the 1.5B is 7 GB and 3.7x the 0.5B's work).
+SECTIONS = ("mixed", "served")
 
 # Labelled data per classify task: language -> file in bench/data. Tasks not listed have none.
 DATASETS = {"sentiment": {"en": "sentiment-en.jsonl", "zh": "sentiment-zh.jsonl"}}
@@ -62,7 +68,10 @@ SPEED_TASK = "sentiment"
 CHAT_TASK = "chat"
 
 
-def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progress: bool = True) -> dict:
+def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progress: bool = True,
+        only: str | None = None) -> dict:
+    """Every section; or with `only="mixed"`, the default config's engine with its single-request speed
+    (sentiment, chat: the mixed section's baselines) and the mixed-load section, nothing else."""
     from tqdm import tqdm
 
     from ..engine.modelstore import resolve_model
@@ -74,6 +83,8 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
             for task, files in DATASETS.items() if task in tasks}
     fit_rows = {task: data.load_fit_rows(data_dir / name, [data_dir / f for f in DATASETS[task].values()])
                 for task, name in FIT_DATA.items() if task in rows and (data_dir / name).is_file()}
+    if only is not None:
+        sizes = replace(sizes, variants=("default",), startup=False)
     started = time.perf_counter()
     with tqdm(total=_work_units(sizes, rows), unit="step", disable=not show_progress, smoothing=0) as bar:
         tick = bar.update
@@ -86,7 +97,12 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
             bar.set_description(f"loading {name}")
             engine = _engine(resolved, config, tasks, dtype, quantize)
             result["meta"]["torch_threads"] = torch_threads()  # as planned for this machine by build_engine
-            if name == "fp32":
+            if only == "served":
+                bar.set_description(f"accuracy {name}")
+                result[f"accuracy_{name}"] = served_accuracy(engine, tasks, rows, tick)
+            elif only is not None:
+                pass
+            elif name == "fp32":
                 bar.set_description("accuracy fp32")
                 result["accuracy"] = accuracy_section(engine, tasks, rows, fit_rows, sizes, tick)
             elif name in ACCURACY_VARIANTS:  # the default config, on the path the daemon serves
@@ -95,9 +111,20 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
             compare = sizes.compare_rows if name == "fp32" else sizes.other_compare_rows
             result["variants"][name] = variant_section(engine, tasks, rows, sizes, compare, bar)
             if name == "default":
-                llama_work = llama_inputs(engine, rows, sizes)
+                llama_work = llama_inputs(engine, rows, sizes) if only is None else None
+                if only != "served":
+                    bar.set_description("mixed load")
+                    result["mixed"] = mixed_section(engine, tasks, rows, sizes, tick)
             del engine  # one model in memory at a time
             gc.collect()
+        if only is not None:
+            for variant in result["variants"].values():
+                variant.pop("_bytes_per_token")
+                # this process loaded only this engine, so its peak is the engine's serving peak
+                variant["process_peak_rss_bytes"] = _peak_rss()
+            result["meta"]["elapsed_s"] = time.perf_counter() - started
+            result["meta"]["only"] = only
+            return result
         bar.set_description("memory bandwidth")
         result["bandwidth_bytes_per_s"] = chat.memory_bandwidth(sizes.bandwidth_bytes)
         result["gemv_bytes_per_s"] = chat.gemv_bandwidth(sizes.bandwidth_bytes)
@@ -205,6 +232,15 @@ def variant_section(engine, tasks: dict, rows: dict, sizes: Sizes, compare_rows:
     return out
 
 
+def mixed_section(engine, tasks: dict, rows: dict, sizes: Sizes, tick) -> dict:
+    """Sentiment while chats stream, and 4 chats at once, through the service's step loop (bench/mixed.py)."""
+    if not isinstance(tasks.get(CHAT_TASK), GenerateTask) or SPEED_TASK not in rows:
+        return {"skipped": f"needs the {SPEED_TASK!r} and {CHAT_TASK!r} tasks and {SPEED_TASK} data"}
+    texts = _interleave([[r.text for r in lang_rows] for lang_rows in rows[SPEED_TASK].values()],
+                        sizes.mixed_sentiments)
+    return mixed.mixed_load(engine, SPEED_TASK, CHAT_TASK, texts, sizes.chat_reps, sizes.decode_tokens, tick)
+
+
 def _add_bound(variant: dict, bandwidth: float) -> None:
     per_token = variant.pop("_bytes_per_token")
     variant["bound"] = {"bytes_per_token": per_token, "tokens_per_s": bandwidth / per_token}
@@ -264,7 +300,13 @@ def _work_units(sizes: Sizes, rows: dict) -> int:
     langs = len(rows.get(SPEED_TASK, {}))
     per_variant = lambda n: 2 * n * langs + (sizes.burst if langs else 0) + 2  # noqa: E731
     others = (len(sizes.variants) - 1) * per_variant(sizes.other_compare_rows)
-    return accuracy + per_variant(sizes.compare_rows) + others + 3 * sizes.startup + 1
+    return accuracy + per_variant(sizes.compare_rows) + others + 3 * sizes.startup + 1 + sizes.chat_reps
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def torch_threads() -> int:

@@ -71,8 +71,7 @@ def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quanti
         engine.start_fast_decode()  # as the daemon does, once ready
         weight_bytes = engine.loaded.weight_bytes
         phases["quantize"], phases["from_store"] = engine.loaded.quantize, engine.loaded.from_store
-        phases["at_rest_bytes"] = sum(p.stat().st_size for p in (Path(cache_dir) / "quantized").glob("*.safetensors")) \
-            if cache_dir and engine.loaded.quantize != "none" else None
+        phases["at_rest_bytes"] = at_rest_bytes(engine.loaded.model)
         phases["kv_cache_bytes"] = engine.decoder.cache_bytes()
         kernels = engine.loaded.kernels or (engine.decoder if engine.loaded.compile_decode else None)
     seconds = time.perf_counter() - start
@@ -84,6 +83,14 @@ def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quanti
     return {"mode": mode, "quantize": quantize, "seconds": seconds, **phases, "weight_bytes": weight_bytes,
             "peak_rss_bytes": peak, "rss_after_imports_bytes": after_imports,
             "rss_now_bytes": psutil.Process().memory_info().rss, **rss_split_bytes()}
+
+
+def at_rest_bytes(model) -> int | None:
+    """Size of the quantized file the model was built from (None for a float model)."""
+    from ..engine.mapped import MappedFile
+
+    weights = getattr(model, "_llmqtt_weights", None)
+    return weights.nbytes() if isinstance(weights, MappedFile) else None
 
 
 def rss_split_bytes() -> dict:

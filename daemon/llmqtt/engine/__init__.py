@@ -18,6 +18,17 @@ from .modelstore import COMPLETE_MARKER, Progress, ResolvedModel, _no_progress, 
 log = logging.getLogger(__name__)
 
 
+def _serve_without_torchao_in_transformers() -> None:
+    """transformers imports torchao whenever it is installed (for checkpoints quantized by torchao, which
+    llmqtt never loads): +82 MB of RSS and ~1.5 s of every start on the bench machine (2026-11-29). llmqtt
+    needs torchao only to quantize a model the first time (quantize.py imports it itself), so transformers is
+    told it is absent. Must run before transformers' modeling code is imported; harmless if it already was."""
+    import transformers.utils as hf_utils
+    import transformers.utils.import_utils as hf_imports
+
+    hf_utils.is_torchao_available = hf_imports.is_torchao_available = lambda *args, **kwargs: False
+
+
 def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | GenerateTask], max_batch: int = 16,
                 progress: Progress = _no_progress, resolved: ResolvedModel | None = None,
                 heads: Mapping[str, Path] | None = None):
@@ -25,6 +36,7 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
 
     `heads`: task name -> learned head file (`llmqtt fit`); one that does not fit this model is ignored with
     a warning, and its task answers from its prompt."""
+    _serve_without_torchao_in_transformers()
     from .engine import Engine
     from .loader import load
     from .headfile import weights_fingerprint

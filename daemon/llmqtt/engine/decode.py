@@ -32,6 +32,7 @@ from .prefixstore import Layers
 log = logging.getLogger(__name__)
 
 CHECK_STEPS = 8  # greedy tokens the compiled step must reproduce exactly before it is used
+CHECK_TOLERANCE = 0.05  # largest logit difference allowed, as a fraction of the largest logit
 
 
 def decode_one_token(model: torch.nn.Module, token: torch.Tensor, position: torch.Tensor,
@@ -49,6 +50,7 @@ class StaticDecoder:
         self.ready = threading.Event()
         self.failed: str | None = None
         self.compile_s: float | None = None
+        self.check_error: float | None = None  # largest logit difference compiled vs eager, when checked
         self._compiled = None
         self._shared = self._new_cache()
         self._in_use = threading.Lock()
@@ -131,8 +133,15 @@ class StaticDecoder:
                     logits.append(out)
             runs.append((tokens, torch.stack(logits)))
         (eager_tokens, eager_logits), (tokens, logits) = runs
-        if tokens != eager_tokens or not torch.allclose(logits, eager_logits, rtol=1e-3, atol=1e-3):
-            raise RuntimeError(f"compiled decode disagrees with eager (tokens {tokens} vs {eager_tokens})")
+        # Same tokens, and logits within 5 % of the largest. int8 quantizes the activations per call: a sum
+        # that inductor orders differently moves some to the next int8 step, and over 24 layers the demo
+        # model's compiled logits differed from eager by up to 0.99 with the very same 8 tokens (2026-11-29);
+        # float32 differs by ~1e-4. The greedy tokens are the check that matters.
+        error = (logits - eager_logits).abs().max().item()
+        if tokens != eager_tokens or error > CHECK_TOLERANCE * eager_logits.abs().max().item():
+            raise RuntimeError(f"compiled decode disagrees with eager (tokens {tokens} vs {eager_tokens}, "
+                               f"largest logit difference {error:.3g})")
+        self.check_error = error
 
     def wait(self, timeout: float | None = None) -> None:
         """Until compiling has ended (ready or failed), if it was started."""

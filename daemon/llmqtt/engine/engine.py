@@ -10,12 +10,11 @@ from ..tasks import ClassifyTask, GenerateTask
 from .classify import LabelScorer
 from .convcache import ConversationCache
 from .decode import StaticDecoder
-from .generate import ChatGenerator, Generation
+from .generate import ChatGenerator, Generation, step
 from .head import Head, mismatch
 from .headfile import compute_scheme, serves_under
 from .loader import LoadedModel
 from .prefixstore import PrefixStore
-from .stops import StopStrings
 from .types import ChatOptions, Classification, Turn, UnknownTask, WrongTaskKind
 
 log = logging.getLogger(__name__)
@@ -41,7 +40,8 @@ class Engine:
         self._generators: dict[str, ChatGenerator] = {}
         # One budget for every generate task: recent conversations' KV, reused by the next turn.
         self.conversations = ConversationCache(conversation_tokens, tolerant=conversation_tolerant)
-        # One static KV cache and compiled step shared by every generate task (the service runs one at a time).
+        # One static KV cache and compiled step shared by every generate task: the first active generation's;
+        # others running beside it get caches of their own and step together with it (batch.py).
         self.decoder = StaticDecoder(loaded.model, max_context)
         for name, task in self.tasks.items():
             if isinstance(task, ClassifyTask):
@@ -58,8 +58,13 @@ class Engine:
 
     def generate(self, task: str, text: str, history: Sequence[Turn] = (),
                  cancel: threading.Event | None = None, max_new_tokens: int | None = None,
-                 options: ChatOptions | None = None) -> Generation | StopStrings:
+                 options: ChatOptions | None = None) -> Generation:
+        """A generation, prepared but not run: `start()` it, then `step` it (or iterate it alone)."""
         return self._generator(task).stream(text, history, cancel, max_new_tokens, options=options)
+
+    def step(self, generations: Sequence[Generation]) -> list[str]:
+        """One decode step for every started generation, one forward for all: each one's new text."""
+        return step(generations)
 
     def conversation_stats(self) -> dict:
         return {"entries": len(self.conversations), "hits": self.conversations.hits}

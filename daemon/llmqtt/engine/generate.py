@@ -3,13 +3,20 @@
 prompt ids = [head: system prompt + user header] + [history turns, the new message, assistant cue]
 The head is the task's cached prefix, or a client's own system prompt (Ollama/OpenAI APIs). The prompt's KV
 starts from the longest cached prefix of it (convcache.py: the task prefix, or a recent conversation), copied
-into decode.py's static KV cache, so only the rest runs (prefill). Then one token at a time through
-decode.py's step (compiled once ready): sample, stop on an end token, check the cancel flag, yield the new
-text. The chat template's own tokens never reach the text (skip_special_tokens).
+into decode.py's static KV cache, so only the rest runs (prefill). Then one token at a time, a step at a
+time: the service's worker runs one decode step for every active generation together (`step`), and each
+samples, stops on an end token or stop string, checks its cancel flag and hands back its new text. The
+chat template's own tokens never reach the text (skip_special_tokens).
+
+    generation = generator.stream(text)      # prompt ids and the cached start, nothing run yet
+    piece = generation.start()               # prefill [1, S] -> the first token's text
+    pieces = step([generation, other, ...])  # one forward [B, 1] -> each one's next text
+    # ... until generation.done; generation.result is then complete.  `for piece in generation` runs it alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Iterator, Sequence
@@ -22,8 +29,9 @@ from .decode import StaticDecoder
 from .kvprefix import KVPrefix
 from .prefixstore import PrefixStore
 from .prompt import ControlTokenGuard, encode, render, split_at_user_text
-from .stops import StopStrings
-from .types import ChatOptions, GenerationResult, TextTooLong, Turn
+from .batch import step_rows
+from .stops import StopFilter
+from .types import ChatOptions, FinishReason, GenerationResult, TextTooLong, Turn
 
 MIN_ANSWER_TOKENS = 16  # a prompt that leaves less room than this for the answer is refused as too long
 
@@ -42,7 +50,7 @@ class ChatGenerator:
 
     def stream(self, text: str, history: Sequence[Turn] = (), cancel: threading.Event | None = None,
                max_new_tokens: int | None = None, settings: GenerationSettings | None = None,
-               options: ChatOptions | None = None) -> "Generation | StopStrings":
+               options: ChatOptions | None = None) -> Generation:
         options = options or ChatOptions()
         self.guard.check(text)
         for said in [*(turn.content for turn in history), *([options.system] if options.system else [])]:
@@ -56,8 +64,7 @@ class ChatGenerator:
                                          lambda span, cache, at: self.forward(torch.tensor([span]), cache, at))
         result = GenerationResult(prompt_tokens=len(ids), cached_prefix_tokens=start.reused - start.recomputed,
                                   history_turns_used=turns_used)
-        generation = Generation(self, ids, len(head), start, budget, settings, cancel, result)
-        return StopStrings(generation, options.stop, generation.cancel) if options.stop else generation
+        return Generation(self, ids, len(head), start, budget, settings, cancel, result, options.stop)
 
     def _head(self, system: str | None) -> tuple[str, list[int]]:
         """The prompt's text and ids up to the new turns: the task's cached prefix, or a client's system."""
@@ -110,66 +117,141 @@ class ChatGenerator:
 
 
 class Generation:
-    """Iterate for text pieces; `result` is complete once the iteration ends."""
+    """One answer, a token at a time. `start()` runs the prompt and picks the first token; after that, each
+    decode step (`step` below: one forward for every active generation) computes the logits after `token`
+    at `position` and hands them to `advance`. Iterate instead to run it alone, start to end.
+
+    `done` once it ended (stop token, stop string, budget, cancel); `result` is then complete and the KV
+    cache released. `close()` releases it early (a request dropped halfway)."""
 
     def __init__(self, gen: ChatGenerator, ids: list[int], head: int, start: Start, budget: int,
-                 settings: GenerationSettings, cancel: threading.Event | None, result: GenerationResult):
+                 settings: GenerationSettings, cancel: threading.Event | None, result: GenerationResult,
+                 stops: tuple[str, ...] = ()):
         self._gen, self._ids, self._head, self._start = gen, ids, head, start
         self._budget, self._settings = budget, settings
         self.cancel = cancel or threading.Event()
         self.result = result
+        self._stops = StopFilter(stops) if stops else None
+        self._rng = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+        self._seen = torch.tensor(ids[head:])  # the repetition penalty's scope: all after the system prompt
+        self._produced: list[int] = []
+        self._cache_scope = contextlib.ExitStack()
+        self.cache = None  # decode.py's static cache, once started: [1, kv_heads, max_context, head_dim] per layer
+        self.token: int | None = None  # the last token picked: the next step computes its KV and what follows
+        self.position = 0  # where `token` goes: the cache holds positions 0..position-1
+        self.done = False
+        self._started_at = self._first_at = 0.0
+
+    @property
+    def tokens(self) -> list[int]:
+        """The answer's token ids so far."""
+        return list(self._produced)
+
+    @property
+    def decoder(self) -> StaticDecoder:
+        return self._gen.decoder
+
+    def start(self) -> str:
+        """Prefill: the prompt's uncached rest through the model, into this generation's static cache.
+        Returns the first token's text ("" if it is the end, or half a character)."""
+        self._started_at = time.perf_counter()
+        reused = self._start.reused
+        prefix = [(layer.keys, layer.values) for layer in self._start.cache.layers]  # [1, kv_heads, reused, head_dim]
+        self.cache = self._cache_scope.enter_context(self.decoder.cache(prefix))
+        logits = self.decoder.prefill(torch.tensor([self._ids[reused:]]), self.cache, reused)  # [1, S] -> [V]
+        self.position = len(self._ids)
+        self.result.finish_reason = "length"
+        return self.advance(logits)
+
+    def end_if_cancelled(self) -> str:
+        """Between steps: end now if the request was cancelled (its tail text), else ""."""
+        return self._finish("cancelled") if self.cancel.is_set() and not self.done else ""
+
+    def advance(self, logits: torch.Tensor) -> str:
+        """Pick the next token from `logits` ([V], those after `token`); returns the new text."""
+        if self.token is not None:
+            self.position += 1  # the step that computed `logits` wrote `token`'s KV
+        if self.cancel.is_set():
+            return self._finish("cancelled")
+        token = sample(logits, self._settings, self._seen, self._rng)
+        if not self._first_at:
+            self._first_at = time.perf_counter()
+            self.result.first_token_s = self._first_at - self._started_at
+        if token in self._gen.stop_ids:
+            return self._finish("stop")
+        self._produced.append(token)
+        self._seen = torch.cat([self._seen, torch.tensor([token])])
+        self.token = token
+        piece = self._filtered(self._new_text())
+        if self._stops is not None and self._stops.cut is not None:
+            return piece + self._finish("stop")
+        if len(self._produced) == self._budget:
+            return piece + self._finish("length")
+        return piece
+
+    def _finish(self, reason: FinishReason) -> str:
+        """End here: keep the conversation's KV, release the cache, complete the result; the tail text."""
+        gen, result = self._gen, self.result
+        result.finish_reason = reason
+        fed = self._ids + self._produced[:self.position - len(self._ids)]  # the tokens whose KV the cache holds
+        gen.conversations.keep(fed, len(self._ids), self.cache, self._start)
+        self.close()
+        result.new_tokens = len(self._produced)
+        result.decode_s = time.perf_counter() - self._first_at if self._first_at else 0.0
+        tail = self._filtered(self._new_text(final=True))
+        if self._stops is not None:
+            tail += self._stops.flush()
+            if self._stops.cut is not None:
+                result.text = self._stops.text[:self._stops.cut]
+                result.finish_reason = "stop"
+        return tail
+
+    def close(self) -> None:
+        """Release the KV cache (the shared one goes back to the next generation). Idempotent."""
+        self.done = True
+        self._cache_scope.close()
 
     def __iter__(self) -> Iterator[str]:
-        gen, result, settings = self._gen, self.result, self._settings
-        rng = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
-        started = time.perf_counter()
-        reused = self._start.reused
-        start = [(layer.keys, layer.values) for layer in self._start.cache.layers]  # [1, kv_heads, reused, head_dim]
-        with gen.decoder.cache(start) as cache:  # static: [1, kv_heads, max_context, head_dim] per layer
-            logits = gen.decoder.prefill(torch.tensor([self._ids[reused:]]), cache, reused)  # [1, S] -> [V]
-            yield from self._decode(logits, cache, rng, started)
+        try:
+            piece = self.start()
+            while True:
+                if piece:
+                    yield piece
+                if self.done:
+                    return
+                piece = step([self])[0]
+        finally:
+            self.close()
 
-    def _decode(self, logits: torch.Tensor, cache, rng: torch.Generator | None, started: float) -> Iterator[str]:
-        gen, result, settings = self._gen, self.result, self._settings
-        fed = list(self._ids)  # the tokens whose KV the cache holds, for the conversation cache
-        position = len(self._ids)
-        seen = torch.tensor(self._ids[self._head:])  # the repetition penalty's scope: all after the system
-        produced: list[int] = []
-        result.finish_reason = "length"
-        first_at = None
-        for _ in range(self._budget):
-            if self.cancel.is_set():
-                result.finish_reason = "cancelled"
-                break
-            token = sample(logits, settings, seen, rng)
-            if first_at is None:
-                first_at = time.perf_counter()
-                result.first_token_s = first_at - started
-            if token in gen.stop_ids:
-                result.finish_reason = "stop"
-                break
-            produced.append(token)
-            seen = torch.cat([seen, torch.tensor([token])])
-            piece = self._new_text(produced)
-            if piece:
-                yield piece
-            logits = gen.decoder.step(token, cache, position)  # one token at `position` -> [V]
-            fed.append(token)
-            position += 1
-        gen.conversations.keep(fed, len(self._ids), cache, self._start)
-        result.new_tokens = len(produced)
-        result.decode_s = time.perf_counter() - first_at if first_at else 0.0
-        tail = self._new_text(produced, final=True)
-        if tail:
-            yield tail
+    def _filtered(self, piece: str) -> str:
+        return self._stops.feed(piece) if self._stops is not None and piece else piece
 
-    def _new_text(self, produced: list[int], final: bool = False) -> str:
-        text = self._gen.tokenizer.decode(produced, skip_special_tokens=True)
+    def _new_text(self, final: bool = False) -> str:
+        text = self._gen.tokenizer.decode(self._produced, skip_special_tokens=True)
         if text.endswith("\ufffd") and not final:  # half of a multi-byte character: wait for the rest
             return ""
         piece = text[len(self.result.text):]
         self.result.text = text
         return piece
+
+
+def step(generations: Sequence[Generation]) -> list[str]:
+    """One decode step for started generations: one forward for all that are still going, then each picks its
+    next token. Returns each one's new text ("" for one already done).
+
+    A generation alone steps through decode.py (compiled once ready: single-request decode stays as fast
+    as before); several step together through batch.py (eager, one forward for all)."""
+    pieces = {g: g.end_if_cancelled() for g in generations if not g.done}  # cancelled: no forward for them
+    going = [g for g in generations if not g.done]
+    if len(going) == 1:
+        g = going[0]
+        logits = g.decoder.step(g.token, g.cache, g.position)[None]  # [1, V]
+    elif going:
+        logits = step_rows(going[0].decoder.model, [g.token for g in going], [g.cache for g in going],
+                           [g.position for g in going])  # [B, V]
+    for g, row in zip(going, logits if going else []):
+        pieces[g] = g.advance(row)
+    return [pieces.get(g, "") for g in generations]
 
 
 def with_options(settings: GenerationSettings, options: ChatOptions) -> GenerationSettings:

@@ -11,7 +11,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import fastdecode, quantize as quant
+from . import attention, fastdecode, quantize as quant
 from .fastdecode import Kernels
 from .modelstore import default_cache_dir
 
@@ -52,7 +52,8 @@ def load(path: Path, dtype: str, quantize: str = "none", fast_decode: bool = Fal
                 raise quant.float32_dropped_error(path)
             # Always pass dtype: transformers 5 would otherwise pick the checkpoint's (often bf16), which is
             # ~2x slower than fp32 on CPUs without native bf16 such as the Raspberry Pi 5.
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+                                                         attn_implementation=attention.register()).eval()
             model.requires_grad_(False)
         else:
             store = store or quant.QuantizedStore(default_cache_dir() / "quantized")
@@ -71,9 +72,7 @@ def _one_token_through(model: torch.nn.Module) -> None:
 
 
 def _bytes_in_memory(model: torch.nn.Module) -> int:
+    if getattr(model, "_llmqtt_weights", None) is not None:  # quantized
+        return quant.resident_bytes(model)
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied weights count once
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    for module in model.modules():  # fbgemm keeps its packed int8 weights outside .parameters()
-        if isinstance(module, quant.Int8Linear):
-            total += module.in_features * module.out_features  # one byte a weight (+ column offsets, small)
-    return total
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -25,6 +25,7 @@ fingerprint of the model files, the scheme and the library versions, so any chan
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -34,7 +35,10 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from . import attention
+from .mapped import MappedFile
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +51,23 @@ INT4_GROUP = 32  # weights per int4 scale: the group size KleidiAI's kernels are
 
 # fbgemm's packed weights are a TorchScript object, which torch.compile cannot take as an input: compiled
 # code reaches them through this custom op and a registry keyed by the layer's id (a plain int).
-_PACKED: dict[int, object] = {}
+_PACKED: dict[int, list] = {}
+# Rows packed per fbgemm call. Packing copies its input twice over (a quantized tensor, then fbgemm's
+# layout): the demo's 151,936-row output head in one piece raised the load's peak RSS by 0.41 GB for a
+# 0.14 GB matrix; in pieces of 16,384 rows the transient is ~15 MB. Decode then calls fbgemm 10 times
+# for the head instead of once (each call re-quantizes one 896-float row: microseconds).
+PACK_ROWS = 16384
+
+
+def _linear_dynamic(x: torch.Tensor, pieces: list) -> torch.Tensor:
+    if len(pieces) == 1:
+        return torch.ops.quantized.linear_dynamic(x, pieces[0], False)
+    return torch.cat([torch.ops.quantized.linear_dynamic(x, piece, False) for piece in pieces], dim=-1)
 
 
 @torch.library.custom_op("llmqtt::int8_linear", mutates_args=())
 def _int8_linear_op(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic(x, _PACKED[layer], False)
+    return _linear_dynamic(x, _PACKED[layer])
 
 
 @_int8_linear_op.register_fake
@@ -72,21 +87,32 @@ class Int8Linear(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self._packed = None
 
-    def pack(self, keep_rows: bool = False) -> None:
-        """Hand the weights to fbgemm (it keeps its own packed copy); drop ours unless rows are still read
-        (the output head, whose rows the embedding and classification use)."""
-        zeros = torch.zeros(self.out_features, dtype=torch.long)
-        weight = torch._make_per_channel_quantized_tensor(self.qdata, self.scale.double(), zeros, 0)
-        self._packed = torch.ops.quantized.linear_prepack(weight, self.bias)
+    def pack(self, keep_rows: bool = False, packed_rows=lambda first, stop: None) -> None:
+        """Hand the weights to fbgemm (it keeps its own packed copy), PACK_ROWS rows at a time, telling
+        `packed_rows(first, stop)` as each piece is done; drop ours unless rows are still read (the output
+        head, whose rows the embedding and classification use)."""
+        self._packed = []
+        for first in range(0, self.out_features, PACK_ROWS):
+            stop = min(first + PACK_ROWS, self.out_features)
+            zeros = torch.zeros(stop - first, dtype=torch.long)
+            weight = torch._make_per_channel_quantized_tensor(self.qdata[first:stop], self.scale[first:stop].double(),
+                                                              zeros, 0)
+            bias = self.bias[first:stop].contiguous() if self.bias is not None else None
+            self._packed.append(torch.ops.quantized.linear_prepack(weight, bias))
+            packed_rows(first, stop)
         _PACKED[id(self)] = self._packed
         if not keep_rows:
             self.qdata = torch.empty(0, dtype=torch.int8)
+
+    @property
+    def packed(self) -> bool:
+        return self._packed is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] float32 -> [..., out]; fbgemm quantizes x to uint8 per call (full 8 bits)
         if torch.compiler.is_compiling():
             return _int8_linear_op(x, id(self), self.out_features)
-        return torch.ops.quantized.linear_dynamic(x, self._packed, False)
+        return _linear_dynamic(x, self._packed)
 
     def __del__(self):
         _PACKED.pop(id(self), None)
@@ -159,7 +185,7 @@ def quantize_state(model: torch.nn.Module, scheme: str) -> dict[str, torch.Tenso
     embedding = model.get_input_embeddings()
     if _tied(model):
         state.pop("model.embed_tokens.weight", None)  # read from the head's rows
-    elif scheme == "int8":
+    else:  # an untied model's own table, int8 under either scheme: read by rows, 1 byte instead of 4
         del state["model.embed_tokens.weight"]
         state.update({f"model.embed_tokens.table.{k}": v for k, v in _int8(embedding.weight).items()})
     return {k: v.contiguous() for k, v in state.items()}
@@ -198,25 +224,35 @@ def _int4(linear: torch.nn.Linear, keep_rows: bool) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- loading (every start)
 
 
-def build(model_dir: Path, state: dict[str, torch.Tensor], scheme: str) -> torch.nn.Module:
-    """The model from its quantized state, never materialising a float32 Linear: the skeleton is built on
-    the meta device and the stored tensors are assigned into it."""
+def build(model_dir: Path, weights: MappedFile | dict[str, torch.Tensor], scheme: str) -> torch.nn.Module:
+    """The model from its quantized weights, never materialising a float32 Linear: the skeleton is built on
+    the meta device and the stored tensors are assigned into it.
+
+    From the mapped file (every start but a failed save) each Linear's int8 values are read once, packed
+    by fbgemm and released; the tables read by rows (embedding, head) stay mapped, read as rows are looked
+    up; norms, biases and scales are copied (a few MB)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    source = weights if isinstance(weights, MappedFile) else _InMemory(weights)
+    _hand_freed_blocks_back()
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention.register())
     layer = Int8Linear if scheme == "int8" else Int4Linear
     swapped = []
     for name, linear in _linears(model):
         parent, _, child = name.rpartition(".")
-        swapped.append(layer(linear.in_features, linear.out_features, linear.bias is not None and scheme == "int8"))
-        setattr(model.get_submodule(parent) if parent else model, child, swapped[-1])
+        swapped.append((name, layer(linear.in_features, linear.out_features,
+                                    linear.bias is not None and scheme == "int8")))
+        setattr(model.get_submodule(parent) if parent else model, child, swapped[-1][1])
     head, tied = model.get_output_embeddings(), _tied(model)
-    if not tied and scheme == "int8":  # its own int8 table, read by rows only
+    if not tied:  # its own int8 table, read by rows only
         model.set_input_embeddings(RowEmbedding(Int8Linear(config.hidden_size, config.vocab_size, False)))
+    # int values stay views of the file (packed then released, or read by rows); the small rest is copied
+    state = {name: source.view(name) if name.endswith(".qdata") else source.copy(name) for name in source.keys()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if tied:  # the head's rows are the embedding (one copy in memory, as in the float model)
+    del state
+    if tied:  # the head's rows are the embedding (one copy, as in the float model)
         model.set_input_embeddings(RowEmbedding(head))
         missing = [k for k in missing if k != "model.embed_tokens.weight"]
     if scheme == "int4":  # only the head keeps its int4 values beside the packed blob
@@ -224,10 +260,68 @@ def build(model_dir: Path, state: dict[str, torch.Tensor], scheme: str) -> torch
     if missing or unexpected:
         raise ValueError(f"quantized state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     _rebuild_meta_buffers(model)
-    for module in swapped:
+    for name, module in swapped:
         if isinstance(module, Int8Linear):
-            module.pack(keep_rows=module is head)
+            # as each piece is in fbgemm's copy, its rows' pages of the file can go
+            module.pack(keep_rows=module is head,
+                        packed_rows=lambda first, stop, key=f"{name}.qdata": source.release(key, first, stop))
+    model._llmqtt_weights = source  # the mapping outlives every view of it
+    _hand_freed_blocks_back(trim=True)
     return model.eval().requires_grad_(False)
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _hand_freed_blocks_back(trim: bool = False) -> None:
+    """Packing allocates and frees 1-17 MB temporaries per layer. glibc raises its mmap threshold after
+    large frees (up to 32 MB), so later temporaries come from the heap and stay there once freed: on the
+    demo model that held 0.14 GB more once ready and raised the peak by 0.16 GB (2026-11-29). A fixed 1 MB
+    threshold maps every larger block on its own and unmaps it when freed; `trim` returns the heap's free
+    tail. glibc only: elsewhere (musl) nothing is done."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        if trim:
+            libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _InMemory:
+    """A state dict with MappedFile's reading interface (the first start, when the file could not be saved)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state = state
+
+    def keys(self) -> list[str]:
+        return list(self.state)
+
+    def view(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+    copy = view
+
+    def release(self, name: str, first_row: int = 0, stop_row: int | None = None) -> None:
+        pass
+
+
+def decode_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes one decode step of a quantized model reads: every packed Linear (one byte a weight for
+    int8), not the tables read by rows."""
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int8Linear) and m.packed) \
+        + sum(m.packed.numel() for m in model.modules() if isinstance(m, Int4Linear))
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights held in memory: fbgemm's packed copies and every tensor that is not a view of the
+    mapped file (the row tables stay on disk but for the rows read)."""
+    weights = getattr(model, "_llmqtt_weights", None)
+    mapped = {id(m.qdata) for m in model.modules() if isinstance(m, Int8Linear)} if isinstance(weights, MappedFile) \
+        else set()
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in mapped}
+    owned = sum(t.numel() * t.element_size() for t in tensors.values())
+    return owned + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int8Linear) and m.packed)
 
 
 def _rebuild_meta_buffers(model: torch.nn.Module) -> None:
@@ -273,12 +367,12 @@ class QuantizedStore:
         where = hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:12]
         return f"{Path(model_dir).resolve().parent.name}-{where}-{scheme}"
 
-    def load(self, model_dir: Path, scheme: str) -> dict[str, torch.Tensor] | None:
+    def load(self, model_dir: Path, scheme: str) -> MappedFile | None:
         path = self.path(model_dir, scheme)
         if not path.is_file():
             return None
         try:
-            return load_file(path)
+            return MappedFile(path)
         except Exception as exc:  # torn or foreign: quantize again
             log.warning("ignoring quantized weights %s: %s", path, exc)
             return None
@@ -303,10 +397,16 @@ class QuantizedStore:
 DROPPED = "float32-dropped.json"  # the float32 files' stamps, once model.keep_float32: false removed them
 
 
+# The stored layout's version per scheme, named in the fingerprint once past 1. int4 2: an untied model's
+# embedding is an int8 row table (was float32: 0.54 GB of a Pi's memory for the demo model).
+LAYOUT = {"int8": 1, "int4": 2}
+
+
 def fingerprint(model_dir: Path, scheme: str) -> str:
-    """Changes whenever the stored numbers could: the model files, the scheme, the libraries."""
+    """Changes whenever the stored numbers could: the model files, the scheme, the libraries, the layout."""
+    layout = [LAYOUT[scheme]] if LAYOUT.get(scheme, 1) > 1 else []
     return hashlib.sha256(json.dumps([model_stamp(model_dir), scheme, torch.__version__, _version("transformers"),
-                                      _version("torchao")]).encode()).hexdigest()[:24]
+                                      _version("torchao"), *layout]).encode()).hexdigest()[:24]
 
 
 def model_stamp(model_dir: Path) -> list:
@@ -355,13 +455,16 @@ def load_quantized(model_dir: Path, scheme: str, store: QuantizedStore) -> tuple
     if scheme == "int4" and not torch.backends.kleidiai.is_available():
         raise RuntimeError("quantize: int4 needs torch's KleidiAI kernels (aarch64 builds of torch); "
                            "use int8 or auto on this CPU")
-    state = store.load(model_dir, scheme)
-    if state is not None:
-        return build(model_dir, state, scheme), True
+    stored = store.load(model_dir, scheme)
+    if stored is not None:
+        return build(model_dir, stored, scheme), True
     if (Path(model_dir) / DROPPED).is_file() and not any(Path(model_dir).glob("*.safetensors")):
         raise float32_dropped_error(model_dir)
     state = quantize_from_float(model_dir, scheme)
-    store.save(model_dir, scheme, state)
+    saved = store.save(model_dir, scheme, state)
+    if saved is not None:  # built from the file, as every later start: the in-memory copy goes
+        del state
+        return build(model_dir, MappedFile(saved), scheme), False
     return build(model_dir, state, scheme), False
 
 

@@ -1,52 +1,41 @@
 """Stop strings (Ollama's `options.stop`, OpenAI's `stop`): the answer ends before the first one.
 
-A wrapper around a generation, so the decode loop stays as it is: text that could be the start of a stop
-string is held back until it is clearly not one; when a stop string appears, the generation's cancel flag
-is set (it ends at its next token) and the answer is cut before the stop string, finishing with `stop`.
+A filter the generation passes its text pieces through: text that could be the start of a stop string is
+held back until it is clearly not one; when a stop string appears, the text before it is let out and the
+generation ends (`stop`).
 """
 
 from __future__ import annotations
 
-import threading
-from typing import Iterator, Protocol, Sequence
-
-from .types import GenerationResult
+from typing import Sequence
 
 
-class _Stream(Protocol):
-    result: GenerationResult
-
-    def __iter__(self) -> Iterator[str]: ...
-
-
-class StopStrings:
-    def __init__(self, generation: _Stream, stops: Sequence[str], cancel: threading.Event):
-        self._generation, self._cancel = generation, cancel
+class StopFilter:
+    def __init__(self, stops: Sequence[str]):
         self._stops = [s for s in stops if s]
-        self.result = generation.result
+        self._hold = max((len(s) for s in self._stops), default=1) - 1  # a stop string's start may be in the tail
+        self.text = ""  # everything fed so far
+        self._sent = 0
+        self.cut: int | None = None  # where the first stop string starts in `text`, once one appeared
 
-    def __iter__(self) -> Iterator[str]:
-        hold = max((len(s) for s in self._stops), default=1) - 1  # a stop string's start may be in the tail
-        text, sent, cut = "", 0, None
-        pieces = iter(self._generation)
-        for piece in pieces:
-            text += piece
-            cut = first_stop(text, self._stops, max(0, sent - hold))
-            end = cut if cut is not None else max(sent, len(text) - hold)
-            if end > sent:
-                yield text[sent:end]
-                sent = end
-            if cut is not None:
-                self._cancel.set()
-                for _ in pieces:  # let the loop end at its next token, so its result is complete
-                    pass
-                break
-        if cut is None:
-            if len(text) > sent:
-                yield text[sent:]
-            return
-        self.result.text = text[:cut]
-        self.result.finish_reason = "stop"
+    def feed(self, piece: str) -> str:
+        """The part of the text so far that is safe to send now."""
+        if self.cut is not None:
+            return ""
+        self.text += piece
+        self.cut = first_stop(self.text, self._stops, max(0, self._sent - self._hold))
+        end = self.cut if self.cut is not None else max(self._sent, len(self.text) - self._hold)
+        return self._send(end)
+
+    def flush(self) -> str:
+        """At the end of the answer: whatever was held back (nothing after a stop string)."""
+        return self._send(self.cut if self.cut is not None else len(self.text))
+
+    def _send(self, end: int) -> str:
+        if end <= self._sent:
+            return ""
+        out, self._sent = self.text[self._sent:end], end
+        return out
 
 
 def first_stop(text: str, stops: Sequence[str], search_from: int = 0) -> int | None:

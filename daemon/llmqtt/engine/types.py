@@ -92,7 +92,16 @@ class GenerationResult:
 
 
 class GenerationStream(Protocol):
-    result: GenerationResult
+    """A generation run a step at a time (the service) or alone (iterate it: `llmqtt ask`, the bench)."""
+
+    result: GenerationResult  # complete once `done`
+    done: bool
+
+    def start(self) -> str:
+        """Prefill its prompt and pick the first token: that token's text ("" possible)."""
+
+    def close(self) -> None:
+        """Release what it holds (its KV cache); it is `done` after. Idempotent."""
 
     def __iter__(self) -> Iterator[str]: ...
 
@@ -120,5 +129,9 @@ class InferenceEngine(Protocol):
     def generate(self, task: str, text: str, history: Sequence[Turn] = (),
                  cancel: threading.Event | None = None,
                  max_new_tokens: int | None = None,
-                 options: ChatOptions | None = None) -> GenerationStream: ...
+                 options: ChatOptions | None = None) -> GenerationStream:
+        """Prepared, not run yet: `start()` it, then `step` it with the other active ones."""
+
+    def step(self, generations: Sequence[GenerationStream]) -> list[str]:
+        """One decode step for the started generations, together: each one's new text ("" if done)."""
 
