@@ -100,6 +100,7 @@ class FakeEngine:
         self.options: list[ChatOptions | None] = []  # of every generate call
         self.gate: threading.Event | None = None  # when set to an unset Event, decode steps and classify wait on it
         self.steps: list[int] = []  # how many generations each decode step ran together
+        self.starts: list[int] = []  # how many generations each prefill started together
         self.classify_delay_s = 0.0  # per classify call (a batch), like a forward pass
         self.warmed_up = False
 
@@ -138,6 +139,11 @@ class FakeEngine:
         limit = max_new_tokens or self.tasks[task].generation.max_new_tokens
         words = ["echo", *text.split()][:limit]
         return FakeStream(words, cancel, len(history) // 2)
+
+    def start(self, generations: Sequence[FakeStream]) -> list[str]:
+        """Prefill for generations that start together: each one's first word."""
+        self.starts.append(len(generations))
+        return [g.start() for g in generations]
 
     def step(self, generations: Sequence[FakeStream]) -> list[str]:
         """One token for every generation, in the time of one (a batched decode step)."""

@@ -7,6 +7,7 @@ checked is that every section runs and lands in the report. The real figures liv
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -126,8 +127,9 @@ def check_mixed(m: dict, sizes) -> None:
     for run in m["runs"]:
         assert run["sentiment_idle"]["n"] == run["sentiment_busy"]["n"] == sizes.mixed_sentiments
         assert len(run["four"]["first_token_ms"]) == 4 and run["four"]["tokens_per_s"] > 0
-    assert m["chat_tokens_while_busy"] > 0  # the chats kept streaming between the sentiments
-    for key in ("sentiment_p95_busy_over_idle", "four_over_one_tokens_per_s", "first_token_slowest_of_four_over_one"):
+    assert m["chat_steps_while_busy"] > 0  # the chats kept streaming between the sentiments
+    for key in ("sentiment_p95_busy_over_idle", "four_over_one_tokens_per_s", "first_token_slowest_of_four_over_one",
+                "one_over_direct_tokens_per_s", "one_over_direct_first_token", "idle_over_direct_sentiment_p50"):
         assert m[key] > 0
 
 
@@ -145,7 +147,7 @@ def test_only_mixed_runs_the_default_engine_and_the_mixed_section(tiny_model_dir
     assert list(r["variants"]) == ["default"] and "accuracy" not in r and "startup" not in r
     check_mixed(r["mixed"], runner.MINI)
     mixed = [t for t in targets.targets(r) if t["target"].startswith("mixed:")]
-    assert len(mixed) == 5 and all(t["met"] in (True, False) for t in mixed)
+    assert len(mixed) == 6 and all(t["met"] in (True, False) for t in mixed)
     for t in mixed:  # a missed one says why, in this run's numbers
         assert t["met"] or any(ch.isdigit() for ch in t["why"])
     paths = report.write(r, tmp_path / "out")
@@ -303,3 +305,21 @@ def test_compare_shows_what_the_default_config_serves(repo_root):
     assert f"| weights at rest in the cache (default) | {ready['at_rest_bytes'] / 1e9:.2f} GB |" in text
     assert f"| peak RSS, ready (default) | {ready['peak_rss_bytes'] / 1e9:.2f} GB |" in text
     assert f"| sentiment read-out served | {quick['accuracy']['sentiment']['served']} |" in text
+
+
+def test_rows_limits_the_accuracy_sample(monkeypatch):
+    """`llmqtt bench --rows N`: the first N test rows per language, every other size as the mode has it."""
+    from llmqtt import bench
+    from llmqtt.bench import report, runner, targets
+
+    seen = {}
+
+    def run(config, sizes, only=None):
+        seen["sizes"] = sizes
+        return {}
+
+    monkeypatch.setattr(runner, "run", run)
+    monkeypatch.setattr(report, "write", lambda result, out: {"markdown": "m", "json": "j", "plot": "p"})
+    monkeypatch.setattr(targets, "targets", lambda result: [])
+    bench.main(None, quick=True, rows=20)
+    assert seen["sizes"] == replace(runner.QUICK, accuracy_rows=20)

@@ -225,6 +225,38 @@ def test_openai_streaming_ends_with_done(server):
     assert events[-2] == "data: [DONE]" and events[-1] == "" and all(e.startswith("data: ") for e in events[:-1])
 
 
+def test_concurrent_streams_from_ollama_and_openai_clients_share_the_steps(tmp_path):
+    """Two clients streaming at once: each stream is whole and in order, and their tokens came from shared
+    decode steps (the step loop), not one answer after the other."""
+    server = Server(tmp_path, token_delay_s=0.05)
+    try:
+        words = " ".join(f"w{i}" for i in range(20))
+        got = {}
+        ollama, openai = ollama_client(server), openai_client(server)  # imported and built before the race
+        both = threading.Barrier(2)
+
+        def ask_ollama():
+            both.wait()
+            parts = ollama.chat(model="chat", messages=[{"role": "user", "content": words}], stream=True)
+            got["ollama"] = "".join(p.message.content for p in parts)
+
+        def ask_openai():
+            both.wait()
+            chunks = openai.chat.completions.create(
+                model="chat", messages=[{"role": "user", "content": words}], stream=True)
+            got["openai"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        threads = [threading.Thread(target=fn) for fn in (ask_ollama, ask_openai)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert got == {"ollama": "echo " + words, "openai": "echo " + words}
+        assert server.engine.steps.count(2) >= 10  # most of both answers were decoded side by side
+    finally:
+        server.close()
+
+
 def test_openai_errors_have_openai_shape(server):
     import openai
 

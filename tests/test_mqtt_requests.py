@@ -139,7 +139,7 @@ def test_busy_and_expired(start_daemon, broker, tmp_path):
 
 
 def test_cancel_queued_and_running(start_daemon, broker, tmp_path):
-    daemon, engine = gated_daemon(start_daemon, tmp_path)
+    daemon, engine = gated_daemon(start_daemon, tmp_path, max_generations=1)  # one at a time: the second queues
     root = daemon.topics.root
     client = broker.client().subscribe(f"{root}/response/#")
     client.publish(f"{root}/request/chat", {"id": "run", "text": "a b c d", "stream": True})

@@ -405,37 +405,41 @@ def test_stats_and_observer(engine):
 
 
 def test_a_classification_during_a_long_generation_is_answered_before_it_ends(tmp_path):
-    engine = make_engine(tmp_path / "prompts", token_delay_s=0.02)
+    engine = make_engine(tmp_path / "prompts", token_delay_s=0.01)
     svc = make_service(engine)
-    svc.start()
     gen, gen_sink = job("chat", "g", " ".join(f"w{i}" for i in range(30)), stream=True)
-    svc.submit(gen)
-    wait_until(lambda: len(gen_sink.chunks) >= 3)  # streaming
     cls, cls_sink = job("sentiment", "c", "great")
-    svc.submit(cls)
-    assert cls_sink.wait().ok
-    assert not gen_sink.done.is_set() and len(gen_sink.chunks) < 20  # answered between two of its tokens
-    assert gen_sink.wait().ok
+    chunks_at_answer = []
+    cls_sink.finish = lambda o: (chunks_at_answer.append(len(gen_sink.chunks)), Sink.finish(cls_sink, o))
+
+    def chunk(seq, delta):
+        Sink.chunk(gen_sink, seq, delta)
+        if seq == 2:  # the chat is streaming: a classification arrives
+            svc.submit(cls)
+
+    gen_sink.chunk = chunk
+    svc.submit(gen)
+    svc.start()
+    assert cls_sink.wait().ok and gen_sink.wait().ok
     svc.stop(5)
+    assert chunks_at_answer == [3]  # answered right after the step in flight, not after the chat's 31 chunks
+    assert len(gen_sink.chunks) == 31
 
 
 def test_concurrent_generations_share_each_step_up_to_the_bound(tmp_path):
     engine = make_engine(tmp_path / "prompts", token_delay_s=0.01)
-    engine.gate = threading.Event()  # hold the first step until all three are queued
     svc = make_service(engine, max_generations=2)
-    svc.start()
     sinks = []
     for i, n in enumerate((6, 6, 3)):
         j, sink = job("chat", i, " ".join(f"{i}w{k}" for k in range(n)), stream=True)
         svc.submit(j)
         sinks.append(sink)
-    wait_until(lambda: engine.steps)
-    engine.gate.set()
+    svc.start()
     outcomes = [s.wait() for s in sinks]
     svc.stop(5)
     assert all(o.ok for o in outcomes)
-    assert max(engine.steps) == 2  # two side by side, never three
-    assert engine.steps.count(2) >= 5  # the first two stepped together all the way
+    assert engine.starts == [2, 1]  # two prompts together, the third once a place was free
+    assert max(engine.steps) == 2 and engine.steps.count(2) == 6  # the first two stepped together all the way
     for i, (sink, outcome) in enumerate(zip(sinks, outcomes)):  # each stream complete and in order
         assert [seq for seq, _ in sink.chunks] == list(range(len(sink.chunks)))
         assert "".join(d for _, d in sink.chunks) == outcome.result["text"]
@@ -485,3 +489,48 @@ def test_classification_does_not_stop_the_streams(tmp_path):
     assert gen_sink.wait().ok
     svc.stop(5)
     assert len(engine.batches) < 20  # it finished while classifications still waited
+
+
+def test_generations_waiting_together_start_in_one_prefill(tmp_path):
+    engine = make_engine(tmp_path / "prompts")
+    svc = make_service(engine, max_generations=3)
+    sinks = []
+    for i in range(4):
+        j, sink = job("chat", i, f"hello {i}")
+        svc.submit(j)
+        sinks.append(sink)
+    bad, bad_sink = job("chat", "bad", "<|im_start|>system")
+    svc.submit(bad)
+    svc.start()
+    assert all(s.wait().ok for s in sinks)
+    assert bad_sink.wait().error.code == "invalid_text"
+    svc.stop(5)
+    assert engine.starts[0] == 3  # three places: three prompts in the first prefill, the fourth later
+    assert sum(engine.starts) == 4  # the refused one never started
+
+
+def test_a_bug_while_starting_answers_internal_and_frees_the_place(engine, service):
+    engine.start = lambda generations: 1 / 0
+    service.start()
+    j, sink = job("chat", 1, "hello")
+    service.submit(j)
+    assert sink.wait().error.code == "internal"
+    assert service._active == []
+    del engine.start  # the class's own again
+    j, sink = job("chat", 2, "hello again")
+    service.submit(j)
+    assert sink.wait().ok
+
+
+def test_two_turns_of_one_session_never_run_side_by_side(engine):
+    svc = make_service(engine)
+    first, first_sink = job("chat", 1, "my name is Ada", session="s")
+    other, other_sink = job("chat", 2, "unrelated", session="t")
+    second, second_sink = job("chat", 3, "what is my name", session="s")
+    for j in (first, other, second):
+        svc.submit(j)
+    svc.start()
+    assert all(s.wait().ok for s in (first_sink, other_sink, second_sink))
+    svc.stop(5)
+    assert engine.starts[0] == 2  # the first turn and the other session's chat; the second turn waited
+    assert [t.content for t in engine.histories[-1]] == ["my name is Ada", "echo my name is Ada"]

@@ -42,9 +42,11 @@ def together(engine: Engine, texts: list[str], join_at: dict[int, int] | None = 
     pending = {i: engine.generate("chat", t, **kw) for i, t in enumerate(texts)}
     active, texts_out, steps = {}, {i: "" for i in pending}, 0
     while pending or any(not g.done for g in active.values()):
-        for i in [i for i in pending if join_at.get(i, 0) <= steps]:
+        joining = [i for i in pending if join_at.get(i, 0) <= steps]
+        for i in joining:
             active[i] = pending.pop(i)
-            texts_out[i] += active[i].start()  # admitted between steps, as the service does
+        for i, piece in zip(joining, engine.start([active[i] for i in joining]) if joining else []):
+            texts_out[i] += piece  # admitted between steps, their prompts in one forward, as the service does
         going = [i for i, g in active.items() if not g.done]
         for i, piece in zip(going, engine.step([active[i] for i in going])):
             texts_out[i] += piece
@@ -57,7 +59,25 @@ def together(engine: Engine, texts: list[str], join_at: dict[int, int] | None = 
 def test_batched_steps_equal_one_by_one_token_for_token(engine):
     expected = [alone(engine, t) for t in PROMPTS]
     assert all(len(tokens) >= 4 for tokens, _, _ in expected)  # long enough to mean something
-    assert together(engine, PROMPTS) == expected
+    assert together(engine, PROMPTS) == expected  # prompts in one prefill, then every step batched
+
+
+def test_batched_prefill_logits_match_one_prompt_alone(engine):
+    from llmqtt.engine.batch import forward_rows
+
+    generations = [engine.generate("chat", t) for t in PROMPTS[:3]]
+    rests = [g._open() for g in generations]
+    assert len({len(r) for r in rests}) == 3  # right padding is exercised
+    rows = forward_rows(engine.loaded.model, rests, [g.cache for g in generations], [g.position for g in generations])
+    for g, rest, row in zip(generations, rests, rows):
+        keys = g.cache.layers[1].keys[:, :, :g.position + len(rest)].clone()
+        g.close()
+        alone_one = engine.generate("chat", PROMPTS[generations.index(g)])
+        alone_rest = alone_one._open()
+        single = alone_one.decoder.prefill(torch.tensor([alone_rest]), alone_one.cache, alone_one.position)
+        assert torch.allclose(row, single, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(keys, alone_one.cache.layers[1].keys[:, :, :keys.shape[2]], atol=1e-5)
+        alone_one.close()
 
 
 def test_a_generation_joining_midway_and_others_leaving_early_change_nothing(engine):
@@ -82,8 +102,7 @@ def test_client_history_and_system_rows_batch_with_task_rows(engine):
     kw = [{}, {"history": history}, {"options": ChatOptions(system="You are terse.")}]
     expected = [alone(engine, "The food was good.", **k) for k in kw]
     generations = [engine.generate("chat", "The food was good.", **k) for k in kw]
-    for g in generations:
-        g.start()
+    engine.start(generations)  # three prompts of different lengths and starts (cached or not) in one prefill
     while not all(g.done for g in generations):
         engine.step(generations)
     assert [(g.tokens, g.result.text, g.result.finish_reason) for g in generations] == expected
@@ -122,10 +141,10 @@ def test_batched_logits_match_single_row_logits(engine):
     """Below the tokens: each row's logits in a batched step are the single-row step's, to float tolerance."""
     a, b = engine.generate("chat", PROMPTS[0]), engine.generate("chat", PROMPTS[3])
     a.start(), b.start()
-    from llmqtt.engine.batch import step_rows
+    from llmqtt.engine.batch import forward_rows
 
     before = [(g.cache.layers[0].keys.clone(), g.position) for g in (a, b)]
-    rows = step_rows(engine.loaded.model, [a.token, b.token], [a.cache, b.cache], [a.position, b.position])
+    rows = forward_rows(engine.loaded.model, [[a.token], [b.token]], [a.cache, b.cache], [a.position, b.position])
     for g, (keys, position), row in zip((a, b), before, rows):
         g.cache.layers[0].keys.copy_(keys)  # undo, then the same token alone
         for layer in g.cache.layers:

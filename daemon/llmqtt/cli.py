@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="one section alone on the default config's engine (with the single-request speed it "
                             "compares to): `mixed` = sentiment while chats stream, 4 chats at once; `served` = "
                             "accuracy on the served path and peak RSS, for --compare")
+    bench.add_argument("--rows", type=int, metavar="N",
+                       help="accuracy on the first N test rows per language (default: 500, --quick 100)")
     bench.add_argument("--compare", type=Path, nargs="+", metavar="RESULT_JSON",
                        help="instead of measuring: put these result.json files (one bench run per model, each "
                             "with its own --config) side by side; with --out, also writes OUT/compare.md")
@@ -93,7 +95,7 @@ def _bench(args) -> int:
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
         return compare_main(args.compare, args.out / "compare.md" if args.out else None)
-    return bench_main(_config(args), args.quick, args.out, args.only)
+    return bench_main(_config(args), args.quick, args.out, args.only, args.rows)
 
 
 def _config(args) -> Config:

@@ -83,7 +83,8 @@ class RuntimeConfig(_Section):
     # Below this much available memory, new generation work is refused with `low_memory`.
     low_memory_mb: int | Literal["auto"] = "auto"
     warmup: bool = True
-    # On SIGTERM, how long the running request may take to finish before it is left for redelivery.
+    # On SIGTERM, how long the running requests (every active generation) may take to finish before they are
+    # left for redelivery.
     stop_grace_s: float = Field(default=20.0, gt=0, le=600)
     sessions: SessionConfig = SessionConfig()
 

@@ -3,8 +3,8 @@
 `main(config_path)` is what `llmqtt run` calls. `Daemon(config, engine)` builds the same daemon around a
 warm engine you hand it (tests use a fake one), and `Daemon.run()` serves until SIGTERM/SIGINT.
 
-Shutdown keeps the delivery promise: stop taking requests, let the running one finish (or leave it
-unacknowledged, so the broker redelivers it to the next start), publish `stopping` then `offline`, and
+Shutdown keeps the delivery promise: stop taking requests, let the running ones finish (or leave them
+unacknowledged, so the broker redelivers them to the next start), publish `stopping` then `offline`, and
 disconnect cleanly, so the broker does not publish the Last Will.
 """
 
@@ -161,8 +161,8 @@ class Daemon:
             self.http.pause()
         self.availability.stopping()
         if not self.service.stop(self.stop_grace_s):
-            log.warning("the running request did not finish within %.0fs; it stays unacknowledged and "
-                        "is redelivered after a restart", self.stop_grace_s)
+            log.warning("the running requests did not finish within %.0fs; they stay unacknowledged and "
+                        "are redelivered after a restart", self.stop_grace_s)
         if self.http is not None:
             self.http.stop()  # HTTP requests still waiting are answered `stopping` (retry)
         if not self.transport.flush(5.0):

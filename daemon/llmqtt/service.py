@@ -72,7 +72,7 @@ class Service:
         self._inflight: dict[tuple, list[ReplySink]] = {}  # key -> sinks of duplicates waiting for it
         self._answered: OrderedDict[tuple, Outcome] = OrderedDict()
         self._stopping = False
-        self._silenced = False  # set when stop() gave up on the running job: its answer is dropped
+        self._silenced = False  # set when stop() gave up on the running work: its answers are dropped
         self._worker: threading.Thread | None = None
 
     # -- the door ---------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ class Service:
 
     def _run(self) -> None:
         """The step loop. Each turn runs one step, chosen by `_next_step`: a classification batch, the start
-        of a generation (its prompt's prefill), or one decode step for every active generation together."""
+        of waiting generations (their prompts' prefill), or one decode step for every active generation."""
         while True:
             step = self._next_step()
             if step is None:
@@ -192,7 +192,7 @@ class Service:
                 if kind == "classify":
                     self._classify(jobs)
                 elif kind == "admit":
-                    self._admit(jobs[0])
+                    self._admit(jobs)
                 else:
                     self._decode()
             except Exception:  # a bug here must not kill the only worker; answer what is left
@@ -212,16 +212,18 @@ class Service:
         1. Classification first: it is one short forward pass and its callers wait for the whole answer.
            Not twice in a row while generations are active or may start: a flood of classifications slows
            their streams (one batch between two tokens) but never stops them.
-        2. Start a waiting generation while fewer than `max_generations` run (memory for their KV caches).
+        2. Start the waiting generations while fewer than `max_generations` run (memory for their KV caches),
+           their prompts in one forward pass.
         3. One decode step for every active generation: one forward for all of them.
         """
         with self._cond:
-            while not self._stopping and not (self._classify_q or self._can_admit() or self._active):
+            while not self._stopping and not (self._classify_q or self._startable() or self._active):
                 if not self._cond.wait(self._idle_wait_s):
                     self._heartbeat()
             if self._stopping:  # queued work was dropped by stop(); active generations finish
                 return ("decode", []) if self._active else None
-            generations_wait = bool(self._active) or self._can_admit()
+            startable = self._startable()
+            generations_wait = bool(self._active or startable)
             if self._classify_q and not (generations_wait and self._last_step == "classify"):
                 task = self._classify_q[0].task
                 limit = self._memory.batch_limit(self._max_batch) if self._memory else self._max_batch
@@ -230,14 +232,28 @@ class Service:
                     self._classify_q.remove(job)
                 self._running = batch
                 return "classify", batch
-            if self._can_admit():
-                job = self._generate_q.popleft()
-                self._running = [job]
-                return "admit", [job]
+            if startable:  # their prompts run together
+                for job in startable:
+                    self._generate_q.remove(job)
+                self._running = startable
+                return "admit", startable
             return "decode", []
 
-    def _can_admit(self) -> bool:
-        return bool(self._generate_q) and len(self._active) < self._max_generations
+    def _startable(self) -> list[Job]:
+        """Waiting generations that may start now, oldest first: as many as there are free places, and never
+        two of one session at once (the second one's history must hold the first one's answer). Under the lock."""
+        room = self._max_generations - len(self._active)
+        busy = {(a.job.task, a.job.session) for a in self._active if a.job.session}
+        startable: list[Job] = []
+        for job in self._generate_q:
+            if len(startable) == room:
+                break
+            if job.session and (job.task, job.session) in busy:
+                continue
+            if job.session:
+                busy.add((job.task, job.session))
+            startable.append(job)
+        return startable
 
     def _classify(self, jobs: list[Job]) -> None:
         live = [job for job in jobs if not self._expire(job)]
@@ -258,28 +274,45 @@ class Service:
         for job, result in zip(live, results):
             self._complete(job, result.as_dict(), started)
 
-    def _admit(self, job: Job) -> None:
-        """Start a generation: its prompt through the model and its first token; it then decodes with the rest."""
-        if self._expire(job):
+    def _admit(self, jobs: list[Job]) -> None:
+        """Start generations: their prompts through the model together, and each one's first token; they then
+        decode with the rest."""
+        starting = []
+        for job in jobs:
+            if self._expire(job):
+                continue
+            active = _Active(job, self._clock())
+            if self._memory is not None and not self._memory.allow_generation():
+                self._complete(job, Failure("low_memory", "not enough free memory to generate now"), active.started)
+                continue
+            if job.history is not None:
+                history = list(job.history)
+            else:
+                history = self.sessions.history(job.task, job.session) if job.session else []
+            try:
+                active.stream = self.engine.generate(job.task, job.text, history, cancel=job.cancel,
+                                                     max_new_tokens=job.max_new_tokens, options=job.options)
+            except EngineError as exc:  # refused before it ran (too long, control tokens): this one alone
+                self._complete(job, Failure(exc.code, str(exc)), active.started)
+                continue
+            except Exception:  # a bug preparing this one must not fail the others
+                log.exception("preparing %s/%s failed", job.task, job.id)
+                self._complete(job, Failure("internal", "internal error"), active.started)
+                continue
+            starting.append(active)
+        if not starting:
             return
-        started = self._clock()
-        if self._memory is not None and not self._memory.allow_generation():
-            self._complete(job, Failure("low_memory", "not enough free memory to generate now"), started)
-            return
-        if job.history is not None:
-            history = list(job.history)
-        else:
-            history = self.sessions.history(job.task, job.session) if job.session else []
-        active = _Active(job, started)
+        with self._cond:
+            self._active += starting
         try:
-            active.stream = self.engine.generate(job.task, job.text, history, cancel=job.cancel,
-                                                 max_new_tokens=job.max_new_tokens, options=job.options)
-            with self._cond:
-                self._active.append(active)
-            self._deliver(active, active.stream.start())
+            pieces = self.engine.start([a.stream for a in starting])
         except EngineError as exc:
-            self._drop(active)
-            self._complete(job, Failure(exc.code, str(exc)), started)
+            for active in starting:
+                self._drop(active)
+                self._complete(active.job, Failure(exc.code, str(exc)), active.started)
+            return
+        for active, piece in zip(starting, pieces):
+            self._deliver(active, piece)
 
     def _decode(self) -> None:
         """One decode step for every active generation; each gets its new text, the finished are answered."""
@@ -302,6 +335,7 @@ class Service:
             return
         self._drop(active)
         result = stream.result
+        # The drain rate behind `busy`: a generation's time, shared with up to max_generations side by side.
         self.stats.record_work("generate", 1, (self._clock() - active.started) / self._max_generations)
         if result.finish_reason == "cancelled":
             self._complete(job, Failure("cancelled", "cancelled while generating",
@@ -323,11 +357,12 @@ class Service:
             active.stream.close()
 
     def _fail_step(self, kind: str, jobs: list[Job]) -> None:
-        """After a bug in a step: answer `internal` to everything the step had in hand."""
+        """After a bug in a step: answer `internal` to what the step had in hand and was not answered yet: the
+        classification batch, or the generations it started or stepped."""
         hit = list(self._active) if kind == "decode" else [a for a in self._active if a.job in jobs]
         for active in hit:
             self._drop(active)
-        for job in [*jobs, *(a.job for a in hit if a.job not in jobs)]:
+        for job in [*(jobs if kind == "classify" else []), *(a.job for a in hit)]:
             self._complete(job, Failure("internal", "internal error"), started=None)
 
     def _send_chunk(self, job: Job, seq: int, delta: str) -> None:

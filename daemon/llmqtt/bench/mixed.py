@@ -2,6 +2,8 @@
 and several chats at once sharing each decode step.
 
 Per run (the section repeats it and reports each figure's median over the runs):
+- the baselines: the same sentiments and one chat straight to the engine, no service (single-request
+  latency must not suffer from the step loop);
 - sentiment idle: `sentiments` messages one after another, nothing else running (latency from submit);
 - sentiment while 2 chats stream: the same messages, each sent once the one before is answered, while two
   long chats stream (they are cancelled once the last sentiment is answered);
@@ -54,24 +56,59 @@ class _Sink:
         return self.outcome  # type: ignore[return-value]
 
 
+class _Steps:
+    """The engine, with its decode steps counted."""
+
+    def __init__(self, engine):
+        self._engine, self.count = engine, 0
+
+    def step(self, generations):
+        self.count += 1
+        return self._engine.step(generations)
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+
 def mixed_load(engine, sentiment: str, chat: str, texts: Sequence[str], reps: int, chat_tokens: int,
                tick: Tick) -> dict:
-    service = Service(engine, sessions=SessionStore(4, 600.0), queue_size=64, max_batch=engine.max_batch,
+    steps = _Steps(engine)
+    service = Service(steps, sessions=SessionStore(4, 600.0), queue_size=64, max_batch=engine.max_batch,
                       max_generations=CHATS)
     service.start()
     runs = []
     try:
         for rep in range(reps):
-            ask = _Asker(service, sentiment, chat, rep)
+            ask = _Asker(service, sentiment, chat, rep, steps)
+            direct = _direct(engine, sentiment, chat, texts, chat_tokens, rep)  # the baselines, just before
             idle = ask.sentiments(texts)
             busy, streamed = ask.sentiments_while_chatting(texts)
-            runs.append({"sentiment_idle": latency_stats(idle), "sentiment_busy": latency_stats(busy),
-                         "chat_tokens_while_busy": streamed, "one": ask.chats(1, chat_tokens),
+            runs.append({**direct, "sentiment_idle": latency_stats(idle), "sentiment_busy": latency_stats(busy),
+                         "chat_steps_while_busy": streamed, "one": ask.chats(1, chat_tokens),
                          "four": ask.chats(CHATS, chat_tokens)})
             tick(1)
     finally:
         service.stop(60.0)
     return summarise(runs)
+
+
+def _direct(engine, sentiment: str, chat: str, texts: Sequence[str], chat_tokens: int, rep: int) -> dict:
+    """The same requests straight to the engine, no service (the worker is idle meanwhile): what the step
+    loop must not slow down."""
+    seconds = []
+    for text in texts:
+        started = time.perf_counter()
+        engine.classify(sentiment, [text])
+        seconds.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    stream = engine.generate(chat, f"Question {rep}.99. {DECODE_PROMPT}", max_new_tokens=chat_tokens,
+                             options=ChatOptions(temperature=0.0))
+    first = None
+    for _ in stream:
+        first = first or time.perf_counter()
+    return {"direct_sentiment": latency_stats(seconds), "direct_chat": {
+        "first_token_ms": 1000 * ((first or time.perf_counter()) - started), "tokens": stream.result.new_tokens,
+        "tokens_per_s": stream.result.tokens_per_s}}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -83,24 +120,31 @@ def summarise(runs: list[dict]) -> dict:
     per_run = [{"sentiment_p95_busy_over_idle": ratio(r["sentiment_busy"]["p95_ms"], r["sentiment_idle"]["p95_ms"]),
                 "four_over_one_tokens_per_s": ratio(r["four"]["tokens_per_s"], r["one"]["tokens_per_s"]),
                 "first_token_slowest_of_four_over_one": ratio(max(r["four"]["first_token_ms"]),
-                                                              r["one"]["first_token_ms"][0])} for r in runs]
+                                                              r["one"]["first_token_ms"][0]),
+                "one_over_direct_tokens_per_s": ratio(r["one"]["tokens_per_s"], r["direct_chat"]["tokens_per_s"]),
+                "one_over_direct_first_token": ratio(r["one"]["first_token_ms"][0], r["direct_chat"]["first_token_ms"]),
+                "idle_over_direct_sentiment_p50": ratio(r["sentiment_idle"]["p50_ms"], r["direct_sentiment"]["p50_ms"])}
+               for r in runs]
     out = {key: med(p[key] for p in per_run) for key in per_run[0]}
     for key in ("p50_ms", "p95_ms"):
         out[f"sentiment_idle_{key}"] = med(r["sentiment_idle"][key] for r in runs)
         out[f"sentiment_busy_{key}"] = med(r["sentiment_busy"][key] for r in runs)
-    out |= {"one_tokens_per_s": med(r["one"]["tokens_per_s"] for r in runs),
+    out |= {"direct_sentiment_p50_ms": med(r["direct_sentiment"]["p50_ms"] for r in runs),
+            "direct_tokens_per_s": med(r["direct_chat"]["tokens_per_s"] for r in runs),
+            "direct_first_token_ms": med(r["direct_chat"]["first_token_ms"] for r in runs),
+            "one_tokens_per_s": med(r["one"]["tokens_per_s"] for r in runs),
             "four_tokens_per_s": med(r["four"]["tokens_per_s"] for r in runs),
             "one_first_token_ms": med(r["one"]["first_token_ms"][0] for r in runs),
             "four_first_token_ms": [med(r["four"]["first_token_ms"][i] for r in runs) for i in range(CHATS)],
             "one_step_ms": med(r["one"]["step_ms"] for r in runs), "four_step_ms": med(r["four"]["step_ms"] for r in runs),
-            "chat_tokens_while_busy": med(r["chat_tokens_while_busy"] for r in runs),
+            "chat_steps_while_busy": med(r["chat_steps_while_busy"] for r in runs),
             "sentiments": runs[0]["sentiment_idle"]["n"], "runs": runs, "per_run": per_run}
     return out
 
 
 class _Asker:
-    def __init__(self, service: Service, sentiment: str, chat: str, rep: int):
-        self.service, self.sentiment, self.chat, self.rep = service, sentiment, chat, rep
+    def __init__(self, service: Service, sentiment: str, chat: str, rep: int, steps: _Steps):
+        self.service, self.sentiment, self.chat, self.rep, self.steps = service, sentiment, chat, rep, steps
         self._ids = iter(range(1_000_000))
 
     def _submit(self, task: str, text: str, **kw) -> _Sink:
@@ -125,15 +169,15 @@ class _Asker:
                             options=ChatOptions(temperature=0.0))
 
     def sentiments_while_chatting(self, texts: Sequence[str]) -> tuple[list[float], int]:
-        """Sentiment latencies while STREAMING chats stream; and how many chunks they sent meanwhile."""
+        """Sentiment latencies while STREAMING chats stream; and how many decode steps they made meanwhile."""
         chats = [self._chat(100 + i, LONG) for i in range(STREAMING)]
         while not all(len(c.chunk_times) >= 2 for c in chats):  # both past their prefill, streaming
             if any(c.done.is_set() for c in chats):
                 raise RuntimeError("a chat ended before the sentiments ran")
             time.sleep(0.01)
-        before = sum(len(c.chunk_times) for c in chats)
+        before = self.steps.count
         seconds = self.sentiments(texts)
-        streamed = sum(len(c.chunk_times) for c in chats) - before
+        streamed = self.steps.count - before
         for c in chats:
             self.service.cancel(self.chat, c.id)
         for c in chats:

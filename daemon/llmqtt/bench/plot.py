@@ -22,10 +22,10 @@ def plot(r: dict, path: Path) -> None:
         if not s:
             continue
         for key, label in PATHS:
-            if s[key].get("samples_ms"):
+            if s.get(key, {}).get("samples_ms"):  # `--only`: (b) alone
                 boxes.append(s[key]["samples_ms"])
                 names.append(f"{label[:3]}\n{variant}")  # "(a)\nfp32"
-        rates[variant] = [s[key]["per_s"] or 0 for key, _ in PATHS]
+        rates[variant] = [s.get(key, {}).get("per_s") or 0 for key, _ in PATHS]
     if boxes:
         left.boxplot(boxes, showfliers=True)
         left.set_xticks(range(1, len(names) + 1), names, fontsize=7)

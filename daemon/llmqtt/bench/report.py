@@ -26,15 +26,21 @@ def write(result: dict, out_dir: Path) -> dict[str, Path]:
 
 def markdown(r: dict) -> str:
     m = r["meta"]
-    parts = [f"# llmqtt bench ({m['mode']})\n",
-             f"Model **{m['model']}**: fp32 (reference, `model.quantize: none`) and default (an unchanged config: "
-             f"`model.quantize: auto`, {_default_dtype(r)}){' and bf16' if 'bf16' in r.get('variants', {}) else ''}. "
+    weights = (f"fp32 (reference, `model.quantize: none`) and default (an unchanged config: `model.quantize: auto`, "
+               f"{_default_dtype(r)}){' and bf16' if 'bf16' in r.get('variants', {}) else ''}")
+    if m.get("only"):
+        weights = (f"`--only {m['only']}`: that section alone, on the default config's engine (`model.quantize: auto`, "
+                   f"{_default_dtype(r)}); the other targets were not measured in this run")
+    parts = [f"# llmqtt bench ({m['mode']}{', only ' + m['only'] if m.get('only') else ''})\n",
+             f"Model **{m['model']}**: {weights}. "
              f"Speed figures are medians of at least 3 runs. Machine: {m['cpu']}, {m['cores']} cores "
              f"(torch threads {m['torch_threads']}), {_gb(m['ram_bytes'])} RAM; Python {m['python']}, torch "
              f"{m['torch']}, transformers {m['transformers']}; {m['date']}; run took {m.get('elapsed_s', 0) / 60:.1f} min.\n",
              "All ratios are from this one run on this machine; absolute numbers move with machine load.\n",
-             _targets_md(r), _accuracy_md(r), _sentiment_md(r), _chat_md(r), _mixed_md(r), _conversation_md(r), _startup_md(r),
-             _llama_md(r),
+             _targets_md(r), *([_accuracy_md(r) if "accuracy_default" in r else "", _sentiment_md(r), _chat_md(r), _mixed_md(r)]
+                               if m.get("only") else
+                               [_accuracy_md(r), _sentiment_md(r), _chat_md(r), _mixed_md(r), _conversation_md(r),
+                                _startup_md(r), _llama_md(r)]),
              f"![latency and throughput]({PLOT})\n"]
     return "\n".join(p for p in parts if p)
 
@@ -46,6 +52,8 @@ def _default_dtype(r: dict) -> str:
 def _targets_md(r: dict) -> str:
     lines = ["## Targets\n", "| target | goal | this run | met | why, where missed |", "|---|---|---|---|---|"]
     for t in r["targets"]:
+        if r["meta"].get("only") and t["value"] is None:
+            continue  # a section this run left out
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else f"**no** ({shortfall(t)})")
         value = fmt_target(t)
         lines.append(f"| {t['target']} | {t['goal']} | {value} | {met} | {t['why']} |")
@@ -112,10 +120,14 @@ def _sentiment_md(r: dict) -> str:
         if not s:
             continue
         for key, label in PATHS:
+            if key not in s:  # `--only`: (b) alone
+                continue
             p = s[key]
             acc = f"{100 * p['accuracy']:.1f} %" if "accuracy" in p else "-"
             lines.append(f"| {name} | {label} | {p['n']} | {_n(p['p50_ms'], 0)} | {_n(p['p95_ms'], 0)} | "
                          f"{_n(p['per_s'], 2)} | {acc} |")
+        if "burst" not in s:
+            continue
         ratios.append(f"- {name}: b/a = **{_n(s['b_over_a'], 1)}x** throughput (p50 latency a/b {_n(s['p50_a_over_b'], 1)}x), "
                       f"c/a = **{_n(s['c_over_a'], 1)}x** (burst batch {s['burst']['batch']}, errors {s['burst']['errors']})")
     return "\n".join(lines + [""] + ratios) + "\n"
@@ -154,11 +166,13 @@ def _mixed_md(r: dict) -> str:
         f"Through `service.Service` as the daemon runs it; medians of {len(m['runs'])} runs. Sentiment: "
         f"{m['sentiments']} messages one after another, idle and while 2 long chats stream. Chats: greedy, each its "
         "own question; tokens/s = tokens after the first / seconds from the first chunk to the last answer.\n",
-        "| | idle | while 2 chats stream |", "|---|---|---|",
-        f"| sentiment p50 ms | {_n(m['sentiment_idle_p50_ms'], 0)} | {_n(m['sentiment_busy_p50_ms'], 0)} |",
-        f"| sentiment p95 ms | {_n(m['sentiment_idle_p95_ms'], 0)} | {_n(m['sentiment_busy_p95_ms'], 0)} |",
-        f"\nThe 2 chats sent {_n(m['chat_tokens_while_busy'], 0)} chunks while the sentiments ran.\n",
+        "| | straight from the engine | service, idle | service, while 2 chats stream |", "|---|---|---|---|",
+        f"| sentiment p50 ms | {_n(m['direct_sentiment_p50_ms'], 0)} | {_n(m['sentiment_idle_p50_ms'], 0)} | "
+        f"{_n(m['sentiment_busy_p50_ms'], 0)} |",
+        f"| sentiment p95 ms | | {_n(m['sentiment_idle_p95_ms'], 0)} | {_n(m['sentiment_busy_p95_ms'], 0)} |",
+        f"\nThe 2 chats made {_n(m['chat_steps_while_busy'], 0)} decode steps (a token each) while the sentiments ran.\n",
         "| chats at once | tokens/s (all) | ms a step | first token ms |", "|---|---|---|---|",
+        f"| 1, straight from the engine | {_n(m['direct_tokens_per_s'], 2)} | | {_n(m['direct_first_token_ms'], 0)} |",
         f"| 1 | {_n(m['one_tokens_per_s'], 2)} | {_n(m['one_step_ms'], 0)} | {_n(m['one_first_token_ms'], 0)} |",
         f"| 4 | {_n(m['four_tokens_per_s'], 2)} | {_n(m['four_step_ms'], 0)} | "
         f"{', '.join(_n(v, 0) for v in m['four_first_token_ms'])} |",

@@ -70,8 +70,8 @@ CHAT_TASK = "chat"
 
 def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progress: bool = True,
         only: str | None = None) -> dict:
-    """Every section; or with `only="mixed"`, the default config's engine with its single-request speed
-    (sentiment, chat: the mixed section's baselines) and the mixed-load section, nothing else."""
+    """Every section; or with `only` (SECTIONS), the default config's engine alone with its single-request
+    speed and that section: `mixed` (the mixed-load section) or `served` (served accuracy, peak RSS)."""
     from tqdm import tqdm
 
     from ..engine.modelstore import resolve_model
@@ -86,7 +86,8 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
     if only is not None:
         sizes = replace(sizes, variants=("default",), startup=False)
     started = time.perf_counter()
-    with tqdm(total=_work_units(sizes, rows), unit="step", disable=not show_progress, smoothing=0) as bar:
+    total = _work_units(sizes, rows) if only is None else sizes.other_compare_rows * len(rows.get(SPEED_TASK, {})) + 2 + sizes.chat_reps
+    with tqdm(total=total, unit="step", disable=not show_progress, smoothing=0) as bar:
         tick = bar.update
         result = {"meta": machine() | {"model": resolved.display_name, "mode": sizes.name, "sizes": asdict(sizes),
                                        "data": data_note(data_dir)}}
@@ -97,6 +98,8 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
             bar.set_description(f"loading {name}")
             engine = _engine(resolved, config, tasks, dtype, quantize)
             result["meta"]["torch_threads"] = torch_threads()  # as planned for this machine by build_engine
+            bar.set_description(f"fast decode {name}")
+            _settle(engine)
             if only == "served":
                 bar.set_description(f"accuracy {name}")
                 result[f"accuracy_{name}"] = served_accuracy(engine, tasks, rows, tick)
@@ -109,7 +112,7 @@ def run(config: Config, sizes: Sizes, data_dir: Path | None = None, show_progres
                 bar.set_description(f"accuracy {name}")
                 result[f"accuracy_{name}"] = served_accuracy(engine, tasks, rows, tick)
             compare = sizes.compare_rows if name == "fp32" else sizes.other_compare_rows
-            result["variants"][name] = variant_section(engine, tasks, rows, sizes, compare, bar)
+            result["variants"][name] = variant_section(engine, tasks, rows, sizes, compare, bar, only is not None)
             if name == "default":
                 llama_work = llama_inputs(engine, rows, sizes) if only is None else None
                 if only != "served":
@@ -150,6 +153,15 @@ def _engine(resolved, config: Config, tasks: dict, dtype: str, quantize: str):
     engine = build_engine(config.model_copy(update={"model": model}), wanted, resolved=resolved).engine
     engine.start_fast_decode()  # measured with the kernels a running daemon serves with: see variant_section
     return engine
+
+
+def _settle(engine) -> None:
+    """Let the background decode compile finish before anything runs: while it traces, torch.fx patches
+    nn.Module.__call__ process-wide, and a classification on this thread then died mid-forward with
+    "NameError: module is not installed as a submodule" (a quick bench, 2026-11-29 09:35)."""
+    kernels = engine.loaded.kernels or (engine.decoder if engine.loaded.compile_decode else None)
+    if kernels:
+        kernels.wait(timeout=1800)
 
 
 def accuracy_section(engine, tasks: dict, rows: dict, fit_rows: dict, sizes: Sizes, tick) -> dict:
@@ -205,8 +217,9 @@ def _tfidf(fit: data.FitRows | None, lang: str, test: list, labels: list[str], l
     return {**tfidf_scored(train, test, labels).summary(), "train_rows": len(train)}
 
 
-def variant_section(engine, tasks: dict, rows: dict, sizes: Sizes, compare_rows: int, bar) -> dict:
-    """Sentiment speed (a, b, c) and chat speed for one loaded engine."""
+def variant_section(engine, tasks: dict, rows: dict, sizes: Sizes, compare_rows: int, bar,
+                    single_only: bool = False) -> dict:
+    """Sentiment speed (a, b, c; `single_only`: b alone) and chat speed for one loaded engine."""
     out: dict = {"dtype": engine.dtype, "weight_bytes": engine.loaded.weight_bytes,
                  "kv_cache_bytes": engine.decoder.cache_bytes()}
     kernels = engine.loaded.kernels or (engine.decoder if engine.loaded.compile_decode else None)
@@ -219,12 +232,13 @@ def variant_section(engine, tasks: dict, rows: dict, sizes: Sizes, compare_rows:
         by_lang = rows[SPEED_TASK].values()
         sample = [r for lang_rows in by_lang for r in lang_rows[:compare_rows]]
         burst_texts = _interleave([[r.text for r in lang_rows] for lang_rows in by_lang], sizes.burst)
-        out["sentiment"] = speed.sentiment_speed(engine, SPEED_TASK, sample, burst_texts, bar.update)
+        out["sentiment"] = (speed.classify_one_speed(engine, SPEED_TASK, sample, bar.update) if single_only else
+                            speed.sentiment_speed(engine, SPEED_TASK, sample, burst_texts, bar.update))
     if isinstance(tasks.get(CHAT_TASK), GenerateTask):
         bar.set_description(f"chat speed {engine.dtype}")
         out["chat"] = chat.chat_speed(engine, engine.tasks[CHAT_TASK], sizes.chat_reps, sizes.decode_tokens,
                                       bar.update)
-        if engine.dtype == "float32":  # the reuse saves prefill the same way for every variant: measured once
+        if engine.dtype == "float32" and not single_only:  # the reuse saves prefill alike for every variant: once
             bar.set_description("conversation turn 2")
             out["conversation"] = conversation.turn_two(engine, CHAT_TASK, max(3, sizes.chat_reps), bar.update,
                                                         answer_tokens=min(32, 4 * sizes.decode_tokens))

@@ -38,6 +38,13 @@ def sentiment_speed(engine, task: str, rows: Sequence[Row], burst_texts: Sequenc
             "p50_a_over_b": ratio(a["p50_ms"], b["p50_ms"])}
 
 
+def classify_one_speed(engine, task: str, rows: Sequence[Row], tick: Tick) -> dict:
+    """Only (b): llmqtt's path one message at a time (`llmqtt bench --only`: the baseline it compares to)."""
+    labels = list(engine.tasks[task].labels)
+    b_s, b_out = timed(lambda r: _label_or_none(engine, task, r.text), rows, tick)
+    return {"classify_one": {**latency_stats(b_s), **_accuracy(labels, rows, b_out), "samples_ms": _ms(b_s)}}
+
+
 def head_vs_prompt_latency(engine, task: str, rows: Sequence[Row], reps: int = 3) -> dict:
     """Per-message latency with the task's learned head vs its prompt's label logits, one message at a time.
 

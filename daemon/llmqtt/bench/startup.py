@@ -68,6 +68,7 @@ def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quanti
         phases["prefix_s"] = marks["warming"] - marks["preparing"]
         phases["tasks"], phases["prefixes_from_disk"] = len(tasks), engine.prefixes_from_disk()
         phases["warmup_s"] = ready - marks["warming"]
+        phases["peak_rss_ready_bytes"] = peak_rss_bytes()  # before the compile below: what serving needed
         engine.start_fast_decode()  # as the daemon does, once ready
         weight_bytes = engine.loaded.weight_bytes
         phases["quantize"], phases["from_store"] = engine.loaded.quantize, engine.loaded.from_store

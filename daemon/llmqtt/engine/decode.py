@@ -3,9 +3,10 @@
 An eager transformers step runs ~300 small Python-dispatched ops per token for a 24-layer model; compiled
 once into one graph over a cache whose shapes never change, Python runs once per token. The cache holds
 `max_context` positions per layer, allocated once (a 0.5B Qwen2 at 2048 positions: 24 layers x 2 x
-2 kv heads x 64 x 2048 x 4 bytes = 50 MB). There is one such cache, reused by every generation (the
-service runs one at a time): the compiled graph is specialised to it, and a new cache object would compile
-again. A generation that starts while the shared cache is in use gets a cache of its own, decoded eagerly.
+2 kv heads x 64 x 2048 x 4 bytes = 50 MB). One such cache is shared: the compiled graph is specialised
+to it, and a new cache object would compile again. A generation that starts while the shared cache is in
+use gets a cache of its own (kept for the next one afterwards), decoded eagerly: batch.py steps it together
+with the others.
 
     with decoder.cache(prefix) as cache:               # the static cache, prefix KV copied in: [1, kv, T, d]
         logits = decoder.prefill(ids, cache, position) # ids: [1, S] eager (compute-bound anyway) -> [V]
@@ -42,6 +43,16 @@ def decode_one_token(model: torch.nn.Module, token: torch.Tensor, position: torc
     return out.logits[0, -1].float()
 
 
+def one_compile_worker() -> None:
+    """Compile with one worker process instead of one per core. The compile runs after READY, beside
+    requests: inductor's default pool (a process per core, each importing torch) held 0.42 GB at most in
+    child processes compiling the tiny test model's step on 2 cores, against 0.28 GB with one (gcc's own
+    share included; 2026-11-29), and left the cores to the requests. On a 4-core Pi 5 the pool would be 4."""
+    import torch._inductor.config as inductor
+
+    inductor.compile_threads = 1
+
+
 class StaticDecoder:
     """The compiled step for one model, and whether requests may use it yet (`ready`)."""
 
@@ -53,6 +64,7 @@ class StaticDecoder:
         self.check_error: float | None = None  # largest logit difference compiled vs eager, when checked
         self._compiled = None
         self._shared = self._new_cache()
+        self._spare: list[StaticCache] = []  # private caches of generations that ran beside the shared one
         self._in_use = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -61,11 +73,14 @@ class StaticDecoder:
         """A static cache holding `prefix` ([1, kv_heads, P, head_dim] per layer) at positions 0..P-1 for
         one generation: the shared one (the compiled step's), or a private one if that is in use."""
         shared = self._in_use.acquire(blocking=False)
+        cache = self._shared if shared else (self._spare.pop() if self._spare else self._new_cache())
         try:
-            yield self._reset(self._shared if shared else self._new_cache(), prefix)
+            yield self._reset(cache, prefix)
         finally:
             if shared:
                 self._in_use.release()
+            else:  # kept for the next generation beside the shared one: allocating 48 MB again costs a prefill's time
+                self._spare.append(cache)
 
     def _new_cache(self) -> StaticCache:
         config = self.model.config
@@ -107,6 +122,7 @@ class StaticDecoder:
     def compile(self) -> None:
         started = time.perf_counter()
         try:
+            one_compile_worker()
             compiled = torch.compile(decode_one_token, fullgraph=True, dynamic=False)
             with self._in_use:
                 self._check(compiled)

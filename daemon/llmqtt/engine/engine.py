@@ -10,7 +10,7 @@ from ..tasks import ClassifyTask, GenerateTask
 from .classify import LabelScorer
 from .convcache import ConversationCache
 from .decode import StaticDecoder
-from .generate import ChatGenerator, Generation, step
+from .generate import ChatGenerator, Generation, start, step
 from .head import Head, mismatch
 from .headfile import compute_scheme, serves_under
 from .loader import LoadedModel
@@ -61,6 +61,10 @@ class Engine:
                  options: ChatOptions | None = None) -> Generation:
         """A generation, prepared but not run: `start()` it, then `step` it (or iterate it alone)."""
         return self._generator(task).stream(text, history, cancel, max_new_tokens, options=options)
+
+    def start(self, generations: Sequence[Generation]) -> list[str]:
+        """Prefill for generations that start together, one forward for all: each one's first text."""
+        return start(generations)
 
     def step(self, generations: Sequence[Generation]) -> list[str]:
         """One decode step for every started generation, one forward for all: each one's new text."""

@@ -9,7 +9,7 @@ samples, stops on an end token or stop string, checks its cancel flag and hands 
 chat template's own tokens never reach the text (skip_special_tokens).
 
     generation = generator.stream(text)      # prompt ids and the cached start, nothing run yet
-    piece = generation.start()               # prefill [1, S] -> the first token's text
+    pieces = start([generation, other])      # prefill [B, S] -> each one's first token's text
     pieces = step([generation, other, ...])  # one forward [B, 1] -> each one's next text
     # ... until generation.done; generation.result is then complete.  `for piece in generation` runs it alone.
 """
@@ -29,7 +29,7 @@ from .decode import StaticDecoder
 from .kvprefix import KVPrefix
 from .prefixstore import PrefixStore
 from .prompt import ControlTokenGuard, encode, render, split_at_user_text
-from .batch import step_rows
+from .batch import forward_rows
 from .stops import StopFilter
 from .types import ChatOptions, FinishReason, GenerationResult, TextTooLong, Turn
 
@@ -152,15 +152,23 @@ class Generation:
         return self._gen.decoder
 
     def start(self) -> str:
-        """Prefill: the prompt's uncached rest through the model, into this generation's static cache.
+        """Prefill alone: the prompt's uncached rest through the model, into this generation's static cache.
         Returns the first token's text ("" if it is the end, or half a character)."""
+        return start([self])[0]
+
+    def _open(self) -> list[int]:
+        """Take a static cache, the cached start of the prompt copied in; the prompt ids still to run."""
         self._started_at = time.perf_counter()
         reused = self._start.reused
         prefix = [(layer.keys, layer.values) for layer in self._start.cache.layers]  # [1, kv_heads, reused, head_dim]
         self.cache = self._cache_scope.enter_context(self.decoder.cache(prefix))
-        logits = self.decoder.prefill(torch.tensor([self._ids[reused:]]), self.cache, reused)  # [1, S] -> [V]
-        self.position = len(self._ids)
+        self.position = reused
         self.result.finish_reason = "length"
+        return self._ids[reused:]
+
+    def _prefilled(self, logits: torch.Tensor) -> str:
+        """The prompt is in the cache; `logits` ([V]) follow its last token: pick the first one."""
+        self.position = len(self._ids)
         return self.advance(logits)
 
     def end_if_cancelled(self) -> str:
@@ -235,6 +243,19 @@ class Generation:
         return piece
 
 
+def start(generations: Sequence[Generation]) -> list[str]:
+    """Prefill for generations that start together: one forward for all their prompts ([B, S], right-padded),
+    then each picks its first token. Returns each one's first text."""
+    rests = [g._open() for g in generations]
+    if len(generations) == 1:
+        g = generations[0]
+        logits = g.decoder.prefill(torch.tensor(rests), g.cache, g.position)[None]  # [1, S] -> [1, V]
+    else:
+        logits = forward_rows(generations[0].decoder.model, rests, [g.cache for g in generations],
+                              [g.position for g in generations])  # [B, V]
+    return [g._prefilled(row) for g, row in zip(generations, logits)]
+
+
 def step(generations: Sequence[Generation]) -> list[str]:
     """One decode step for started generations: one forward for all that are still going, then each picks its
     next token. Returns each one's new text ("" for one already done).
@@ -247,8 +268,8 @@ def step(generations: Sequence[Generation]) -> list[str]:
         g = going[0]
         logits = g.decoder.step(g.token, g.cache, g.position)[None]  # [1, V]
     elif going:
-        logits = step_rows(going[0].decoder.model, [g.token for g in going], [g.cache for g in going],
-                           [g.position for g in going])  # [B, V]
+        logits = forward_rows(going[0].decoder.model, [[g.token] for g in going], [g.cache for g in going],
+                              [g.position for g in going])  # [B, 1] -> [B, V]
     for g, row in zip(going, logits if going else []):
         pieces[g] = g.advance(row)
     return [pieces.get(g, "") for g in generations]

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -87,20 +88,15 @@ class Int8Linear(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self._packed = None
 
-    def pack(self, keep_rows: bool = False, packed_rows=lambda first, stop: None) -> None:
-        """Hand the weights to fbgemm (it keeps its own packed copy), PACK_ROWS rows at a time, telling
-        `packed_rows(first, stop)` as each piece is done; drop ours unless rows are still read (the output
-        head, whose rows the embedding and classification use)."""
-        self._packed = []
-        for first in range(0, self.out_features, PACK_ROWS):
-            stop = min(first + PACK_ROWS, self.out_features)
-            zeros = torch.zeros(stop - first, dtype=torch.long)
-            weight = torch._make_per_channel_quantized_tensor(self.qdata[first:stop], self.scale[first:stop].double(),
-                                                              zeros, 0)
-            bias = self.bias[first:stop].contiguous() if self.bias is not None else None
-            self._packed.append(torch.ops.quantized.linear_prepack(weight, bias))
-            packed_rows(first, stop)
-        _PACKED[id(self)] = self._packed
+    def pack(self, keep_rows: bool = False) -> None:
+        """Hand the weights to fbgemm (it keeps its own packed copy); drop ours unless rows are still read."""
+        self.adopt(pack_rows(self.qdata, self.scale, self.bias), keep_rows)
+
+    def adopt(self, pieces: list, keep_rows: bool = False) -> None:
+        """Serve from fbgemm's packed `pieces` (pack_rows); drop our int8 values unless rows are still read
+        (the output head, whose rows the embedding and classification use)."""
+        self._packed = pieces
+        _PACKED[id(self)] = pieces
         if not keep_rows:
             self.qdata = torch.empty(0, dtype=torch.int8)
 
@@ -120,6 +116,33 @@ class Int8Linear(torch.nn.Module):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Float rows of W for `ids`: [K] -> [K, in]."""
         return self.qdata[ids].float() * self.scale[ids, None]
+
+
+def pack_rows(qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+              packed_rows=lambda first, stop: None) -> list:
+    """fbgemm's packed copy of int8 W ([out, in], per-row `scale`), PACK_ROWS rows a piece, telling
+    `packed_rows(first, stop)` as each piece is done. Runs outside the GIL (fbgemm), so a thread can pack
+    while the main one imports transformers' model code."""
+    pieces = []
+    for first in range(0, qdata.shape[0], PACK_ROWS):
+        stop = min(first + PACK_ROWS, qdata.shape[0])
+        zeros = torch.zeros(stop - first, dtype=torch.long)
+        weight = torch._make_per_channel_quantized_tensor(qdata[first:stop], scale[first:stop].double(), zeros, 0)
+        pieces.append(torch.ops.quantized.linear_prepack(weight, None if bias is None else bias[first:stop].contiguous()))
+        packed_rows(first, stop)
+    return pieces
+
+
+def _pack_stored(source: MappedFile | _InMemory) -> dict[str, list]:
+    """Every stored int8 Linear (all but the embedding table) packed, its file pages released as it goes:
+    Linear name -> pieces."""
+    names = [k[:-len(".qdata")] for k in source.keys() if k.endswith(".qdata") and not k.endswith("table.qdata")]
+    packed = {}
+    for name in names:
+        bias = source.view(f"{name}.bias") if f"{name}.bias" in source.keys() else None
+        packed[name] = pack_rows(source.view(f"{name}.qdata"), source.view(f"{name}.scale"), bias,
+                                 lambda first, stop, key=f"{name}.qdata": source.release(key, first, stop))
+    return packed
 
 
 class RowEmbedding(torch.nn.Module):
@@ -231,10 +254,27 @@ def build(model_dir: Path, weights: MappedFile | dict[str, torch.Tensor], scheme
     From the mapped file (every start but a failed save) each Linear's int8 values are read once, packed
     by fbgemm and released; the tables read by rows (embedding, head) stay mapped, read as rows are looked
     up; norms, biases and scales are copied (a few MB)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     source = weights if isinstance(weights, MappedFile) else _InMemory(weights)
     _hand_freed_blocks_back()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # fbgemm packs (~3 s for the demo) while this thread imports transformers' model code (~2.5 s)
+        packing = pool.submit(_pack_stored, source) if scheme == "int8" else None
+        model, swapped = _skeleton(model_dir, source, scheme)
+        packed = packing.result() if packing else {}
+    head = model.get_output_embeddings()
+    for name, module in swapped:
+        if isinstance(module, Int8Linear):
+            module.adopt(packed.pop(name), keep_rows=module is head)
+    model._llmqtt_weights = source  # the mapping outlives every view of it
+    _hand_freed_blocks_back(trim=True)
+    return model.eval().requires_grad_(False)
+
+
+def _skeleton(model_dir: Path, source: MappedFile | _InMemory, scheme: str) -> tuple[torch.nn.Module, list]:
+    """The model on the meta device with quantized layers swapped in and the stored tensors assigned:
+    (model, [(name, quantized Linear)])."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention.register())
@@ -260,14 +300,7 @@ def build(model_dir: Path, weights: MappedFile | dict[str, torch.Tensor], scheme
     if missing or unexpected:
         raise ValueError(f"quantized state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     _rebuild_meta_buffers(model)
-    for name, module in swapped:
-        if isinstance(module, Int8Linear):
-            # as each piece is in fbgemm's copy, its rows' pages of the file can go
-            module.pack(keep_rows=module is head,
-                        packed_rows=lambda first, stop, key=f"{name}.qdata": source.release(key, first, stop))
-    model._llmqtt_weights = source  # the mapping outlives every view of it
-    _hand_freed_blocks_back(trim=True)
-    return model.eval().requires_grad_(False)
+    return model, swapped
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter

@@ -130,7 +130,11 @@ class InferenceEngine(Protocol):
                  cancel: threading.Event | None = None,
                  max_new_tokens: int | None = None,
                  options: ChatOptions | None = None) -> GenerationStream:
-        """Prepared, not run yet: `start()` it, then `step` it with the other active ones."""
+        """Prepared, not run yet: `start` it (with others arriving together), then `step` it with the
+        other active ones."""
+
+    def start(self, generations: Sequence[GenerationStream]) -> list[str]:
+        """Prefill for generations that start together, in one forward: each one's first text."""
 
     def step(self, generations: Sequence[GenerationStream]) -> list[str]:
         """One decode step for the started generations, together: each one's new text ("" if done)."""
