@@ -36,6 +36,11 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
 
     `heads`: task name -> learned head file (`llmqtt fit`); one that does not fit this model is ignored with
     a warning, and its task answers from its prompt."""
+    if config.fast_decode:
+        # Inductor keeps compiled kernels on disk (so later starts are quick): in our cache, not /tmp, which
+        # systemd's PrivateTmp empties at every start. Set before the imports below: importing transformers'
+        # model code sets inductor's default. Compiling starts with engine.start_fast_decode().
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir_for(config) / "inductor"))
     _serve_without_torchao_in_transformers()
     from .engine import Engine
     from .loader import load
@@ -46,11 +51,6 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
     resolved = resolved or resolve_model(config, progress)
     progress(f"loading {resolved.display_name}", 0, 0)
     dtype = choose_dtype(config.dtype)
-    if config.fast_decode:
-        # Inductor keeps compiled kernels on disk (so later starts are quick): in our cache, not /tmp, which
-        # systemd's PrivateTmp empties at every start. Set before loading: transformers' import of torch's
-        # compile machinery already fixes inductor's default. Compiling starts with engine.start_fast_decode().
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir_for(config) / "inductor"))
     scheme, why = quantize_scheme(config, dtype)
     log.info("weights: %s (%s)", scheme if scheme != "none" else dtype, why)
     quantized = QuantizedStore(cache_dir_for(config) / "quantized")

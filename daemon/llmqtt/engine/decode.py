@@ -43,6 +43,16 @@ def decode_one_token(model: torch.nn.Module, token: torch.Tensor, position: torc
     return out.logits[0, -1].float()
 
 
+def one_compile_worker() -> None:
+    """Compile with one worker process instead of one per core. The compile runs after READY, beside
+    requests: inductor's default pool (a process per core, each importing torch) held 0.42 GB at most in
+    child processes compiling the tiny test model's step on 2 cores, against 0.28 GB with one (gcc's own
+    share included; 2026-11-29), and left the cores to the requests. On a 4-core Pi 5 the pool would be 4."""
+    import torch._inductor.config as inductor
+
+    inductor.compile_threads = 1
+
+
 class StaticDecoder:
     """The compiled step for one model, and whether requests may use it yet (`ready`)."""
 
@@ -112,6 +122,7 @@ class StaticDecoder:
     def compile(self) -> None:
         started = time.perf_counter()
         try:
+            one_compile_worker()
             compiled = torch.compile(decode_one_token, fullgraph=True, dynamic=False)
             with self._in_use:
                 self._check(compiled)

@@ -53,6 +53,9 @@ class Kernels:
         try:
             import torch._dynamo
 
+            from .decode import one_compile_worker
+
+            one_compile_worker()
             # One specialised kernel per weight shape; a model has a handful (a 0.5B Qwen2: five).
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
             self._compiled = torch.compile(_gemv, dynamic=False, fullgraph=True)

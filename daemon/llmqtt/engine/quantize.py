@@ -290,6 +290,11 @@ def _skeleton(model_dir: Path, source: MappedFile | _InMemory, scheme: str) -> t
         model.set_input_embeddings(RowEmbedding(Int8Linear(config.hidden_size, config.vocab_size, False)))
     # int values stay views of the file (packed then released, or read by rows); the small rest is copied
     state = {name: source.view(name) if name.endswith(".qdata") else source.copy(name) for name in source.keys()}
+    if scheme == "int4":  # the packed blob's size is the kernel's, known from the file only: take its shapes
+        for name, module in swapped:
+            for key in ("packed", "qdata", "scale"):
+                if f"{name}.{key}" in state:
+                    module.register_buffer(key, torch.empty_like(state[f"{name}.{key}"], device="meta"))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     del state
     if tied:  # the head's rows are the embedding (one copy, as in the float model)
