@@ -133,9 +133,8 @@ def check_mixed(m: dict, sizes) -> None:
         assert m[key] > 0
 
 
-@pytest.mark.timeout(900)
-def test_only_mixed_runs_the_default_engine_and_the_mixed_section(tiny_model_dir, tmp_path, repo_root):
-    from llmqtt.bench import report, runner, targets
+def _only(runner, tiny_model_dir, tmp_path, repo_root, section: str) -> dict:
+    """`llmqtt bench --only SECTION` in the mini mode on the tiny model, with the shipped sentiment and chat."""
     from llmqtt.config import Config
 
     prompts = tmp_path / "prompts"
@@ -143,7 +142,14 @@ def test_only_mixed_runs_the_default_engine_and_the_mixed_section(tiny_model_dir
     for name in ("sentiment.yaml", "chat.yaml"):
         (prompts / name).write_text((repo_root / "prompts" / name).read_text(encoding="utf-8"), encoding="utf-8")
     settings = {"model": {"name": str(tiny_model_dir), "auto_fetch": False}, "prompts": [str(prompts)]}
-    r = runner.run(Config.model_validate(settings), runner.MINI, show_progress=False, only="mixed")
+    return runner.run(Config.model_validate(settings), runner.MINI, show_progress=False, only=section)
+
+
+@pytest.mark.timeout(900)
+def test_only_mixed_runs_the_default_engine_and_the_mixed_section(tiny_model_dir, tmp_path, repo_root):
+    from llmqtt.bench import report, runner, targets
+
+    r = _only(runner, tiny_model_dir, tmp_path, repo_root, "mixed")
     assert list(r["variants"]) == ["default"] and "accuracy" not in r and "startup" not in r
     check_mixed(r["mixed"], runner.MINI)
     mixed = [t for t in targets.targets(r) if t["target"].startswith("mixed:")]
@@ -159,14 +165,8 @@ def test_only_served_measures_what_compare_needs_of_a_second_model(tiny_model_di
     """`llmqtt bench --only served`: the default config's engine alone: served accuracy, speed, peak RSS."""
     from llmqtt.bench import report, runner
     from llmqtt.bench.compare import compare_markdown
-    from llmqtt.config import Config
 
-    prompts = tmp_path / "prompts"
-    prompts.mkdir()
-    for name in ("sentiment.yaml", "chat.yaml"):
-        (prompts / name).write_text((repo_root / "prompts" / name).read_text(encoding="utf-8"), encoding="utf-8")
-    settings = {"model": {"name": str(tiny_model_dir), "auto_fetch": False}, "prompts": [str(prompts)]}
-    r = runner.run(Config.model_validate(settings), runner.MINI, show_progress=False, only="served")
+    r = _only(runner, tiny_model_dir, tmp_path, repo_root, "served")
     assert list(r["variants"]) == ["default"] and "accuracy" not in r and "mixed" not in r and "startup" not in r
     per_lang = r["accuracy_default"]["sentiment"]
     assert {lang: s["n"] for lang, s in per_lang.items()} == {"en": runner.MINI.accuracy_rows,
