@@ -228,3 +228,21 @@ def test_warmup_is_one_small_request(loaded):
     chat_only.generate = lambda task, *a, **k: calls.append(task) or chat_generate(task, *a, **k)
     chat_only.warmup()
     assert calls == ["a", "chat"]
+
+
+def test_a_classification_that_meets_the_compile_tracing_runs_again(monkeypatch):
+    """torch.fx's tracing (the background decode compile) can make another thread's forward fail once with
+    NameError 'module is not installed as a submodule': a classification is pure and is simply run again."""
+    from llmqtt.engine import engine as engine_module
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise NameError("module is not installed as a submodule")
+        return "answer"
+
+    assert engine_module._past_tracing(flaky) == "answer" and len(calls) == 2
+    with pytest.raises(NameError, match="name 'x'"):
+        engine_module._past_tracing(lambda: x)  # noqa: F821 (any other NameError is a bug: raised at once)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Mapping, Sequence
 
 from ..tasks import ClassifyTask, GenerateTask
@@ -20,6 +21,26 @@ from .types import ChatOptions, Classification, Turn, UnknownTask, WrongTaskKind
 log = logging.getLogger(__name__)
 
 Task = ClassifyTask | GenerateTask
+
+
+FX_TRACING_RETRIES = 3
+
+
+def _past_tracing(forward):
+    """`forward()`, again if it ran into the decode compile's tracing. While torch.compile builds the decode
+    step on its background thread, torch.fx briefly patches `nn.Module.__call__` for the whole process
+    (inductor symbolic-traces small helpers); a forward on another thread in that instant fails with
+    NameError 'module is not installed as a submodule' (seen once on the demo model, a classification
+    during the compile). A classification is pure (the cached prefix is only read), so it can simply run
+    again; the window is a few milliseconds."""
+    for attempt in range(FX_TRACING_RETRIES):
+        try:
+            return forward()
+        except NameError as exc:
+            if "not installed as a submodule" not in str(exc) or attempt == FX_TRACING_RETRIES - 1:
+                raise
+            log.info("classification ran into the decode compile's tracing; running it again")
+            time.sleep(0.01 * (attempt + 1))
 
 
 class Engine:
@@ -54,7 +75,8 @@ class Engine:
 
     def classify(self, task: str, texts: Sequence[str], use_head: bool = True) -> list[Classification]:
         """`use_head=False`: the prompt's label logits even where the task has a head (the bench compares)."""
-        return self._scorer(task).score(list(texts), self.max_batch, use_head)
+        scorer = self._scorer(task)
+        return _past_tracing(lambda: scorer.score(list(texts), self.max_batch, use_head))
 
     def generate(self, task: str, text: str, history: Sequence[Turn] = (),
                  cancel: threading.Event | None = None, max_new_tokens: int | None = None,
