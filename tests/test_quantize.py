@@ -305,3 +305,10 @@ def test_an_untied_embedding_is_an_int8_row_table_under_int4_too(tmp_path, monke
     assert state["model.embed_tokens.table.qdata"].dtype == torch.int8
     assert state["model.embed_tokens.table.qdata"].shape == model.get_input_embeddings().weight.shape
     assert quant.fingerprint(model_dir, "int4") != quant.fingerprint(model_dir, "int8")
+
+
+def test_int8_is_refused_where_torch_has_no_fbgemm(tmp_path, monkeypatch):
+    model_dir = build_tiny_model(tmp_path / "m", tied=True)
+    monkeypatch.setattr(quant, "_has_fbgemm", lambda: False)  # torch's aarch64 build
+    with pytest.raises(RuntimeError, match="int8 needs fbgemm"):
+        quant.load_quantized(model_dir, "int8", quant.QuantizedStore(tmp_path / "q"))

@@ -486,6 +486,10 @@ def _version(dist: str) -> str:
         return "-"
 
 
+def _has_fbgemm() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
 def load_quantized(model_dir: Path, scheme: str, store: QuantizedStore) -> tuple[torch.nn.Module, bool]:
     """(model, whether it came from the store). The first start quantizes from float32 and stores it."""
     if scheme not in SCHEMES:
@@ -493,6 +497,10 @@ def load_quantized(model_dir: Path, scheme: str, store: QuantizedStore) -> tuple
     if scheme == "int4" and not torch.backends.kleidiai.is_available():
         raise RuntimeError("quantize: int4 needs torch's KleidiAI kernels (aarch64 builds of torch); "
                            "use int8 or auto on this CPU")
+    if scheme == "int8" and not _has_fbgemm():
+        # torch's aarch64 build packs int8 weights with fbgemm's x86 code and fails ('unknown architecure',
+        # seen under qemu as a Cortex-A76, 2026-11-29): say so before anything is quantized
+        raise RuntimeError("quantize: int8 needs fbgemm (x86 CPUs); use auto (int4 on a Raspberry Pi 5) or none")
     stored = store.load(model_dir, scheme)
     if stored is not None:
         return build(model_dir, stored, scheme), True
