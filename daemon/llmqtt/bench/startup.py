@@ -41,7 +41,6 @@ def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quanti
 
     from ..build import build_engine
     from ..config import Config, ModelConfig
-    from ..engine.loader import _bytes_in_memory
     from ..engine.modelstore import ResolvedModel
     from ..tasks import load_tasks
 
@@ -52,7 +51,7 @@ def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quanti
     start = time.perf_counter()
     if mode in ("bare", "bare_forward"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        weight_bytes = _bytes_in_memory(model)
+        weight_bytes = _tensor_bytes(model)
         if mode == "bare_forward":  # one token through the model: every weight page read in from the file
             with torch.inference_mode():
                 model(torch.tensor([[0]]))
@@ -84,6 +83,13 @@ def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quanti
     return {"mode": mode, "quantize": quantize, "seconds": seconds, **phases, "weight_bytes": weight_bytes,
             "peak_rss_bytes": peak, "rss_after_imports_bytes": after_imports,
             "rss_now_bytes": psutil.Process().memory_info().rss, **rss_split_bytes()}
+
+
+def _tensor_bytes(model) -> int:
+    """Bytes of a float model's parameters and buffers (tied ones once). Not the loader's helper: importing
+    engine/loader.py imports transformers' model code, which must stay inside the timed start-up."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def at_rest_bytes(model) -> int | None:
