@@ -275,13 +275,19 @@ def test_compare_puts_two_models_side_by_side(tmp_path, repo_root):
     small = json.loads((repo_root / "docs" / "bench" / "result.json").read_text())
     large = copy.deepcopy(small)
     large["meta"] |= {"model": "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF)", "mode": "quick", "cores": 4}
-    large["accuracy"]["sentiment"]["en"] |= {"accuracy": 0.93, "n": 100}
+    sentiment = large["accuracy"]["sentiment"]  # by language, then by path (prompt/head/tfidf) since #16's rows
+    served = sentiment["by_language"]["en"][sentiment["served"]] if "by_language" in sentiment else sentiment["en"]
+    served |= {"accuracy": 0.93, "n": 100}
     del large["startup"]
     text = compare_markdown([small, large])
     header = next(line for line in text.splitlines() if line.startswith("| |"))
     assert "0.5B" in header and "1.5B" in header
-    assert "| sentiment accuracy en (fp32, test split) | 90.6 % of 500 | 93.0 % of 100 |" in text
-    assert "| peak RSS, ready (fp32) | 2.65 GB | - |" in text  # not measured in one run: a dash, not a crash
+    shipped = small["accuracy"]["sentiment"]
+    shipped = shipped["by_language"]["en"][shipped["served"]] if "by_language" in shipped else shipped["en"]
+    assert (f"| sentiment accuracy en (fp32, test split) | {100 * shipped['accuracy']:.1f} % of {shipped['n']} |"
+            " 93.0 % of 100 |") in text
+    peak = small["startup"]["ready_fp32"]["peak_rss_bytes"] / 1e9
+    assert f"| peak RSS, ready (fp32) | {peak:.2f} GB | - |" in text  # not measured in one run: a dash, not a crash
     assert "different machines" in text and "different sample sizes" in text
     (tmp_path / "a.json").write_text(json.dumps(small))
     (tmp_path / "b.json").write_text(json.dumps(large))
