@@ -88,10 +88,6 @@ class Int8Linear(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self._packed = None
 
-    def pack(self, keep_rows: bool = False) -> None:
-        """Hand the weights to fbgemm (it keeps its own packed copy); drop ours unless rows are still read."""
-        self.adopt(pack_rows(self.qdata, self.scale, self.bias), keep_rows)
-
     def adopt(self, pieces: list, keep_rows: bool = False) -> None:
         """Serve from fbgemm's packed `pieces` (pack_rows); drop our int8 values unless rows are still read
         (the output head, whose rows the embedding and classification use)."""
@@ -347,8 +343,12 @@ class _InMemory:
 def decode_bytes(model: torch.nn.Module) -> int:
     """Weight bytes one decode step of a quantized model reads: every packed Linear (one byte a weight for
     int8), not the tables read by rows."""
-    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int8Linear) and m.packed) \
-        + sum(m.packed.numel() for m in model.modules() if isinstance(m, Int4Linear))
+    return _packed_int8_bytes(model) + sum(m.packed.numel() for m in model.modules() if isinstance(m, Int4Linear))
+
+
+def _packed_int8_bytes(model: torch.nn.Module) -> int:
+    """fbgemm's packed int8 copies: one byte a weight."""
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int8Linear) and m.packed)
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
@@ -359,7 +359,7 @@ def resident_bytes(model: torch.nn.Module) -> int:
         else set()
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in mapped}
     owned = sum(t.numel() * t.element_size() for t in tensors.values())
-    return owned + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int8Linear) and m.packed)
+    return owned + _packed_int8_bytes(model)
 
 
 def _rebuild_meta_buffers(model: torch.nn.Module) -> None:
