@@ -295,8 +295,9 @@ class DaemonProcess:
         self.command = [sys.executable, str(TESTS / "fake_daemon.py")] if fake_engine else [sys.executable, "-m", "llmqtt"]
         self.config_path = workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        # PYTHONFAULTHANDLER: a daemon that hangs at shutdown is sent SIGABRT, and its log shows every thread
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-                    **(env or {})}
+                    "PYTHONFAULTHANDLER": "1", **(env or {})}
         self.root = f"{config['mqtt'].get('base_topic', 'llmqtt')}/{config['mqtt']['node_id']}"
         self.process: subprocess.Popen | None = None
         self.runs = 0
@@ -318,8 +319,14 @@ class DaemonProcess:
         self.process.wait(WAIT_S)
 
     def terminate(self, timeout: float = WAIT_S) -> int:
+        """SIGTERM and the exit status; a daemon still running after `timeout` fails with its threads' stacks."""
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGABRT)  # faulthandler prints each thread's stack, then it dies
+            self.process.wait(WAIT_S)
+            pytest.fail(f"the daemon did not stop within {timeout} s of SIGTERM:\n{self.log()[-20000:]}")
 
     def close(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -177,7 +177,11 @@ class Daemon:
         restore = _install_signal_handlers(self.request_stop)
         try:
             self.start()
-            self.stop_requested.wait()
+            # A timed wait, not wait(): a SIGTERM the kernel hands to another thread (torch's and paho's
+            # don't block it) leaves an untimed futex wait asleep, and Python runs handlers only in the main
+            # thread. 1 in ~10 test runs hung that way until killed; the timeout lets the handler run.
+            while not self.stop_requested.wait(0.5):
+                pass
         finally:
             self.shutdown()
             restore()
