@@ -57,3 +57,30 @@ def test_decode_over_a_static_cache_equals_sdpa(model):
         return torch.cat(steps, 1)
 
     assert torch.allclose(_with(model, attention.NAME, decode), _with(model, "sdpa", decode), atol=1e-5)
+
+
+def test_decode_never_reads_the_static_cache_beyond_the_written_positions(model):
+    """Positions not written yet are left out, not just masked: NaN there would poison a masked product
+    (0 x NaN), so equal finite logits prove the last 60 of 64 positions were never read."""
+    def decode(poison: bool):
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        model(torch.tensor([[3, 4, 5, 6]]), past_key_values=cache, use_cache=True)
+        if poison:
+            for layer in cache.layers:
+                layer.keys[:, :, 5:] = float("nan")
+                layer.values[:, :, 5:] = float("nan")
+        return model(torch.tensor([[7]]), position_ids=torch.tensor([[4]]), past_key_values=cache,
+                     use_cache=True).logits
+
+    poisoned = _with(model, attention.NAME, lambda: decode(True))
+    assert torch.isfinite(poisoned).all()
+    assert torch.allclose(poisoned, _with(model, "sdpa", lambda: decode(False)), atol=1e-5)
+
+
+def test_attended_length_is_one_past_the_last_column_any_row_sees():
+    mask = torch.zeros(2, 1, 1, 10, dtype=torch.bool)
+    mask[0, 0, 0, :3] = True
+    mask[1, 0, 0, :6] = True
+    assert attention.attended_length(mask, 10) == 6
+    assert attention.attended_length(None, 10) == 10
+    assert attention.attended_length(torch.zeros(1, 1, 1, 10, dtype=torch.bool), 10) == 10
