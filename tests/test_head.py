@@ -14,7 +14,7 @@ from llmqtt.config import ModelConfig
 from llmqtt.engine import load_engine
 from llmqtt.engine.head import Features, Head, fit_temperature, load_head, logistic_regression
 from llmqtt.engine import headfile
-from llmqtt.engine.headfile import head_path, read_meta, serves_under
+from llmqtt.engine.headfile import head_path, head_paths, read_meta, serves_under
 from llmqtt.fit import FitDataError, read_rows
 from llmqtt.tasks import load_tasks
 
@@ -63,7 +63,7 @@ def engine_for(tiny_model_dir, prompts, tmp_path, heads=True):
     model = ModelConfig(name=str(tiny_model_dir), dtype="float32", quantize="none", cache_dir=tmp_path,
                         fast_decode=False)  # float32: the states must equal a plain forward exactly
     tasks = load_tasks([prompts])
-    files = {"mood": head_path(prompts / "mood.yaml")} if heads else None
+    files = {"mood": head_paths(prompts / "mood.yaml")} if heads else None
     return load_engine(model, tasks, max_batch=4, heads=files)
 
 
@@ -134,7 +134,7 @@ def test_head_for_other_weights_is_ignored_with_a_warning(tiny_model_dir, setup,
     with caplog.at_level(logging.WARNING):
         engine = engine_for(tiny_model_dir, other, tmp_path / "cache")
     assert engine.head("mood") is None
-    assert "not using its learned head" in caplog.text and "other model weights" in caplog.text
+    assert "not using a learned head" in caplog.text and "other model weights" in caplog.text
     plain = engine_for(tiny_model_dir, other, tmp_path / "cache", heads=False)
     assert engine.classify("mood", ["I love it"]) == plain.classify("mood", ["I love it"])  # the prompt's answer
 
@@ -164,6 +164,30 @@ def test_head_fitted_under_another_scheme_is_ignored(tiny_model_dir, setup, tmp_
     cfg.write_text(config.read_text().replace(str(prompts), str(other)), encoding="utf-8")
     assert cli.main(["tasks", "--config", str(cfg)]) == 0
     assert "fitted under float32+int8, this config computes float32: ignored" in capsys.readouterr().out
+
+
+def test_a_task_with_heads_for_two_schemes_serves_the_one_that_fits(tiny_model_dir, setup, tmp_path, capsys):
+    """`mood.head.safetensors` fitted under int8 and `mood.head.float32.safetensors` under float32 (how the
+    shipped sentiment task serves a head under either default): a float32 engine picks the second."""
+    _, prompts, config, data = setup
+    path = head_path(prompts / "mood.yaml")
+    if not path.exists():
+        assert cli.main(["fit", "mood", str(data), "--config", str(config)]) == 0
+    head = load_head(path)
+    other = tmp_path / "prompts"
+    other.mkdir()
+    (other / "mood.yaml").write_text(TASK, encoding="utf-8")
+    Head(head.labels, head.features, head.weight, head.bias, {**head.meta, "scheme": "float32+int8"}).save(
+        head_path(other / "mood.yaml"))
+    head.save(other / "mood.head.float32.safetensors")
+    assert head_paths(other / "mood.yaml") == [other / "mood.head.safetensors", other / "mood.head.float32.safetensors"]
+    engine = engine_for(tiny_model_dir, other, tmp_path / "cache")
+    assert engine.head("mood") is not None and engine.head("mood").meta["scheme"] == "float32"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(config.read_text().replace(str(prompts), str(other)), encoding="utf-8")
+    assert cli.main(["tasks", "--config", str(cfg)]) == 0
+    listing = capsys.readouterr().out
+    assert "fitted under float32]" in listing and "ignored" not in listing
 
 
 def test_which_schemes_a_head_serves_under(monkeypatch):
@@ -228,7 +252,7 @@ def test_shipped_sentiment_head_fits_the_demo_model_and_serves(demo_model, repo_
     model = ModelConfig(name=str(demo_model.path), dtype="float32", quantize="none", cache_dir=tmp_path,
                         fast_decode=False)  # the scheme the shipped head was fitted under
     engine = load_engine(model, {"sentiment": load_tasks([prompts])["sentiment"]},
-                         heads={"sentiment": head_path(prompts / "sentiment.yaml")})
+                         heads={"sentiment": head_paths(prompts / "sentiment.yaml")})
     assert engine.head("sentiment") is not None
     texts = {"Absolutely love it, works perfectly.": "positive", "Terrible, broke on day one.": "negative",
              "房间很干净，服务也很好。": "positive", "太差了，再也不会来了。": "negative"}

@@ -89,15 +89,15 @@ def plan_for(config: Config, resolved: ResolvedModel) -> Plan:
     return p
 
 
-def head_files(config: Config) -> dict[str, Path]:
-    """Each task's learned-head file (`llmqtt fit`), beside its task file; used where it exists and fits."""
-    from .engine.headfile import head_path
+def head_files(config: Config) -> dict[str, list[Path]]:
+    """Each task's learned-head files (`llmqtt fit`), beside its task file; the first that fits is used."""
+    from .engine.headfile import head_paths
 
-    return {name: head_path(path) for name, path in task_files(config.prompt_dirs()).items()}
+    return {name: head_paths(path) for name, path in task_files(config.prompt_dirs()).items()}
 
 
 def _load_engine(config: ModelConfig, tasks: Tasks, *, max_batch: int, progress: Progress,
-                 resolved: ResolvedModel, heads: Mapping[str, Path]) -> InferenceEngine:
+                 resolved: ResolvedModel, heads: Mapping[str, list[Path]]) -> InferenceEngine:
     from .engine import load_engine  # imports torch: only after apply_threads
 
     return load_engine(config, tasks, max_batch=max_batch, progress=progress, resolved=resolved, heads=heads)

@@ -118,15 +118,20 @@ def _tasks(args) -> int:
 
 
 def _head_note(config: Config, task_file: Path) -> str:
-    """' [head: ...]' for a task with a learned head: its fitted accuracy and whether it fits this model."""
+    """' [head: ...]' for a task with learned heads: the one this config serves, else why none serves."""
+    from .engine.headfile import head_paths
+
+    notes = [_one_head_note(config, path) for path in head_paths(task_file)]
+    serving = [note for note in notes if note.endswith("]") and "ignored" not in note and "unreadable" not in note]
+    return (serving or notes or [""])[0]
+
+
+def _one_head_note(config: Config, path: Path) -> str:
     from .config import choose_dtype
     from .engine import quantize_scheme
-    from .engine.headfile import compute_scheme, head_path, read_meta, serves_under, weights_fingerprint
+    from .engine.headfile import compute_scheme, read_meta, serves_under, weights_fingerprint
     from .engine.modelstore import locate_model
 
-    path = head_path(task_file)
-    if not path.is_file():
-        return ""
     try:
         meta = read_meta(path)
     except ValueError as exc:
@@ -141,7 +146,7 @@ def _head_note(config: Config, task_file: Path) -> str:
     serving = compute_scheme(dtype, quantize_scheme(config.model, dtype)[0])
     if not serves_under(meta.get("scheme", "?"), serving):
         return f" [head: {fitted}, fitted under {meta.get('scheme')}, this config computes {serving}: ignored]"
-    return f" [head: {fitted}]"
+    return f" [head: {fitted}, fitted under {meta.get('scheme')}]"
 
 
 def _fit(args) -> int:

@@ -31,11 +31,11 @@ def _serve_without_torchao_in_transformers() -> None:
 
 def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | GenerateTask], max_batch: int = 16,
                 progress: Progress = _no_progress, resolved: ResolvedModel | None = None,
-                heads: Mapping[str, Path] | None = None):
+                heads: Mapping[str, list[Path]] | None = None):
     """Resolve (fetch/convert if needed), load and prepare the model for `tasks`; returns an `Engine`.
 
-    `heads`: task name -> learned head file (`llmqtt fit`); one that does not fit this model is ignored with
-    a warning, and its task answers from its prompt."""
+    `heads`: task name -> its learned head files (`llmqtt fit`); the first fitted for this model and compute
+    scheme serves; if none fits, the task answers from its prompt (the reasons are logged)."""
     if config.fast_decode:
         # Inductor keeps compiled kernels on disk (so later starts are quick): in our cache, not /tmp, which
         # systemd's PrivateTmp empties at every start. Set before the imports below: importing transformers'
@@ -78,15 +78,18 @@ def quantize_scheme(config: ModelConfig, dtype: str) -> tuple[str, str]:
     return choose_quantize(config.quantize, platform.machine(), read_cpuinfo().flags, dtype)
 
 
-def _load_heads(paths: Mapping[str, Path], tasks: Mapping) -> dict:
-    """Each classify task's head file that exists and reads; a broken one is skipped with a warning."""
+def _load_heads(paths: Mapping[str, list[Path]], tasks: Mapping) -> dict[str, list]:
+    """Each classify task's head files that read (the engine picks the one that fits); a broken one is
+    skipped with a warning."""
     from .head import HeadFileError, load_head
 
     heads = {}
-    for name, path in paths.items():
-        if name in tasks and tasks[name].kind == "classify" and path.is_file():
+    for name, files in paths.items():
+        if name not in tasks or tasks[name].kind != "classify":
+            continue
+        for path in files:
             try:
-                heads[name] = load_head(path)
+                heads.setdefault(name, []).append(load_head(path))
             except HeadFileError as exc:
-                log.warning("task %r: not using its learned head: %s. The task answers from its prompt.", name, exc)
+                log.warning("task %r: not using the learned head %s", name, exc)
     return heads

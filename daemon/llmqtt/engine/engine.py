@@ -49,7 +49,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, tasks: Mapping[str, Task], model_name: str, match_name: str,
                  max_context: int = 2048, max_batch: int = 16, prefix_store: PrefixStore | None = None,
                  conversation_tokens: int = 4096, conversation_tolerant: bool = False,
-                 heads: Mapping[str, Head] | None = None, weights: str = ""):
+                 heads: Mapping[str, Sequence[Head]] | None = None, weights: str = ""):
         self.loaded = loaded
         self.model_name = model_name
         self.dtype = compute_scheme(loaded.dtype, loaded.quantize)
@@ -67,7 +67,7 @@ class Engine:
         for name, task in self.tasks.items():
             if isinstance(task, ClassifyTask):
                 scorer = LabelScorer(loaded.model, loaded.tokenizer, task, max_context, prefix_store)
-                scorer.head = self._usable_head(name, (heads or {}).get(name), scorer)
+                scorer.head = self._usable_head(name, (heads or {}).get(name, ()), scorer)
                 self._scorers[name] = scorer
             else:
                 self._generators[name] = ChatGenerator(loaded.model, loaded.tokenizer, task, max_context, prefix_store,
@@ -131,25 +131,28 @@ class Engine:
         """The learned head a classify task answers with, or None (label logits)."""
         return self._scorers[task].head if task in self._scorers else None
 
-    def _usable_head(self, name: str, head: Head | None, scorer: LabelScorer) -> Head | None:
-        """`head` if it was fitted for this model and prompt; else None, with a warning (prompt fallback)."""
-        if head is None:
-            return None
-        why = mismatch(head, self.weights, scorer.label_names, self.loaded.model.config.num_hidden_layers,
-                       scorer.prompt_fingerprint())
-        if why:
-            log.warning("task %r: not using its learned head: %s. The task answers from its prompt.", name, why)
-            return None
-        if not serves_under(head.meta.get("scheme", "?"), self.dtype):
-            # Hidden states shift under quantization (headfile.serves_under). Re-fit under the scheme served.
-            # info, not warning: a shipped head for one scheme meets the others on every start.
-            log.info("task %r: not using its learned head: fitted under %s, serving %s (re-fit with `llmqtt "
-                     "fit` under this scheme). The task answers from its prompt.", name, head.meta.get("scheme"),
-                     self.dtype)
-            return None
-        log.info("task %r: learned head (%s, cross-validated %.1f %% on %d rows)", name, head.features.describe(),
-                 100 * head.meta.get("cv_accuracy", 0), head.meta.get("rows", 0))
-        return head
+    def _usable_head(self, name: str, heads: Sequence[Head], scorer: LabelScorer) -> Head | None:
+        """The first of the task's heads fitted for this model, prompt and compute scheme; else None, with
+        the reasons logged (the task answers from its prompt)."""
+        reasons = []
+        for head in heads:
+            why = mismatch(head, self.weights, scorer.label_names, self.loaded.model.config.num_hidden_layers,
+                           scorer.prompt_fingerprint())
+            if why:
+                reasons.append((logging.WARNING, why))
+            elif not serves_under(head.meta.get("scheme", "?"), self.dtype):
+                # Hidden states shift under quantization (headfile.serves_under). info, not warning: a task
+                # shipped with heads for several schemes meets the others on every start.
+                reasons.append((logging.INFO, f"fitted under {head.meta.get('scheme')}, serving {self.dtype} "
+                                              "(re-fit with `llmqtt fit` under this scheme)"))
+            else:
+                log.info("task %r: learned head (%s, fitted under %s, cross-validated %.1f %% on %d rows)", name,
+                         head.features.describe(), head.meta.get("scheme"), 100 * head.meta.get("cv_accuracy", 0),
+                         head.meta.get("rows", 0))
+                return head
+        for level, why in reasons:
+            log.log(level, "task %r: not using a learned head: %s. The task answers from its prompt.", name, why)
+        return None
 
     def _scorer(self, task: str) -> LabelScorer:
         if self.kind(task) != "classify":

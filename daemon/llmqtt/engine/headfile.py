@@ -20,8 +20,16 @@ FLOAT32_EQUIVALENT = frozenset({"float32"})
 
 
 def head_path(task_file: Path) -> Path:
-    """`prompts/sentiment.yaml` -> `prompts/sentiment.head.safetensors`."""
+    """`prompts/sentiment.yaml` -> `prompts/sentiment.head.safetensors` (where `llmqtt fit` writes)."""
     return task_file.with_name(task_file.stem + HEAD_SUFFIX)
+
+
+def head_paths(task_file: Path) -> list[Path]:
+    """Every head a task carries, in the order they are tried: `sentiment.head.safetensors`, then
+    `sentiment.head.<any name>.safetensors` sorted. One per compute scheme lets a shipped task serve a head
+    under int8 (x86's default) and under float32 (`model.quantize: none`); the first that fits is used."""
+    extra = sorted(task_file.parent.glob(f"{task_file.stem}.head.*{Path(HEAD_SUFFIX).suffix}"))
+    return [path for path in [head_path(task_file), *extra] if path.is_file()]
 
 
 def compute_scheme(dtype: str, quantize: str) -> str:
