@@ -265,6 +265,34 @@ def test_a_failing_compile_leaves_decode_eager(quantized_engine, monkeypatch):
         assert decoder.step(1, cache, 0).shape == (quantized_engine.loaded.model.config.vocab_size,)
 
 
+def test_the_compile_check_takes_close_logits_and_refuses_a_wrong_pick(quantized_engine, monkeypatch):
+    """Teacher-forced: a step within the tolerance is taken (int8's per-call activation noise, which once
+    flipped a near-tied 8th free-running token), one whose clear pick differs is refused and decode stays eager."""
+    from llmqtt.engine import decode
+
+    def compiled_as(shift):
+        def step(model, token, position, cache):
+            out = decode.decode_one_token(model, token, position, cache)
+            return shift(out)
+        return lambda fn, **kwargs: step
+
+    noisy = lambda out: out + 1e-4 * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch, "compile", compiled_as(noisy))
+    decoder = StaticDecoder(quantized_engine.loaded.model, 64)
+    decoder.compile()
+    assert decoder.state() == "ready" and 0 < decoder.check_error < 1e-3, decoder.failed
+
+    def wrong(out):
+        out = out.clone()
+        out[int(out.argmin())] = out.max() + 50  # a clear, different pick
+        return out
+
+    monkeypatch.setattr(torch, "compile", compiled_as(wrong))
+    decoder = StaticDecoder(quantized_engine.loaded.model, 64)
+    decoder.compile()
+    assert decoder.state() == "failed" and "disagrees" in decoder.failed
+
+
 def test_a_second_generation_while_the_shared_cache_is_busy_gets_its_own(quantized_engine):
     first = iter(quantized_engine.generate("chat", "I love this product"))
     next(first)  # holds the shared cache, mid-generation

@@ -15,7 +15,7 @@ Same numbers as `sdpa` (the demo's label logits identical, 2026-11-29); the mask
 Over a static cache (decode.py) the keys span all `max_context` positions, most of them not written yet and
 masked out: attending all 2048 cost 480 µs a layer where the 300 written ones need 109 (demo model, one
 thread), ~9 ms of a ~40 ms token. Both paths attend only up to the last position any row may see. For
-decode that is an opaque custom op (`llmqtt::decode_attention`): the compiled step's graph keeps its one
+decode that is an opaque op (`llmqtt::decode_attention`): the compiled step's graph keeps its one
 static shape while the op reads how far the mask reaches at run time.
 """
 
@@ -38,9 +38,8 @@ def attended_length(mask: torch.Tensor | None, length: int) -> int:
     return int(seen.nonzero().max()) + 1 if bool(seen.any()) else length
 
 
-@torch.library.custom_op("llmqtt::decode_attention", mutates_args=())
-def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float | None) -> torch.Tensor:
+def _decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float | None) -> torch.Tensor:
     """One query token per row, its H/KV query heads per group as rows against the group's key/value head:
     query [B, KV, H/KV, d], key/value [B, KV, T, d], mask [B, 1, 1, T] -> [B, KV, H/KV, d]."""
     n = attended_length(mask, key.shape[2])
@@ -49,9 +48,12 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return F.scaled_dot_product_attention(query, key[:, :, :n], value[:, :, :n], attn_mask=mask, scale=scale)
 
 
-@decode_attention.register_fake
-def _(query, key, value, mask, scale):
-    return torch.empty_like(query)
+# llmqtt's ops (this one; quantize.py's int8_linear): plain Library ops, whose dispatch costs a few µs a
+# call; torch.library.custom_op's Python wrapper measured ~50 µs, 24-169 times a decode step.
+LIBRARY = torch.library.Library("llmqtt", "DEF")
+LIBRARY.define("decode_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float? scale) -> Tensor")
+LIBRARY.impl("decode_attention", _decode_attention, "CPU")
+LIBRARY.impl("decode_attention", lambda query, key, value, mask, scale: torch.empty_like(query), "Meta")
 
 
 def grouped_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -62,8 +64,8 @@ def grouped_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     batch, heads, length, dim = query.shape
     groups = key.shape[1]
     if length == 1 and heads != groups:  # decode: [B, KV, H/KV, d] against [B, KV, T, d]; mask [B, 1, 1, T]
-        out = decode_attention(query.reshape(batch, groups, heads // groups, dim), key, value, attention_mask,
-                               scaling)
+        out = torch.ops.llmqtt.decode_attention(query.reshape(batch, groups, heads // groups, dim), key, value,
+                                                attention_mask, scaling)
         return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
     if not torch.compiler.is_compiling():  # prefill into a static cache: only the positions written so far
         n = attended_length(attention_mask, key.shape[2])

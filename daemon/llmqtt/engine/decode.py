@@ -32,7 +32,7 @@ from .prefixstore import Layers
 
 log = logging.getLogger(__name__)
 
-CHECK_STEPS = 8  # greedy tokens the compiled step must reproduce exactly before it is used
+CHECK_STEPS = 8  # tokens on which the compiled step must give eager's logits before it is used
 CHECK_TOLERANCE = 0.05  # largest logit difference allowed, as a fraction of the largest logit
 
 
@@ -136,27 +136,32 @@ class StaticDecoder:
         log.info("compiled decode ready (%.1fs)", self.compile_s)
 
     def _check(self, compiled) -> None:
-        """Greedy CHECK_STEPS tokens from the same start, eager and compiled: the same tokens, close logits."""
-        runs = []
-        for step in (decode_one_token, compiled):  # under the lock: no request uses the cache meanwhile
+        """The eager step picks CHECK_STEPS greedy tokens; the compiled step, fed the very same tokens
+        (teacher-forced), must give logits within CHECK_TOLERANCE of the largest, and the same pick wherever
+        eager's is clear (its top two further apart than twice the largest difference).
+
+        Not the same free-running greedy tokens: from token 1 the demo model soon emits end-of-text and
+        near-tied junk, and int8 quantizes activations per call, so a sum inductor orders differently moves
+        some to the next int8 step: on 2026-11-29 a start saw the 8th token differ with logits 0.51 apart
+        (largest logit ~20), and the daemon decoded eagerly at 20.7 instead of ~25 tok/s. float32 differs
+        by ~1e-4."""
+        inputs, eager, ours = [1], [], []  # not 0: often the padding token, whose embedding is all zeros
+        with torch.inference_mode():  # under the lock: no request uses the cache meanwhile
             cache = self._reset(self._shared, [])
-            token, tokens, logits = 0, [], []
-            with torch.inference_mode():
-                for position in range(CHECK_STEPS):
-                    out = step(self.model, torch.tensor([[token]]), torch.tensor([[position]]), cache)
-                    token = int(out.argmax())
-                    tokens.append(token)
-                    logits.append(out)
-            runs.append((tokens, torch.stack(logits)))
-        (eager_tokens, eager_logits), (tokens, logits) = runs
-        # Same tokens, and logits within 5 % of the largest. int8 quantizes the activations per call: a sum
-        # that inductor orders differently moves some to the next int8 step, and over 24 layers the demo
-        # model's compiled logits differed from eager by up to 0.99 with the very same 8 tokens (2026-11-29);
-        # float32 differs by ~1e-4. The greedy tokens are the check that matters.
+            for position in range(CHECK_STEPS):
+                eager.append(decode_one_token(self.model, torch.tensor([[inputs[-1]]]), torch.tensor([[position]]), cache))
+                inputs.append(int(eager[-1].argmax()))
+            cache = self._reset(self._shared, [])
+            for position, token in enumerate(inputs[:-1]):
+                ours.append(compiled(self.model, torch.tensor([[token]]), torch.tensor([[position]]), cache).clone())
+        eager_logits, logits = torch.stack(eager), torch.stack(ours)  # [CHECK_STEPS, V]
         error = (logits - eager_logits).abs().max().item()
-        if tokens != eager_tokens or error > CHECK_TOLERANCE * eager_logits.abs().max().item():
-            raise RuntimeError(f"compiled decode disagrees with eager (tokens {tokens} vs {eager_tokens}, "
-                               f"largest logit difference {error:.3g})")
+        first, second = eager_logits.topk(2, dim=-1).values.unbind(-1)
+        clear = (first - second) > 2 * error
+        same = logits.argmax(-1) == eager_logits.argmax(-1)
+        if error > CHECK_TOLERANCE * eager_logits.abs().max().item() or not bool(same[clear].all()):
+            raise RuntimeError(f"compiled decode disagrees with eager (picks {logits.argmax(-1).tolist()} vs "
+                               f"{eager_logits.argmax(-1).tolist()}, largest logit difference {error:.3g})")
         self.check_error = error
 
     def wait(self, timeout: float | None = None) -> None:
