@@ -123,7 +123,10 @@ class StaticDecoder:
         started = time.perf_counter()
         try:
             one_compile_worker()
-            compiled = torch.compile(decode_one_token, fullgraph=True, dynamic=False)
+            # No guards on the model's modules: they never change after loading, and checking them before
+            # every step cost ~0.85 ms of a ~40 ms token (TorchDynamo Cache Lookup, demo model, 2026-11-29).
+            compiled = torch.compile(decode_one_token, fullgraph=True, dynamic=False, options={
+                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
             with self._in_use:
                 self._check(compiled)
         except Exception as exc:  # no compiler, an op inductor cannot take, a mismatch: stay eager
