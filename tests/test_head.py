@@ -245,15 +245,17 @@ def test_fit_cli_refuses_bad_data_before_loading_the_model(setup, tmp_path, caps
 
 
 @pytest.mark.real_model
-def test_shipped_sentiment_head_fits_the_demo_model_and_serves(demo_model, repo_root, tmp_path):
-    """The shipped head's fingerprint matches the demo model as this machine built it (so the fingerprint is
-    stable across machines), and it answers clear cases in both languages."""
+@pytest.mark.parametrize("quantize, scheme", [("none", "float32"), ("int8", "float32+int8")])
+def test_shipped_sentiment_heads_fit_the_demo_model_and_serve(demo_model, repo_root, tmp_path, quantize, scheme):
+    """Each shipped head's fingerprint matches the demo model as this machine built it (so the fingerprint is
+    stable across machines), the one for the scheme computed serves, and it answers clear cases in both
+    languages: float32 (`model.quantize: none`) and x86's default int8."""
     prompts = repo_root / "prompts"
-    model = ModelConfig(name=str(demo_model.path), dtype="float32", quantize="none", cache_dir=tmp_path,
-                        fast_decode=False)  # the scheme the shipped head was fitted under
+    model = ModelConfig(name=str(demo_model.path), dtype="float32", quantize=quantize, cache_dir=tmp_path,
+                        fast_decode=False)
     engine = load_engine(model, {"sentiment": load_tasks([prompts])["sentiment"]},
                          heads={"sentiment": head_paths(prompts / "sentiment.yaml")})
-    assert engine.head("sentiment") is not None
+    assert engine.head("sentiment") is not None and engine.head("sentiment").meta["scheme"] == scheme
     texts = {"Absolutely love it, works perfectly.": "positive", "Terrible, broke on day one.": "negative",
              "房间很干净，服务也很好。": "positive", "太差了，再也不会来了。": "negative"}
     for (text, gold), result in zip(texts.items(), engine.classify("sentiment", list(texts))):
