@@ -34,8 +34,9 @@ def attended_length(mask: torch.Tensor | None, length: int) -> int:
     `length` (T) without one. Columns beyond are masked for every row, so leaving them out changes nothing."""
     if mask is None or mask.dtype != torch.bool:
         return length
-    seen = mask.any(dim=2).any(dim=1).any(dim=0)  # [T]
-    return int(seen.nonzero().max()) + 1 if bool(seen.any()) else length
+    seen = mask.reshape(-1, mask.shape[-1]).amax(dim=0)  # [T]; one reduction: this runs per layer and step
+    last = int(seen.flip(0).to(torch.uint8).argmax())  # columns after the last True one
+    return length - last if bool(seen[length - 1 - last]) else length
 
 
 def _decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
