@@ -90,7 +90,8 @@ def _accuracy_md(r: dict) -> str:
             lines.append(_confusion_md(s["confusion"]))
     for task, per_lang in r.get("accuracy_default", {}).items():  # the default config, as the daemon serves
         for lang, s in per_lang.items():
-            lines.append(f"{task} / {lang}, default ({_default_dtype(r)}): {100 * s['accuracy']:.1f} % of {s['n']}\n")
+            served = f", {s['served']}" if s.get("served") else ""
+            lines.append(f"{task} / {lang}, default ({_default_dtype(r)}{served}): {100 * s['accuracy']:.1f} % of {s['n']}\n")
     return "\n".join(lines) + "\n"
 
 

@@ -191,8 +191,14 @@ def accuracy_section(engine, tasks: dict, rows: dict, fit_rows: dict, sizes: Siz
 
 
 def served_accuracy(engine, tasks: dict, rows: dict, tick) -> dict:
-    """Per classify task with data and language: accuracy on the path the daemon serves (engine.classify)."""
-    return {name: {lang: classify_rows(engine, name, test, tick).summary() for lang, test in rows[name].items()}
+    """Per classify task with data and language: accuracy on the path the daemon serves (engine.classify),
+    and which read-out that is (`served`: the head and the scheme it was fitted under, or the prompt)."""
+    def served(name: str) -> str:
+        head = engine.head(name)
+        return f"head fitted under {head.meta.get('scheme')}" if head is not None else "prompt"
+
+    return {name: {lang: classify_rows(engine, name, test, tick).summary() | {"served": served(name)}
+                   for lang, test in rows[name].items()}
             for name, task in tasks.items() if isinstance(task, ClassifyTask) and name in rows}
 
 
