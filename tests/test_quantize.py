@@ -337,6 +337,21 @@ def test_an_untied_embedding_is_an_int8_row_table_under_int4_too(tmp_path, monke
 
 def test_int8_is_refused_where_torch_has_no_fbgemm(tmp_path, monkeypatch):
     model_dir = build_tiny_model(tmp_path / "m", tied=True)
-    monkeypatch.setattr(quant, "_has_fbgemm", lambda: False)  # torch's aarch64 build
+    monkeypatch.setattr(quant, "has_fbgemm", lambda: False)  # torch's aarch64 build
     with pytest.raises(RuntimeError, match="int8 needs fbgemm"):
         quant.load_quantized(model_dir, "int8", quant.QuantizedStore(tmp_path / "q"))
+
+
+def test_packing_started_before_the_imports_gives_the_same_model(tmp_path):
+    """load_engine starts fbgemm on the stored file before importing transformers' modules (EarlyPacking):
+    the model built from that packing is the one built the usual way."""
+    model_dir = build_tiny_model(tmp_path / "m")
+    store = quant.QuantizedStore(tmp_path / "q")
+    assert quant.EarlyPacking.start(store, model_dir, "int8") is None  # nothing stored yet
+    plain, _ = quant.load_quantized(model_dir, "int8", store)  # quantizes and stores
+    early = quant.EarlyPacking.start(store, model_dir, "int8")
+    assert early is not None and quant.EarlyPacking.start(store, model_dir, "int4") is None
+    model, from_store = quant.load_quantized(model_dir, "int8", store, early)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():
+        assert from_store and torch.equal(model(ids).logits, plain(ids).logits)

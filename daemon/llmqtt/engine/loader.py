@@ -36,8 +36,9 @@ class LoadedModel:
 
 
 def load(path: Path, dtype: str, quantize: str = "none", fast_decode: bool = False,
-         store: quant.QuantizedStore | None = None) -> LoadedModel:
-    """`quantize` is a resolved scheme (`none`, `int8`, `int4`; see config.choose_quantize)."""
+         store: quant.QuantizedStore | None = None, early: quant.EarlyPacking | None = None) -> LoadedModel:
+    """`quantize` is a resolved scheme (`none`, `int8`, `int4`; see config.choose_quantize); `early`: the
+    stored weights' packing, if the caller started it (quantstore.EarlyPacking)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} (resolve `auto` first), not {dtype!r}")
     if quantize != "none" and dtype != "float32":
@@ -57,7 +58,7 @@ def load(path: Path, dtype: str, quantize: str = "none", fast_decode: bool = Fal
             model.requires_grad_(False)
         else:
             store = store or quant.QuantizedStore(default_cache_dir() / "quantized")
-            model, from_store = quant.load_quantized(path, quantize, store)
+            model, from_store = quant.load_quantized(path, quantize, store, early)
         _one_token_through(model)  # read the weights' pages now (mapped checkpoint, fresh allocations), not at a request
         tokenizer = tokenizer_loading.result()
     kernels = fastdecode.wrap(model) if fast_decode and quantize == "none" and dtype == "float32" else None

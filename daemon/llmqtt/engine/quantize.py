@@ -24,22 +24,19 @@ fingerprint of the model files, the scheme and the library versions, so any chan
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import hashlib
 import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from . import attention
 from .mapped import MappedFile
+from .quantstore import (DROPPED, LAYOUT, PACK_ROWS, EarlyPacking, QuantizedStore, drop_float32,  # noqa: F401
+                         float32_dropped_error, fingerprint, hand_freed_blocks_back, has_fbgemm, model_stamp,
+                         pack_rows, pack_stored)
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +50,6 @@ INT4_GROUP = 32  # weights per int4 scale: the group size KleidiAI's kernels are
 # fbgemm's packed weights are a TorchScript object, which torch.compile cannot take as an input: compiled
 # code reaches them through this custom op and a registry keyed by the layer's id (a plain int).
 _PACKED: dict[int, list] = {}
-# Rows packed per fbgemm call. Packing copies its input twice over (a quantized tensor, then fbgemm's
-# layout): the demo's 151,936-row output head in one piece raised the load's peak RSS by 0.41 GB for a
-# 0.14 GB matrix; in pieces of 16,384 rows the transient is ~15 MB. Decode then calls fbgemm 10 times
-# for the head instead of once (each call re-quantizes one 896-float row: microseconds).
-PACK_ROWS = 16384
 
 
 def _linear_dynamic(x: torch.Tensor, pieces: list) -> torch.Tensor:
@@ -112,33 +104,6 @@ class Int8Linear(torch.nn.Module):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Float rows of W for `ids`: [K] -> [K, in]."""
         return self.qdata[ids].float() * self.scale[ids, None]
-
-
-def pack_rows(qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-              packed_rows=lambda first, stop: None) -> list:
-    """fbgemm's packed copy of int8 W ([out, in], per-row `scale`), PACK_ROWS rows a piece, telling
-    `packed_rows(first, stop)` as each piece is done. Runs outside the GIL (fbgemm), so a thread can pack
-    while the main one imports transformers' model code."""
-    pieces = []
-    for first in range(0, qdata.shape[0], PACK_ROWS):
-        stop = min(first + PACK_ROWS, qdata.shape[0])
-        zeros = torch.zeros(stop - first, dtype=torch.long)
-        weight = torch._make_per_channel_quantized_tensor(qdata[first:stop], scale[first:stop].double(), zeros, 0)
-        pieces.append(torch.ops.quantized.linear_prepack(weight, None if bias is None else bias[first:stop].contiguous()))
-        packed_rows(first, stop)
-    return pieces
-
-
-def _pack_stored(source: MappedFile | _InMemory) -> dict[str, list]:
-    """Every stored int8 Linear (all but the embedding table) packed, its file pages released as it goes:
-    Linear name -> pieces."""
-    names = [k[:-len(".qdata")] for k in source.keys() if k.endswith(".qdata") and not k.endswith("table.qdata")]
-    packed = {}
-    for name in names:
-        bias = source.view(f"{name}.bias") if f"{name}.bias" in source.keys() else None
-        packed[name] = pack_rows(source.view(f"{name}.qdata"), source.view(f"{name}.scale"), bias,
-                                 lambda first, stop, key=f"{name}.qdata": source.release(key, first, stop))
-    return packed
 
 
 class RowEmbedding(torch.nn.Module):
@@ -243,26 +208,27 @@ def _int4(linear: torch.nn.Linear, keep_rows: bool) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- loading (every start)
 
 
-def build(model_dir: Path, weights: MappedFile | dict[str, torch.Tensor], scheme: str) -> torch.nn.Module:
+def build(model_dir: Path, weights: MappedFile | dict[str, torch.Tensor], scheme: str,
+          early: EarlyPacking | None = None) -> torch.nn.Module:
     """The model from its quantized weights, never materialising a float32 Linear: the skeleton is built on
     the meta device and the stored tensors are assigned into it.
 
     From the mapped file (every start but a failed save) each Linear's int8 values are read once, packed
     by fbgemm and released; the tables read by rows (embedding, head) stay mapped, read as rows are looked
-    up; norms, biases and scales are copied (a few MB)."""
+    up; norms, biases and scales are copied (a few MB). fbgemm packs on a thread of its own (~3 s for the
+    demo), started by the caller before its imports (`early`, for `weights`) or here, beside the model code's
+    import in `_skeleton`."""
     source = weights if isinstance(weights, MappedFile) else _InMemory(weights)
-    _hand_freed_blocks_back()
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        # fbgemm packs (~3 s for the demo) while this thread imports transformers' model code (~2.5 s)
-        packing = pool.submit(_pack_stored, source) if scheme == "int8" else None
-        model, swapped = _skeleton(model_dir, source, scheme)
-        packed = packing.result() if packing else {}
+    if early is None and scheme == "int8":
+        early = EarlyPacking(source)
+    model, swapped = _skeleton(model_dir, source, scheme)
+    packed = early.packed.result() if early else {}
     head = model.get_output_embeddings()
     for name, module in swapped:
         if isinstance(module, Int8Linear):
             module.adopt(packed.pop(name), keep_rows=module is head)
     model._llmqtt_weights = source  # the mapping outlives every view of it
-    _hand_freed_blocks_back(trim=True)
+    hand_freed_blocks_back(trim=True)
     return model.eval().requires_grad_(False)
 
 
@@ -302,24 +268,6 @@ def _skeleton(model_dir: Path, source: MappedFile | _InMemory, scheme: str) -> t
         raise ValueError(f"quantized state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     _rebuild_meta_buffers(model)
     return model, swapped
-
-
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def _hand_freed_blocks_back(trim: bool = False) -> None:
-    """Packing allocates and frees 1-17 MB temporaries per layer. glibc raises its mmap threshold after
-    large frees (up to 32 MB), so later temporaries come from the heap and stay there once freed: on the
-    demo model that held 0.14 GB more once ready and raised the peak by 0.16 GB (2026-11-29). A fixed 1 MB
-    threshold maps every larger block on its own and unmaps it when freed; `trim` returns the heap's free
-    tail. glibc only: elsewhere (musl) nothing is done."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-        if trim:
-            libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class _InMemory:
@@ -390,117 +338,21 @@ def _tied(model: torch.nn.Module) -> bool:
 # --------------------------------------------------------------------------- the store
 
 
-class QuantizedStore:
-    """`<cache>/quantized/<model>-<scheme>-<fingerprint>.safetensors`: one file per model, scheme and build;
-    a newer build replaces the older file of the same model and scheme."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-
-    def path(self, model_dir: Path, scheme: str) -> Path:
-        return self.directory / f"{self._prefix(model_dir, scheme)}-{fingerprint(model_dir, scheme)}.safetensors"
-
-    @staticmethod
-    def _prefix(model_dir: Path, scheme: str) -> str:
-        where = hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:12]
-        return f"{Path(model_dir).resolve().parent.name}-{where}-{scheme}"
-
-    def load(self, model_dir: Path, scheme: str) -> MappedFile | None:
-        path = self.path(model_dir, scheme)
-        if not path.is_file():
-            return None
-        try:
-            return MappedFile(path)
-        except Exception as exc:  # torn or foreign: quantize again
-            log.warning("ignoring quantized weights %s: %s", path, exc)
-            return None
-
-    def save(self, model_dir: Path, scheme: str, state: dict[str, torch.Tensor]) -> Path | None:
-        path = self.path(model_dir, scheme)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            for old in path.parent.glob(f"{self._prefix(model_dir, scheme)}-*.safetensors"):  # an older build
-                old.unlink(missing_ok=True)
-            save_file(state, tmp, metadata={"scheme": scheme})
-            tmp.replace(path)  # atomic: a reader sees no file or the whole file
-            return path
-        except Exception as exc:  # best effort: the next start quantizes again
-            log.warning("could not keep the quantized weights on disk (%s)", exc)
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            return None
-
-
-DROPPED = "float32-dropped.json"  # the float32 files' stamps, once model.keep_float32: false removed them
-
-
-# The stored layout's version per scheme, named in the fingerprint once past 1. int4 2: an untied model's
-# embedding is an int8 row table (was float32: 0.54 GB of a Pi's memory for the demo model).
-LAYOUT = {"int8": 1, "int4": 2}
-
-
-def fingerprint(model_dir: Path, scheme: str) -> str:
-    """Changes whenever the stored numbers could: the model files, the scheme, the libraries, the layout."""
-    layout = [LAYOUT[scheme]] if LAYOUT.get(scheme, 1) > 1 else []
-    return hashlib.sha256(json.dumps([model_stamp(model_dir), scheme, torch.__version__, _version("transformers"),
-                                      _version("torchao"), *layout]).encode()).hexdigest()[:24]
-
-
-def model_stamp(model_dir: Path) -> list:
-    """(name, size, mtime) of the model's weight and JSON files; dropped float32 files by their record."""
-    files = sorted(p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".json") and p.name != DROPPED)
-    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    dropped = Path(model_dir) / DROPPED
-    if dropped.is_file():
-        stamp += json.loads(dropped.read_text())
-    return sorted(stamp)
-
-
-def drop_float32(model_dir: Path) -> int:
-    """Delete the float32 safetensors of a converted model (its quantized copy is stored); bytes freed.
-    Only for directories llmqtt converted itself (demo, a .gguf): never a user's own model files."""
-    weights = sorted(Path(model_dir).glob("*.safetensors"))
-    if not weights:
-        return 0
-    record = Path(model_dir) / DROPPED
-    previous = json.loads(record.read_text()) if record.is_file() else []
-    record.write_text(json.dumps(previous + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]))
-    freed = 0
-    for path in weights:
-        freed += path.stat().st_size
-        path.unlink()
-    log.info("dropped the float32 weights of %s (%.1f GB; model.keep_float32: false)", model_dir, freed / 1e9)
-    return freed
-
-
-def float32_dropped_error(model_dir: Path) -> RuntimeError:
-    return RuntimeError(f"the float32 weights in {model_dir} were dropped (model.keep_float32: false); delete that "
-                        "directory to convert the model again, or keep the quantized default")
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "-"
-
-
-def _has_fbgemm() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines
-
-
-def load_quantized(model_dir: Path, scheme: str, store: QuantizedStore) -> tuple[torch.nn.Module, bool]:
-    """(model, whether it came from the store). The first start quantizes from float32 and stores it."""
+def load_quantized(model_dir: Path, scheme: str, store: QuantizedStore,
+                   early: EarlyPacking | None = None) -> tuple[torch.nn.Module, bool]:
+    """(model, whether it came from the store). The first start quantizes from float32 and stores it.
+    `early`: the stored file's packing, already started (EarlyPacking.start)."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r} (one of {', '.join(SCHEMES)})")
     if scheme == "int4" and not torch.backends.kleidiai.is_available():
         raise RuntimeError("quantize: int4 needs torch's KleidiAI kernels (aarch64 builds of torch); "
                            "use int8 or auto on this CPU")
-    if scheme == "int8" and not _has_fbgemm():
+    if scheme == "int8" and not has_fbgemm():
         # torch's aarch64 build packs int8 weights with fbgemm's x86 code and fails ('unknown architecure',
         # seen under qemu as a Cortex-A76, 2026-11-29): say so before anything is quantized
         raise RuntimeError("quantize: int8 needs fbgemm (x86 CPUs); use auto (int4 on a Raspberry Pi 5) or none")
+    if early is not None:
+        return build(model_dir, early.source, scheme, early), True
     stored = store.load(model_dir, scheme)
     if stored is not None:
         return build(model_dir, stored, scheme), True
