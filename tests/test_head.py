@@ -120,16 +120,28 @@ def test_fit_save_load_serve(tiny_model_dir, setup, tmp_path, capsys):
     assert "mood" in (listing := capsys.readouterr().out) and "[head: " in listing and "cross-validated" in listing
 
 
-def test_head_for_other_weights_is_ignored_with_a_warning(tiny_model_dir, setup, tmp_path, caplog, capsys):
+def _fitted_head_and_a_second_prompts_dir(setup, tmp_path):
+    """The mood head (fitted once per module) and an empty second prompts dir holding the same task file."""
     _, prompts, config, data = setup
     path = head_path(prompts / "mood.yaml")
     if not path.exists():
         assert cli.main(["fit", "mood", str(data), "--config", str(config)]) == 0
-    head = load_head(path)
-    foreign = Head(head.labels, head.features, head.weight, head.bias, {**head.meta, "fingerprint": "0" * 32})
     other = tmp_path / "prompts"
     other.mkdir()
     (other / "mood.yaml").write_text(TASK, encoding="utf-8")
+    return load_head(path), other
+
+
+def _config_for(config, prompts, other, tmp_path):
+    """The setup's config file with its prompts dir replaced by `other`."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(config.read_text().replace(str(prompts), str(other)), encoding="utf-8")
+    return cfg
+
+
+def test_head_for_other_weights_is_ignored_with_a_warning(tiny_model_dir, setup, tmp_path, caplog, capsys):
+    head, other = _fitted_head_and_a_second_prompts_dir(setup, tmp_path)
+    foreign = Head(head.labels, head.features, head.weight, head.bias, {**head.meta, "fingerprint": "0" * 32})
     foreign.save(head_path(other / "mood.yaml"))
     with caplog.at_level(logging.WARNING):
         engine = engine_for(tiny_model_dir, other, tmp_path / "cache")
@@ -138,54 +150,37 @@ def test_head_for_other_weights_is_ignored_with_a_warning(tiny_model_dir, setup,
     plain = engine_for(tiny_model_dir, other, tmp_path / "cache", heads=False)
     assert engine.classify("mood", ["I love it"]) == plain.classify("mood", ["I love it"])  # the prompt's answer
 
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(config.read_text().replace(str(prompts), str(other)), encoding="utf-8")
-    assert cli.main(["tasks", "--config", str(cfg)]) == 0
+    _, prompts, config, _ = setup
+    assert cli.main(["tasks", "--config", str(_config_for(config, prompts, other, tmp_path))]) == 0
     assert "for another model: ignored" in capsys.readouterr().out
 
 
 def test_head_fitted_under_another_scheme_is_ignored(tiny_model_dir, setup, tmp_path, caplog, capsys):
     """A float32 head served on int8 weights (or the reverse) reads shifted states: prompt fallback."""
-    _, prompts, config, data = setup
-    path = head_path(prompts / "mood.yaml")
-    if not path.exists():
-        assert cli.main(["fit", "mood", str(data), "--config", str(config)]) == 0
-    head = load_head(path)
-    other = tmp_path / "prompts"
-    other.mkdir()
-    (other / "mood.yaml").write_text(TASK, encoding="utf-8")
+    head, other = _fitted_head_and_a_second_prompts_dir(setup, tmp_path)
     Head(head.labels, head.features, head.weight, head.bias, {**head.meta, "scheme": "float32+int8"}).save(
         head_path(other / "mood.yaml"))
     with caplog.at_level(logging.INFO):
         engine = engine_for(tiny_model_dir, other, tmp_path / "cache")
     assert engine.head("mood") is None
     assert "fitted under float32+int8, serving float32" in caplog.text
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(config.read_text().replace(str(prompts), str(other)), encoding="utf-8")
-    assert cli.main(["tasks", "--config", str(cfg)]) == 0
+    _, prompts, config, _ = setup
+    assert cli.main(["tasks", "--config", str(_config_for(config, prompts, other, tmp_path))]) == 0
     assert "fitted under float32+int8, this config computes float32: ignored" in capsys.readouterr().out
 
 
 def test_a_task_with_heads_for_two_schemes_serves_the_one_that_fits(tiny_model_dir, setup, tmp_path, capsys):
     """`mood.head.safetensors` fitted under int8 and `mood.head.float32.safetensors` under float32 (how the
     shipped sentiment task serves a head under either default): a float32 engine picks the second."""
-    _, prompts, config, data = setup
-    path = head_path(prompts / "mood.yaml")
-    if not path.exists():
-        assert cli.main(["fit", "mood", str(data), "--config", str(config)]) == 0
-    head = load_head(path)
-    other = tmp_path / "prompts"
-    other.mkdir()
-    (other / "mood.yaml").write_text(TASK, encoding="utf-8")
+    head, other = _fitted_head_and_a_second_prompts_dir(setup, tmp_path)
     Head(head.labels, head.features, head.weight, head.bias, {**head.meta, "scheme": "float32+int8"}).save(
         head_path(other / "mood.yaml"))
     head.save(other / "mood.head.float32.safetensors")
     assert head_paths(other / "mood.yaml") == [other / "mood.head.safetensors", other / "mood.head.float32.safetensors"]
     engine = engine_for(tiny_model_dir, other, tmp_path / "cache")
     assert engine.head("mood") is not None and engine.head("mood").meta["scheme"] == "float32"
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(config.read_text().replace(str(prompts), str(other)), encoding="utf-8")
-    assert cli.main(["tasks", "--config", str(cfg)]) == 0
+    _, prompts, config, _ = setup
+    assert cli.main(["tasks", "--config", str(_config_for(config, prompts, other, tmp_path))]) == 0
     listing = capsys.readouterr().out
     assert "fitted under float32]" in listing and "ignored" not in listing
 
