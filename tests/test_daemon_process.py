@@ -73,7 +73,9 @@ def test_request_in_flight_at_kill_9_is_redelivered_and_answered_once(spawn, bro
 
 
 def test_sigterm_finishes_the_running_request_and_leaves_queued_ones_for_the_next_start(spawn, broker):
-    daemon = spawn(env={"LLMQTT_FAKE_TOKEN_DELAY_S": "0.1"}).start()
+    # One generation at a time, so the second chat queues: with the default 4 the step loop starts it beside
+    # the first one at once and answers it before the stop (3 of 8 runs failed that way).
+    daemon = spawn(env={"LLMQTT_FAKE_TOKEN_DELAY_S": "0.1"}, runtime={"max_generations": 1}).start()
     client = broker.client()
     wait_online(client, daemon.root, timeout=30)
     client.subscribe(f"{daemon.root}/response/chat")
