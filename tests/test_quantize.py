@@ -10,7 +10,7 @@ import torch
 
 from llmqtt import config as cfg
 from llmqtt.config import ModelConfig, choose_quantize
-from llmqtt.engine import quantize as quant
+from llmqtt.engine import quantize as quant, quantstore
 from llmqtt.engine.decode import StaticDecoder
 from llmqtt.engine.engine import Engine
 from llmqtt.engine.loader import load
@@ -332,7 +332,7 @@ def test_an_untied_embedding_is_an_int8_row_table_under_int4_too(tmp_path, monke
     assert "model.embed_tokens.weight" not in state
     assert state["model.embed_tokens.table.qdata"].dtype == torch.int8
     assert state["model.embed_tokens.table.qdata"].shape == model.get_input_embeddings().weight.shape
-    assert quant.fingerprint(model_dir, "int4") != quant.fingerprint(model_dir, "int8")
+    assert quantstore.fingerprint(model_dir, "int4") != quantstore.fingerprint(model_dir, "int8")
 
 
 def test_int8_is_refused_where_torch_has_no_fbgemm(tmp_path, monkeypatch):

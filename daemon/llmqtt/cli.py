@@ -122,11 +122,11 @@ def _head_note(config: Config, task_file: Path) -> str:
     from .engine.headfile import head_paths
 
     notes = [_one_head_note(config, path) for path in head_paths(task_file)]
-    serving = [note for note in notes if note.endswith("]") and "ignored" not in note and "unreadable" not in note]
-    return (serving or notes or [""])[0]
+    return next((note for note, serves in notes if serves), notes[0][0] if notes else "")
 
 
-def _one_head_note(config: Config, path: Path) -> str:
+def _one_head_note(config: Config, path: Path) -> tuple[str, bool]:
+    """(' [head: ...]', whether this config serves it)."""
     from .config import choose_dtype
     from .engine import quantize_scheme
     from .engine.headfile import compute_scheme, read_meta, serves_under, weights_fingerprint
@@ -135,18 +135,18 @@ def _one_head_note(config: Config, path: Path) -> str:
     try:
         meta = read_meta(path)
     except ValueError as exc:
-        return f" [head: unreadable, ignored: {exc}]"
+        return f" [head: unreadable, ignored: {exc}]", False
     fitted = f"{100 * meta.get('cv_accuracy', 0):.1f} % cross-validated on {meta.get('rows', 0)} rows"
     model_dir = locate_model(config.model)
     if model_dir is None:
-        return f" [head: {fitted}; model not fetched yet]"
+        return f" [head: {fitted}; model not fetched yet]", True
     if meta.get("fingerprint") != weights_fingerprint(model_dir):
-        return f" [head: {fitted}, for another model: ignored]"
+        return f" [head: {fitted}, for another model: ignored]", False
     dtype = choose_dtype(config.model.dtype)
     serving = compute_scheme(dtype, quantize_scheme(config.model, dtype)[0])
     if not serves_under(meta.get("scheme", "?"), serving):
-        return f" [head: {fitted}, fitted under {meta.get('scheme')}, this config computes {serving}: ignored]"
-    return f" [head: {fitted}, fitted under {meta.get('scheme')}]"
+        return f" [head: {fitted}, fitted under {meta.get('scheme')}, this config computes {serving}: ignored]", False
+    return f" [head: {fitted}, fitted under {meta.get('scheme')}]", True
 
 
 def _fit(args) -> int:

@@ -41,7 +41,7 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
         # systemd's PrivateTmp empties at every start. Set before the imports below: importing transformers'
         # model code sets inductor's default. Compiling starts with engine.start_fast_decode().
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir_for(config) / "inductor"))
-    from .quantstore import EarlyPacking, QuantizedStore  # torch, not transformers
+    from .quantstore import EarlyPacking, QuantizedStore, drop_float32  # torch, not transformers
 
     resolved = resolved or resolve_model(config, progress)
     progress(f"loading {resolved.display_name}", 0, 0)
@@ -56,7 +56,6 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
     from .loader import load
     from .headfile import weights_fingerprint
     from .prefixstore import PrefixStore, model_fingerprint
-    from .quantize import drop_float32
 
     loaded = load(resolved.path, dtype, scheme, config.fast_decode, quantized, early)
     if (scheme != "none" and not config.keep_float32 and (resolved.path / COMPLETE_MARKER).is_file()

@@ -39,14 +39,18 @@ def attended_length(mask: torch.Tensor | None, length: int) -> int:
     return length - last if bool(seen[length - 1 - last]) else length
 
 
+def _attended(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None):
+    """key/value [B, KV, T, d] and mask [B, 1, S, T] cut to the positions any query may see."""
+    n = attended_length(mask, key.shape[2])
+    return key[:, :, :n], value[:, :, :n], None if mask is None else mask[..., :n]
+
+
 def _decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                       scale: float | None) -> torch.Tensor:
     """One query token per row, its H/KV query heads per group as rows against the group's key/value head:
     query [B, KV, H/KV, d], key/value [B, KV, T, d], mask [B, 1, 1, T] -> [B, KV, H/KV, d]."""
-    n = attended_length(mask, key.shape[2])
-    if mask is not None:
-        mask = mask[..., :n]
-    return F.scaled_dot_product_attention(query, key[:, :, :n], value[:, :, :n], attn_mask=mask, scale=scale)
+    key, value, mask = _attended(key, value, mask)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
 
 
 # llmqtt's ops (this one; quantize.py's int8_linear): plain Library ops, whose dispatch costs a few µs a
@@ -69,9 +73,7 @@ def grouped_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                                                 attention_mask, scaling)
         return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
     if not torch.compiler.is_compiling():  # prefill into a static cache: only the positions written so far
-        n = attended_length(attention_mask, key.shape[2])
-        key, value = key[:, :, :n], value[:, :, :n]
-        attention_mask = attention_mask[..., :n] if attention_mask is not None else None
+        key, value, attention_mask = _attended(key, value, attention_mask)
     causal = attention_mask is None and length > 1 and getattr(module, "is_causal", True)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
                                          is_causal=causal, enable_gqa=heads != groups)

@@ -11,7 +11,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import attention, fastdecode, quantize as quant
+from . import attention, fastdecode, quantize as quant, quantstore
 from .fastdecode import Kernels
 from .modelstore import default_cache_dir
 
@@ -36,7 +36,7 @@ class LoadedModel:
 
 
 def load(path: Path, dtype: str, quantize: str = "none", fast_decode: bool = False,
-         store: quant.QuantizedStore | None = None, early: quant.EarlyPacking | None = None) -> LoadedModel:
+         store: quantstore.QuantizedStore | None = None, early: quantstore.EarlyPacking | None = None) -> LoadedModel:
     """`quantize` is a resolved scheme (`none`, `int8`, `int4`; see config.choose_quantize); `early`: the
     stored weights' packing, if the caller started it (quantstore.EarlyPacking)."""
     if dtype not in DTYPES:
@@ -49,15 +49,15 @@ def load(path: Path, dtype: str, quantize: str = "none", fast_decode: bool = Fal
     with ThreadPoolExecutor(max_workers=1) as pool:
         tokenizer_loading = pool.submit(AutoTokenizer.from_pretrained, path)
         if quantize == "none":
-            if (path / quant.DROPPED).is_file() and not any(path.glob("*.safetensors")):
-                raise quant.float32_dropped_error(path)
+            if (path / quantstore.DROPPED).is_file() and not any(path.glob("*.safetensors")):
+                raise quantstore.float32_dropped_error(path)
             # Always pass dtype: transformers 5 would otherwise pick the checkpoint's (often bf16), which is
             # ~2x slower than fp32 on CPUs without native bf16 such as the Raspberry Pi 5.
             model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
                                                          attn_implementation=attention.register()).eval()
             model.requires_grad_(False)
         else:
-            store = store or quant.QuantizedStore(default_cache_dir() / "quantized")
+            store = store or quantstore.QuantizedStore(default_cache_dir() / "quantized")
             model, from_store = quant.load_quantized(path, quantize, store, early)
         _one_token_through(model)  # read the weights' pages now (mapped checkpoint, fresh allocations), not at a request
         tokenizer = tokenizer_loading.result()

@@ -24,9 +24,7 @@ fingerprint of the model files, the scheme and the library versions, so any chan
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -34,9 +32,8 @@ import torch
 
 from . import attention
 from .mapped import MappedFile
-from .quantstore import (DROPPED, LAYOUT, PACK_ROWS, EarlyPacking, QuantizedStore, drop_float32,  # noqa: F401
-                         float32_dropped_error, fingerprint, hand_freed_blocks_back, has_fbgemm, model_stamp,
-                         pack_rows, pack_stored)
+from .quantstore import (DROPPED, EarlyPacking, QuantizedStore, float32_dropped_error, hand_freed_blocks_back,
+                         has_fbgemm)
 
 log = logging.getLogger(__name__)
 
