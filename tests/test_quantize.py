@@ -180,6 +180,32 @@ def test_row_tables_stay_mapped_and_packed_layers_keep_no_int8_copy(tiny_dir, tm
         assert torch.equal(model(ids).logits, first(ids).logits)
 
 
+
+def test_fused_products_give_the_separate_products_answers(tiny_dir, tmp_path):
+    """q/k/v and gate/up packed as one fbgemm product each (quantstore.FUSED): 4 products a layer instead of 7,
+    the same logits, prefill and one decoded token over the KV cache."""
+    store = quant.QuantizedStore(tmp_path)
+    quant.load_quantized(tiny_dir, "int8", store)
+    fused = quant.build(tiny_dir, store.load(tiny_dir, "int8"), "int8")  # Qwen2: fused by default
+    mapped = store.load(tiny_dir, "int8")
+    separate = quant.build(tiny_dir, mapped, "int8", quantstore.EarlyPacking(mapped, fuse=False))
+    products = lambda model: [n for n, m in model.named_modules() if isinstance(m, quant.Int8Linear) and m.packed]  # noqa: E731
+    layer = fused.model.layers[0]
+    assert {"qkv_proj", "o_proj"} == {n for n, _ in layer.self_attn.named_children()}
+    assert {"gate_up_proj", "down_proj", "act_fn"} == {n for n, _ in layer.mlp.named_children()}
+    assert type(layer.self_attn).__name__ == "FusedQwen2Attention" and isinstance(layer.self_attn, type(separate.model.layers[0].self_attn))
+    layers = fused.config.num_hidden_layers
+    assert len(products(separate)) - len(products(fused)) == 3 * layers
+    assert quant.decode_bytes(fused) == quant.decode_bytes(separate)  # the same weights, fewer calls
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.inference_mode():
+        runs = []
+        for model in (fused, separate):
+            out = model(ids, use_cache=True)
+            step = model(torch.tensor([[7]]), past_key_values=out.past_key_values, use_cache=True)
+            runs.append((out.logits, step.logits))
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-5)
+
 def _state(mapped) -> dict[str, torch.Tensor]:
     return {name: mapped.view(name) for name in mapped.keys()}
 

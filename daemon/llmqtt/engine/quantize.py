@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from . import attention
+from . import attention, fused
 from .mapped import MappedFile
-from .quantstore import (DROPPED, EarlyPacking, QuantizedStore, float32_dropped_error, hand_freed_blocks_back,
-                         has_fbgemm)
+from .quantstore import (DROPPED, EarlyPacking, QuantizedStore, float32_dropped_error, fused_groups, fuses,
+                         hand_freed_blocks_back, has_fbgemm)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,15 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("scale", torch.empty(out_features))
         self.bias = torch.nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self._packed = None
+
+    @classmethod
+    def serving(cls, pieces: list, in_features: int, out_features: int) -> Int8Linear:
+        """A Linear served from fbgemm's packed `pieces` alone (a fused product: no rows are read)."""
+        with torch.device("meta"):
+            linear = cls(in_features, out_features, False)
+        linear.scale = torch.empty(0)
+        linear.adopt(pieces)
+        return linear
 
     def adopt(self, pieces: list, keep_rows: bool = False) -> None:
         """Serve from fbgemm's packed `pieces` (pack_rows); drop our int8 values unless rows are still read
@@ -217,12 +226,16 @@ def build(model_dir: Path, weights: MappedFile | dict[str, torch.Tensor], scheme
     import in `_skeleton`."""
     source = weights if isinstance(weights, MappedFile) else _InMemory(weights)
     if early is None and scheme == "int8":
-        early = EarlyPacking(source)
+        early = EarlyPacking(source, fuses(model_dir))
     model, swapped = _skeleton(model_dir, source, scheme)
     packed = early.packed.result() if early else {}
+    if early and early.fuse:  # q/k/v and gate/up packed as one product each
+        groups = fused_groups([name for name, _ in swapped])
+        fused.install(model, groups, lambda name, in_features, out_features:
+                      Int8Linear.serving(packed.pop(name), in_features, out_features))
     head = model.get_output_embeddings()
     for name, module in swapped:
-        if isinstance(module, Int8Linear):
+        if isinstance(module, Int8Linear) and name in packed:
             module.adopt(packed.pop(name), keep_rows=module is head)
     model._llmqtt_weights = source  # the mapping outlives every view of it
     hand_freed_blocks_back(trim=True)
