@@ -260,7 +260,7 @@ def test_compiled_decode_equals_eager_token_for_token(quantized_engine, tmp_path
     eager = [_greedy(quantized_engine, t) for t in texts]
     decoder = quantized_engine.decoder
     decoder.compile()
-    assert decoder.state() == "ready", decoder.failed
+    assert decoder.state() == "ready" and decoder.wrapper == "C++ wrapper", decoder.failed
     compiled = [_greedy(quantized_engine, t) for t in texts]
     for (eager_text, eager_result), (text, result) in zip(eager, compiled):
         assert text == eager_text and result.new_tokens == eager_result.new_tokens
@@ -289,6 +289,22 @@ def test_a_failing_compile_leaves_decode_eager(quantized_engine, monkeypatch):
     assert decoder.state() == "failed" and "no C compiler" in decoder.failed
     with decoder.cache([]) as cache:
         assert decoder.step(1, cache, 0).shape == (quantized_engine.loaded.model.config.vocab_size,)
+
+
+def test_the_python_wrapper_serves_where_the_cpp_wrapper_cannot_be_built(quantized_engine, tmp_path, monkeypatch):
+    """Inductor's C++ wrapper is tried first (faster per step); if building it fails, the Python one compiles."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    real = torch.compile
+
+    def no_cpp_wrapper(fn, **kwargs):
+        if kwargs.get("options", {}).get("cpp_wrapper"):
+            raise RuntimeError("cpp wrapper: no libtorch headers")
+        return real(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", no_cpp_wrapper)
+    decoder = StaticDecoder(quantized_engine.loaded.model, 64)
+    decoder.compile()
+    assert decoder.state() == "ready" and decoder.wrapper == "Python wrapper"
 
 
 def test_the_compile_check_takes_close_logits_and_refuses_a_wrong_pick(quantized_engine, monkeypatch):

@@ -53,6 +53,15 @@ def one_compile_worker() -> None:
     inductor.compile_threads = 1
 
 
+# No guards on the model's modules: they never change after loading, and checking them before every step
+# cost ~0.85 ms of a ~40 ms token (TorchDynamo Cache Lookup, demo model, 2026-11-29).
+_UNGUARDED = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+# Inductor's C++ wrapper calls the step's ~200 kernels and ops from C++ instead of Python: a demo step (int8,
+# position ~200) took 33.3 instead of 36.2 ms (medians of 3 interleaved processes x 150 steps, 2026-11-29).
+# Tried first; the Python wrapper if the C++ one cannot be built here.
+COMPILE_OPTIONS = {"C++ wrapper": {**_UNGUARDED, "cpp_wrapper": True}, "Python wrapper": _UNGUARDED}
+
+
 class StaticDecoder:
     """The compiled step for one model, and whether requests may use it yet (`ready`)."""
 
@@ -61,6 +70,7 @@ class StaticDecoder:
         self.ready = threading.Event()
         self.failed: str | None = None
         self.compile_s: float | None = None
+        self.wrapper: str | None = None  # the COMPILE_OPTIONS entry that compiled
         self.check_error: float | None = None  # largest logit difference compiled vs eager, when checked
         self._compiled = None
         self._shared = self._new_cache()
@@ -121,22 +131,25 @@ class StaticDecoder:
 
     def compile(self) -> None:
         started = time.perf_counter()
-        try:
-            one_compile_worker()
-            # No guards on the model's modules: they never change after loading, and checking them before
-            # every step cost ~0.85 ms of a ~40 ms token (TorchDynamo Cache Lookup, demo model, 2026-11-29).
-            compiled = torch.compile(decode_one_token, fullgraph=True, dynamic=False, options={
-                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-            with self._in_use:
-                self._check(compiled)
-        except Exception as exc:  # no compiler, an op inductor cannot take, a mismatch: stay eager
-            self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        one_compile_worker()
+        failures = []
+        for wrapper, options in COMPILE_OPTIONS.items():
+            try:
+                compiled = torch.compile(decode_one_token, fullgraph=True, dynamic=False, options=options)
+                with self._in_use:
+                    self._check(compiled)
+                break
+            except Exception as exc:  # no compiler, an op inductor cannot take, a mismatch: the next, then eager
+                failures.append(f"{wrapper}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+                log.info("compiled decode with %s failed (%s)", wrapper, failures[-1])
+        else:
+            self.failed = "; ".join(failures)
             log.warning("compiled decode unavailable, decoding eagerly (%s)", self.failed)
             return
-        self._compiled = compiled
+        self._compiled, self.wrapper = compiled, wrapper
         self.compile_s = time.perf_counter() - started
         self.ready.set()
-        log.info("compiled decode ready (%.1fs)", self.compile_s)
+        log.info("compiled decode ready (%.1fs, %s)", self.compile_s, wrapper)
 
     def _check(self, compiled) -> None:
         """The eager step picks CHECK_STEPS greedy tokens; the compiled step, fed the very same tokens
