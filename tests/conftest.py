@@ -15,9 +15,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random Qwen2 model + tokenizer saved as a Hugging Face directory (built once per run)."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Qwen2 model + tokenizer saved as a Hugging Face directory (built once per run). Daemons
+    started on it with the default cache store its quantized weights in ~/.cache/llmqtt: removed after."""
+    from llmqtt.engine.modelstore import default_cache_dir
+    from llmqtt.engine.quantstore import QuantizedStore
+
+    model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
+    yield model_dir
+    store = QuantizedStore(default_cache_dir() / "quantized")
+    for scheme in ("int8", "int4"):
+        for path in store.directory.glob(f"{store._prefix(model_dir, scheme)}-*.safetensors"):
+            path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
