@@ -1,8 +1,9 @@
 """q/k/v and gate/up as one int8 product each (quantstore.FUSED): the attention and MLP modules of a
 quantized Qwen2 get one Linear per group and a forward that splits its output.
 
-A decode step over fbgemm pays ~90 µs per product beyond its bytes; 24 layers x 7 products became
-24 x 4 (demo model: 169 -> 97 products a step with the output head's 10 pieces). The forwards below are
+Every fbgemm call re-quantizes its input row and starts its threads: merging 24 layers x 7 products into
+24 x 4 (demo model: 169 -> 97 products a step with the output head's 10 pieces) saved ~6 ms a step, ~90 µs
+per product removed (random weights of the demo's shapes, 2 threads, 2026-11-29). The forwards below are
 transformers' Qwen2Attention and Qwen2MLP with the products merged, nothing else changed; the modules keep
 their class (a subclass named Fused<class> with the new forward), so everything that reads their
 attributes (layer_idx, head_dim, config) sees the same ones.
