@@ -22,6 +22,7 @@ CHAT = {"kind": "generate", "system": "Hello, how are you today?",
         "generation": {"max_new_tokens": 10, "temperature": 0.0, "repetition_penalty": 1.0}}
 # int4 runs only where torch has the KleidiAI kernels (aarch64: a Pi 5, or tests/arm64/run_int4_tests.sh under qemu)
 KLEIDIAI = torch.backends.kleidiai.is_available()
+NEEDS_FBGEMM = pytest.mark.skipif(not quantstore.has_fbgemm(), reason="int8 needs fbgemm (x86)")
 SCHEMES = ["int8", pytest.param("int4", marks=pytest.mark.skipif(not KLEIDIAI, reason="int4 needs KleidiAI (aarch64)"))]
 # Largest logit error vs float32, as a share of the largest float32 logit. int4 in groups of 32 (16 levels) with
 # int8 activations measured 0.14 (untied) and 0.12 (tied) on the tiny models (qemu Cortex-A76, 2026-11-29).
@@ -181,6 +182,7 @@ def test_row_tables_stay_mapped_and_packed_layers_keep_no_int8_copy(tiny_dir, tm
 
 
 
+@NEEDS_FBGEMM
 def test_fused_products_give_the_separate_products_answers(tiny_dir, tmp_path):
     """q/k/v and gate/up packed as one fbgemm product each (quantstore.FUSED): 4 products a layer instead of 7,
     the same logits, prefill and one decoded token over the KV cache."""
@@ -291,6 +293,7 @@ print(decoder.state(), counters["inductor"]["fxgraph_cache_hit"], counters["indu
 """
 
 
+@NEEDS_FBGEMM
 def test_a_restart_takes_the_compiled_step_from_inductors_disk_cache(tmp_path):
     """The compiled graph names each int8 layer by a key numbered in load order, not by its address, so a
     restart's graph is the one on disk: no second compile (~60 s and +0.19 GB peak RSS for the demo)."""
