@@ -150,9 +150,11 @@ def _chat_md(r: dict) -> str:
         if not c:
             continue
         fast = v.get("fast_decode", {})
-        kernels = fast.get("state")
-        kernels = (f"compiled ({fast['wrapper']})" if kernels == "ready" and fast.get("wrapper") else "compiled"
-                   if kernels == "ready" else f"torch ({kernels})" if kernels else "torch")
+        state, wrapper = fast.get("state"), fast.get("wrapper")
+        if state == "ready":
+            kernels = f"compiled ({wrapper})" if wrapper else "compiled"
+        else:
+            kernels = f"torch ({state})" if state else "torch"
         lines.append(f"| {name} | {kernels} | {c['prefix_tokens']} | {c['rest_tokens']} | {_n(c['first_token_cached_ms'], 0)} | "
                      f"{_n(c['first_token_recomputed_ms'], 0)} | {_n(c['first_token_speedup'], 2)}x | "
                      f"{_n(c['decode_tokens_per_s'], 2)} | {_n(b.get('tokens_per_s'), 2)} | "

@@ -30,7 +30,7 @@ def install(model: torch.nn.Module, groups: dict[str, list[str]],
         parent = model.get_submodule(parent_name)
         linears = [parent.get_submodule(member.rpartition(".")[2]) for member in members]
         parent._llmqtt_split = [linear.out_features for linear in linears]
-        parent._llmqtt_rotary = getattr(sys.modules[type(parent).__module__], "apply_rotary_pos_emb", None)
+        parent._llmqtt_rotary = sys.modules[type(parent).__module__].apply_rotary_pos_emb  # the model code's own
         for member in members:
             delattr(parent, member.rpartition(".")[2])
         setattr(parent, child, product(fused, linears[0].in_features, sum(parent._llmqtt_split)))

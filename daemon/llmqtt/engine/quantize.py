@@ -234,13 +234,13 @@ def build(model_dir: Path, weights: MappedFile | dict[str, torch.Tensor], scheme
         early = EarlyPacking(source, fuses(model_dir))
     model, swapped = _skeleton(model_dir, source, scheme)
     packed = early.packed.result() if early else {}
-    if early and early.fuse:  # q/k/v and gate/up packed as one product each
-        groups = fused_groups([name for name, _ in swapped])
-        fused.install(model, groups, lambda name, in_features, out_features:
-                      Int8Linear.serving(packed.pop(name), in_features, out_features))
+    groups = fused_groups([name for name, _ in swapped]) if early and early.fuse else {}  # packed as one product
+    fused.install(model, groups, lambda name, in_features, out_features:
+                  Int8Linear.serving(packed.pop(name), in_features, out_features))
+    in_groups = {member for members in groups.values() for member in members}
     head = model.get_output_embeddings()
     for name, module in swapped:
-        if isinstance(module, Int8Linear) and name in packed:
+        if isinstance(module, Int8Linear) and name not in in_groups:
             module.adopt(packed.pop(name), keep_rows=module is head)
     model._llmqtt_weights = source  # the mapping outlives every view of it
     hand_freed_blocks_back(trim=True)
