@@ -41,6 +41,8 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
         # systemd's PrivateTmp empties at every start. Set before the imports below: importing transformers'
         # model code sets inductor's default. Compiling starts with engine.start_fast_decode().
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir_for(config) / "inductor"))
+    # llmqtt's int8 kernel is built once per machine (kernels.py), kept beside the other caches
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir_for(config) / "kernels"))
     from .quantstore import EarlyPacking, QuantizedStore, drop_float32  # torch, not transformers
 
     resolved = resolved or resolve_model(config, progress)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import attention, fused
+from . import attention, fused, kernels
 from .mapped import MappedFile
 from .quantstore import (DROPPED, EarlyPacking, QuantizedStore, float32_dropped_error, fused_groups, fuses,
                          hand_freed_blocks_back, has_fbgemm)
@@ -72,7 +72,8 @@ attention.LIBRARY.impl("int8_linear", lambda x, layer, out_features: x.new_empty
 
 
 class Int8Linear(torch.nn.Module):
-    """y = x W^T + b with W as int8 per output channel. State: qdata [out, in] int8, scale [out] float32."""
+    """y = x W^T + b with W as int8 per output channel. State: qdata [out, in] int8, scale [out] float32.
+    Served by llmqtt's AVX2 kernel (`blocked`, `sums`: kernels.Blocked) or by fbgemm's packed pieces."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -81,21 +82,30 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("scale", torch.empty(out_features))
         self.bias = torch.nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self._packed = None
+        self.register_buffer("blocked", None, persistent=False)  # the AVX2 kernel's copy, once adopted
+        self.register_buffer("sums", None, persistent=False)
 
     @classmethod
-    def serving(cls, pieces: list, in_features: int, out_features: int) -> Int8Linear:
-        """A Linear served from fbgemm's packed `pieces` alone (a fused product: no rows are read)."""
+    def serving(cls, packed: list | kernels.Blocked, in_features: int, out_features: int) -> Int8Linear:
+        """A Linear served from its packed copy alone (a fused product: no rows are read)."""
         with torch.device("meta"):
             linear = cls(in_features, out_features, False)
         linear.scale = torch.empty(0)
-        linear.adopt(pieces)
+        linear.adopt(packed)
         return linear
 
-    def adopt(self, pieces: list, keep_rows: bool = False) -> None:
-        """Serve from fbgemm's packed `pieces` (pack_rows); drop our int8 values unless rows are still read
-        (the output head, whose rows the embedding and classification use)."""
-        self._packed, self._key = pieces, next(_NEXT_KEY)
-        _PACKED[self._key] = pieces
+    def adopt(self, packed: list | kernels.Blocked, keep_rows: bool = False) -> None:
+        """Serve from `packed`: the AVX2 kernel's copy (quantstore.block_rows) or fbgemm's pieces (pack_rows);
+        drop our int8 values unless rows are still read (the output head, whose rows the embedding and
+        classification use)."""
+        self._packed = packed
+        if isinstance(packed, kernels.Blocked):
+            self.blocked, self.sums, self.scale = packed.weight, packed.sums, packed.scale
+            if packed.bias is not None:
+                self.bias = torch.nn.Parameter(packed.bias, requires_grad=False)
+        else:
+            self._key = next(_NEXT_KEY)
+            _PACKED[self._key] = packed
         if not keep_rows:
             self.qdata = torch.empty(0, dtype=torch.int8)
 
@@ -104,7 +114,9 @@ class Int8Linear(torch.nn.Module):
         return self._packed is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in] float32 -> [..., out]; fbgemm quantizes x to uint8 per call (full 8 bits)
+        # x: [..., in] float32 -> [..., out]; either kernel quantizes x to uint8 per call (full 8 bits)
+        if self.blocked is not None:
+            return kernels.product(x, self.blocked, self.scale, self.sums, self.bias)
         if torch.compiler.is_compiling():
             return torch.ops.llmqtt.int8_linear(x, self._key, self.out_features)
         return _linear_dynamic(x, self._packed)
@@ -309,20 +321,21 @@ def decode_bytes(model: torch.nn.Module) -> int:
     return _packed_int8_bytes(model) + sum(m.packed.numel() for m in model.modules() if isinstance(m, Int4Linear))
 
 
-def _packed_int8_bytes(model: torch.nn.Module) -> int:
-    """fbgemm's packed int8 copies: one byte a weight."""
-    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int8Linear) and m.packed)
+def _packed_int8_bytes(model: torch.nn.Module, fbgemm_only: bool = False) -> int:
+    """The packed int8 copies (fbgemm's alone, which are no tensors of the module): one byte a weight."""
+    return sum(m.in_features * m.out_features for m in model.modules()
+               if isinstance(m, Int8Linear) and m.packed and not (fbgemm_only and m.blocked is not None))
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights held in memory: fbgemm's packed copies and every tensor that is not a view of the
-    mapped file (the row tables stay on disk but for the rows read)."""
+    """Bytes of weights held in memory: fbgemm's packed copies and every tensor (the AVX2 kernel's blocked
+    copies among them) that is not a view of the mapped file (the row tables stay on disk but for the rows read)."""
     weights = getattr(model, "_llmqtt_weights", None)
     mapped = {id(m.qdata) for m in model.modules() if isinstance(m, Int8Linear)} if isinstance(weights, MappedFile) \
         else set()
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in mapped}
     owned = sum(t.numel() * t.element_size() for t in tensors.values())
-    return owned + _packed_int8_bytes(model)
+    return owned + _packed_int8_bytes(model, fbgemm_only=True)
 
 
 def _rebuild_meta_buffers(model: torch.nn.Module) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from . import kernels
 from .mapped import MappedFile
 
 log = logging.getLogger(__name__)
@@ -75,33 +76,50 @@ def fused_groups(names: list[str]) -> dict[str, list[str]]:
     return groups
 
 
-def pack_stored(source, fuse: bool = False, workers: int = 1) -> dict[str, list]:
+def block_rows(qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+               copied_rows=lambda first, stop: None) -> kernels.Blocked:
+    """llmqtt's AVX2 kernel's copy of int8 W ([out, in], per-row `scale`): blocked rows, row sums."""
+    sums = qdata.sum(1, dtype=torch.int32)
+    return kernels.Blocked(kernels.block(qdata, PACK_ROWS, copied_rows), scale.clone(), sums,
+                           None if bias is None else bias.clone())
+
+
+def pack_stored(source, fuse: bool = False, workers: int = 1, blocked: bool = False) -> dict[str, list | kernels.Blocked]:
     """Every stored int8 Linear (all but the embedding table) packed, its file pages released as it goes:
-    Linear name -> pieces; with `fuse`, each FUSED group as one product under its fused name. fbgemm packs
-    on one core (~140 MB/s, 3.1 s for the demo), so `workers` threads pack Linears side by side."""
+    Linear name -> fbgemm's pieces, or with `blocked` the AVX2 kernel's copy (kernels.Blocked) where its
+    shape fits; with `fuse`, each FUSED group as one product under its fused name. fbgemm packs on one core
+    (~140 MB/s, 3.1 s for the demo), so `workers` threads pack Linears side by side."""
     names = [k[:-len(".qdata")] for k in source.keys() if k.endswith(".qdata") and not k.endswith("table.qdata")]
     groups = fused_groups(names) if fuse else {}
     in_groups = {member for members in groups.values() for member in members}
-    jobs = {fused: functools.partial(_pack_together, source, members) for fused, members in groups.items()}
-    jobs.update({name: functools.partial(_pack_one, source, name) for name in names if name not in in_groups})
+    pack = functools.partial(_pack, blocked)
+    jobs = {fused: functools.partial(_pack_together, source, members, pack) for fused, members in groups.items()}
+    jobs.update({name: functools.partial(_pack_one, source, name, pack) for name in names if name not in in_groups})
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llmqtt-pack") as pool:
         return dict(zip(jobs, pool.map(lambda job: job(), jobs.values())))
 
 
-def _pack_one(source, name: str) -> list:
-    return pack_rows(source.view(f"{name}.qdata"), source.view(f"{name}.scale"), _bias(source, name),
-                     lambda first, stop: source.release(f"{name}.qdata", first, stop))
+def _pack(blocked: bool, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+          packed_rows=lambda first, stop: None) -> list | kernels.Blocked:
+    if blocked and kernels.fits(*qdata.shape):
+        return block_rows(qdata, scale, bias, packed_rows)
+    return pack_rows(qdata, scale, bias, packed_rows)
 
 
-def _pack_together(source, members: list[str]) -> list:
+def _pack_one(source, name: str, pack=pack_rows) -> list | kernels.Blocked:
+    return pack(source.view(f"{name}.qdata"), source.view(f"{name}.scale"), _bias(source, name),
+                lambda first, stop: source.release(f"{name}.qdata", first, stop))
+
+
+def _pack_together(source, members: list[str], pack=pack_rows) -> list | kernels.Blocked:
     """One product of the members' rows stacked in order (a few MB copied: the demo's gate/up is 8.7 MB)."""
     biases = [_bias(source, name) for name in members]
     if any(b is not None for b in biases):  # a member without a bias adds zeros
         biases = [b if b is not None else torch.zeros(source.view(f"{name}.scale").shape[0])
                   for b, name in zip(biases, members)]
-    pieces = pack_rows(torch.cat([source.view(f"{name}.qdata") for name in members]),
-                       torch.cat([source.view(f"{name}.scale") for name in members]),
-                       torch.cat(biases) if biases[0] is not None else None)
+    pieces = pack(torch.cat([source.view(f"{name}.qdata") for name in members]),
+                  torch.cat([source.view(f"{name}.scale") for name in members]),
+                  torch.cat(biases) if biases[0] is not None else None)
     for name in members:
         source.release(f"{name}.qdata")
     return pieces
@@ -229,18 +247,24 @@ def has_fbgemm() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-
-
 class EarlyPacking:
-    """fbgemm packing every int8 Linear of a stored model on a thread of its own, started as early as the
-    file is known: before transformers' modules are imported (they hold the GIL; fbgemm releases it)."""
+    """Packing every int8 Linear of a stored model on a thread of its own, started as early as the file is
+    known: before transformers' modules are imported (they hold the GIL; packing releases it). The thread
+    first loads llmqtt's AVX2 kernel (kernels.load: built the first time, ~15 s); fbgemm packs where it
+    can't serve (`kernel` says which served, `why_fbgemm` why not ours)."""
 
     def __init__(self, source: MappedFile, fuse: bool, workers: int | None = None):
         hand_freed_blocks_back()  # before packing's first temporaries
         self.source, self.fuse = source, fuse
+        self.kernel, self.why_fbgemm = "fbgemm", None
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmqtt-packing")
-        self.packed: Future = pool.submit(pack_stored, source, fuse, workers or torch.get_num_threads())
+        self.packed: Future = pool.submit(self._pack, workers or torch.get_num_threads())
         pool.shutdown(wait=False)  # the thread ends with its one job
+
+    def _pack(self, workers: int) -> dict:
+        self.why_fbgemm = kernels.load()
+        self.kernel = "fbgemm" if self.why_fbgemm else "llmqtt AVX2"
+        return pack_stored(self.source, self.fuse, workers, blocked=self.why_fbgemm is None)
 
     @classmethod
     def start(cls, store: QuantizedStore, model_dir: Path, scheme: str) -> EarlyPacking | None:

@@ -1,0 +1,99 @@
+"""llmqtt's own int8 product for x86 CPUs with AVX2 (int8_avx2.cpp): built once per machine with the C++
+compiler torch.compile already needs, loaded as a torch op (`torch.ops.llmqtt_kernels.int8_mm`).
+
+fbgemm stays the fallback: on a CPU without AVX2, where no compiler or ninja is installed, or if the build
+fails. `load()` says which and why; `llmqtt doctor` and the bench show it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int8_avx2.cpp")
+ROWS, DEPTH = 8, 4  # the blocked layout's rows per block and k per load (int8_avx2.cpp)
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for runs on torch's own thread pool
+
+_lock = threading.Lock()
+_state: dict[str, str | None] = {}  # "why": None once loaded, else why not
+
+
+def load() -> str | None:
+    """Build (first time, ~15 s) or load the kernel; None when it serves, else why fbgemm does."""
+    with _lock:
+        if "why" not in _state:
+            _state["why"] = _load()
+            if _state["why"]:
+                log.info("int8 products on fbgemm: %s", _state["why"])
+        return _state["why"]
+
+
+def _load() -> str | None:
+    if os.environ.get("LLMQTT_INT8_KERNEL", "") == "fbgemm":
+        return "LLMQTT_INT8_KERNEL=fbgemm"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"not an x86 CPU ({platform.machine()})"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return f"the CPU has no AVX2 (torch sees {torch.backends.cpu.get_cpu_capability()})"
+    missing = [tool for tool in ("c++", "ninja") if shutil.which(tool) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (Debian: g++, ninja-build)"
+    try:
+        from torch.utils import cpp_extension
+
+        # named by the source and torch: a changed kernel or torch builds anew beside the old one
+        digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(FLAGS).encode())
+        cpp_extension.load(name=f"llmqtt_int8_{digest.hexdigest()[:12]}", sources=[str(SOURCE)],
+                           extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
+    except Exception as exc:  # a compiler error, a read-only cache: fbgemm serves
+        return f"building {SOURCE.name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return None
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """One int8 product for the kernel: W blocked [N/8, K/4, 8, 4], its per-row scales [N] and row sums
+    [N] int32 (for the input's zero point), bias [N] or None."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    sums: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def fits(out_features: int, in_features: int) -> bool:
+    return out_features % ROWS == 0 and in_features % DEPTH == 0
+
+
+def block(qdata: torch.Tensor, chunk_rows: int = 16384, copied_rows=lambda first, stop: None) -> torch.Tensor:
+    """int8 W [N, K] -> the kernel's layout [N/8, K/4, 8, 4], copied `chunk_rows` at a time and told to
+    `copied_rows(first, stop)`, so a caller can release the source's pages as it goes (the demo's output head
+    is 0.14 GB)."""
+    n, k = qdata.shape
+    blocked = torch.empty(n // ROWS, k // DEPTH, ROWS, DEPTH, dtype=torch.int8)
+    for first in range(0, n, chunk_rows):
+        stop = min(first + chunk_rows, n)
+        blocked[first // ROWS:stop // ROWS] = qdata[first:stop].view(-1, ROWS, k // DEPTH, DEPTH).transpose(1, 2)
+        copied_rows(first, stop)
+    return blocked
+
+
+def unblock_rows(blocked: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of W from its blocked layout: [len(ids), K] int8."""
+    return blocked[ids // ROWS, :, ids % ROWS, :].reshape(len(ids), -1)
+
+
+def product(x: torch.Tensor, blocked: torch.Tensor, scale: torch.Tensor, sums: torch.Tensor,
+            bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] float32 -> [..., N]."""
+    return torch.ops.llmqtt_kernels.int8_mm(x, blocked, scale, sums, bias)
