@@ -111,6 +111,21 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w
   return y;
 }
 
+// sum_k W[n, k] for every row of a blocked W: the input's zero point subtracts z times these.
+at::Tensor int8_row_sums(const at::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 4 && w.size(2) == ROWS && w.size(3) == DEPTH &&
+              w.is_contiguous(), "int8_row_sums: w must be blocked int8 [N/8, K/4, 8, 4]");
+  const int64_t N = w.size(0) * ROWS, K = w.size(1) * DEPTH;
+  auto sums = at::empty({N}, w.options().dtype(at::kInt));
+  const std::vector<uint8_t> ones(K, 1);
+  const int8_t* wp = w.data_ptr<int8_t>();
+  int32_t* out = sums.data_ptr<int32_t>();
+  at::parallel_for(0, N / ROWS, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) dot_block<1>(wp + blk * ROWS * K, ones.data(), K, out + blk * ROWS);
+  });
+  return sums;
+}
+
 at::Tensor int8_mm_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale, const at::Tensor& w_sum,
                         const std::optional<at::Tensor>& bias) {
   auto shape = x.sizes().vec();
@@ -122,6 +137,10 @@ at::Tensor int8_mm_meta(const at::Tensor& x, const at::Tensor& w, const at::Tens
 
 TORCH_LIBRARY(llmqtt_kernels, m) {
   m.def("int8_mm(Tensor x, Tensor w, Tensor w_scale, Tensor w_sum, Tensor? bias) -> Tensor");
+  m.def("int8_row_sums(Tensor w) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(llmqtt_kernels, CPU, m) { m.impl("int8_mm", int8_mm); }
+TORCH_LIBRARY_IMPL(llmqtt_kernels, CPU, m) {
+  m.impl("int8_mm", int8_mm);
+  m.impl("int8_row_sums", int8_row_sums);
+}
 TORCH_LIBRARY_IMPL(llmqtt_kernels, Meta, m) { m.impl("int8_mm", int8_mm_meta); }

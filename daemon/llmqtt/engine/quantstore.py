@@ -79,9 +79,8 @@ def fused_groups(names: list[str]) -> dict[str, list[str]]:
 def block_rows(qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                copied_rows=lambda first, stop: None) -> kernels.Blocked:
     """llmqtt's AVX2 kernel's copy of int8 W ([out, in], per-row `scale`): blocked rows, row sums."""
-    sums = qdata.sum(1, dtype=torch.int32)
-    return kernels.Blocked(kernels.block(qdata, PACK_ROWS, copied_rows), scale.clone(), sums,
-                           None if bias is None else bias.clone())
+    blocked = kernels.block(qdata, PACK_ROWS, copied_rows)
+    return kernels.Blocked(blocked, scale.clone(), kernels.row_sums(blocked), None if bias is None else bias.clone())
 
 
 def pack_stored(source, fuse: bool = False, workers: int = 1, blocked: bool = False) -> dict[str, list | kernels.Blocked]:
