@@ -8,12 +8,13 @@ refused, or cannot be found with fetching turned off), else 0.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from .config import Config, ModelConfig, choose_quantize
+from .config import INT8_KERNEL_TOOLS, Config, ModelConfig, choose_int8_kernel, choose_quantize
 from .engine.modelstore import BUILTIN_MODELS, locate_model, looks_like_hub_id
 from .explain import explain, fmt_bytes, suggest
 from .modelchoice import Speed, recommend_model, speed_from_bench
@@ -101,6 +102,14 @@ def _model_missing(model_config: ModelConfig) -> Problem:
 
 
 def _plan_data(readings: SystemReadings, facts: ModelFacts | None, config: Config) -> dict[str, Any]:
+    data = _plan_numbers(readings, facts, config)
+    if data["quantize"] == "int8":
+        found = {tool for tool in INT8_KERNEL_TOOLS if shutil.which(tool)}
+        data["int8_kernel"], data["int8_kernel_why"] = choose_int8_kernel(readings.arch, readings.cpu_flags, found)
+    return data
+
+
+def _plan_numbers(readings: SystemReadings, facts: ModelFacts | None, config: Config) -> dict[str, Any]:
     if facts is not None:
         p = plan(readings, facts, config.model, config.runtime)
         data = _jsonable(asdict(p)) | {"explanation": explain(p, facts), "suggestions": suggest(p, facts)}
@@ -245,6 +254,7 @@ def _plan_lines(p: dict[str, Any]) -> list[str]:
         f"  threads        {p['threads']} intra-op, {p['interop_threads']} inter-op",
         f"  dtype          {p['dtype']}, quantize {p['quantize']}",
         f"  weights        {p['quantize_why']}",
+        *([f"  int8 product   {p['int8_kernel']}: {p['int8_kernel_why']}"] if p.get("int8_kernel") else []),
         f"  limits         max_batch {p['max_batch']}, max_context {p['max_context']},"
         f" max_generations {p['max_generations']}",
         f"  low memory at  {fmt_bytes(p['low_memory_bytes'])} available",

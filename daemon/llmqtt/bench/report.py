@@ -155,6 +155,8 @@ def _chat_md(r: dict) -> str:
             kernels = f"compiled ({wrapper})" if wrapper else "compiled"
         else:
             kernels = f"torch ({state})" if state else "torch"
+        if fast.get("int8"):
+            kernels += f"; int8 on {fast['int8']}"
         lines.append(f"| {name} | {kernels} | {c['prefix_tokens']} | {c['rest_tokens']} | {_n(c['first_token_cached_ms'], 0)} | "
                      f"{_n(c['first_token_recomputed_ms'], 0)} | {_n(c['first_token_speedup'], 2)}x | "
                      f"{_n(c['decode_tokens_per_s'], 2)} | {_n(b.get('tokens_per_s'), 2)} | "

@@ -232,7 +232,7 @@ def variant_section(engine, tasks: dict, rows: dict, sizes: Sizes, compare_rows:
     if kernels:  # measure what a running daemon serves with, not the minutes after start
         kernels.wait(timeout=1800)
         out["fast_decode"] = {"state": kernels.state(), "compile_s": kernels.compile_s, "failed": kernels.failed,
-                              "wrapper": getattr(kernels, "wrapper", None),
+                              "wrapper": getattr(kernels, "wrapper", None), "int8": engine.loaded.int8_kernel,
                               "kind": "one-row kernels" if engine.loaded.kernels else "whole decode step"}
     if SPEED_TASK in rows:
         bar.set_description(f"sentiment speed {engine.dtype}")

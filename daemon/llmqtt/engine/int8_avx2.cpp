@@ -4,7 +4,7 @@
 // fbgemm's one-row product read 21-24 GB/s of the demo model's weights on a 2-core EPYC where a plain sum
 // reads 30.8 GB/s; this loop reads 28-29 GB/s (docs/quantization.md has the measurement).
 //
-// Layout (`kernels.block`): W [N, K] as [N/8][K/4][8][4]: one 32-byte load holds 4 consecutive k of 8
+// Layout (`kernels.block`): W [N, K] as [N/8][K/4][8][4] (zeros pad N and K to whole blocks): one 32-byte load holds 4 consecutive k of 8
 // output rows, so a block of 8 rows is one sequential stream and its 8 sums stay in one register (no
 // horizontal sums). x is quantized per row to uint8 (asymmetric, zero point z); vpmaddubsw multiplies
 // u8 x s8 pairs into int16, which cannot saturate with 7-bit weights: 2 * 255 * 64 = 32,640 < 32,767.
@@ -73,34 +73,37 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w
                    const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 4 && w.size(2) == ROWS && w.size(3) == DEPTH &&
               w.is_contiguous(), "int8_mm: w must be blocked int8 [N/8, K/4, 8, 4]");
-  const int64_t N = w.size(0) * ROWS, K = w.size(1) * DEPTH, M = x.numel() / std::max<int64_t>(K, 1);
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == K, "int8_mm: x must be float32 [..., ", K, "]");
-  TORCH_CHECK(w_scale.numel() == N && w_sum.numel() == N && w_sum.scalar_type() == at::kInt, "int8_mm: scales/sums");
+  // N and K as the caller sees them; the blocked copy is padded with zeros up to whole blocks
+  const int64_t N = w_scale.numel(), K = x.size(-1), KP = w.size(1) * DEPTH, M = x.numel() / std::max<int64_t>(K, 1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && KP >= K && KP - K < DEPTH, "int8_mm: x must be float32 [..., ", KP, "]");
+  TORCH_CHECK(w.size(0) * ROWS >= N && w.size(0) * ROWS - N < ROWS && w_sum.numel() == N &&
+              w_sum.scalar_type() == at::kInt, "int8_mm: scales or sums do not fit w");
   const float* b = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
   auto shape = x.sizes().vec();
   shape.back() = N;
   auto y = at::empty(shape, x.options());
   const auto xc = x.contiguous();
   const float* xp = xc.data_ptr<float>();
-  std::vector<uint8_t> q(M * K);
+  std::vector<uint8_t> q(M * KP, 0);  // padded columns meet zero weights
   std::vector<float> xs(M);
   std::vector<int32_t> xz(M);
   at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * K, K, q.data() + m * K, &xs[m], &xz[m]);
+    for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * K, K, q.data() + m * KP, &xs[m], &xz[m]);
   });
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* ws = w_scale.data_ptr<float>();
   const int32_t* wsum = w_sum.data_ptr<int32_t>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N / ROWS, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, w.size(0), 1, [&](int64_t b0, int64_t b1) {
     alignas(32) int32_t sums[TOKENS * ROWS];
     for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t rows = std::min(ROWS, N - blk * ROWS);
       for (int64_t m0 = 0; m0 < M; m0 += TOKENS) {
         const int64_t T = std::min(TOKENS, M - m0);
-        dot_tile(T, wp + blk * ROWS * K, q.data() + m0 * K, K, sums);
+        dot_tile(T, wp + blk * ROWS * KP, q.data() + m0 * KP, KP, sums);
         for (int64_t t = 0; t < T; ++t) {
           const int64_t m = m0 + t;
-          for (int64_t r = 0; r < ROWS; ++r) {
+          for (int64_t r = 0; r < rows; ++r) {
             const int64_t n = blk * ROWS + r;
             yp[m * N + n] = xs[m] * ws[n] * static_cast<float>(sums[t * ROWS + r] - xz[m] * wsum[n]) + (b ? b[n] : 0.f);
           }
@@ -112,6 +115,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w
 }
 
 // sum_k W[n, k] for every row of a blocked W: the input's zero point subtracts z times these.
+// (The padded rows' sums too: zeros, cut by the caller.)
 at::Tensor int8_row_sums(const at::Tensor& w) {
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 4 && w.size(2) == ROWS && w.size(3) == DEPTH &&
               w.is_contiguous(), "int8_row_sums: w must be blocked int8 [N/8, K/4, 8, 4]");
@@ -129,7 +133,7 @@ at::Tensor int8_row_sums(const at::Tensor& w) {
 at::Tensor int8_mm_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale, const at::Tensor& w_sum,
                         const std::optional<at::Tensor>& bias) {
   auto shape = x.sizes().vec();
-  shape.back() = w.size(0) * ROWS;
+  shape.back() = w_scale.numel();
   return at::empty(shape, x.options());
 }
 

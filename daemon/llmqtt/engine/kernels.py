@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import INT8_KERNEL_TOOLS, choose_int8_kernel
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int8_avx2.cpp")
@@ -39,15 +41,12 @@ def load() -> str | None:
 
 
 def _load() -> str | None:
-    if os.environ.get("LLMQTT_INT8_KERNEL", "") == "fbgemm":
+    if os.environ.get("LLMQTT_INT8_KERNEL", "") == "fbgemm":  # the bench's and tests' A/B switch
         return "LLMQTT_INT8_KERNEL=fbgemm"
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"not an x86 CPU ({platform.machine()})"
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return f"the CPU has no AVX2 (torch sees {torch.backends.cpu.get_cpu_capability()})"
-    missing = [tool for tool in ("c++", "ninja") if shutil.which(tool) is None]
-    if missing:
-        return f"{' and '.join(missing)} not installed (Debian: g++, ninja-build)"
+    flags = {"avx2"} if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else set()
+    kernel, why = choose_int8_kernel(platform.machine(), flags, {t for t in INT8_KERNEL_TOOLS if shutil.which(t)})
+    if kernel == "fbgemm":
+        return why
     try:
         from torch.utils import cpp_extension
 
@@ -71,34 +70,32 @@ class Blocked:
     bias: torch.Tensor | None
 
 
-def fits(out_features: int, in_features: int) -> bool:
-    return out_features % ROWS == 0 and in_features % DEPTH == 0
-
-
 def block(qdata: torch.Tensor, chunk_rows: int = 16384, copied_rows=lambda first, stop: None) -> torch.Tensor:
-    """int8 W [N, K] -> the kernel's layout [N/8, K/4, 8, 4], copied `chunk_rows` at a time and told to
-    `copied_rows(first, stop)`, so a caller can release the source's pages as it goes (the demo's output head
-    is 0.14 GB)."""
+    """int8 W [N, K] -> the kernel's layout [N/8, K/4, 8, 4] (zeros pad N and K up to whole blocks), copied
+    `chunk_rows` (a multiple of 8) at a time and told to `copied_rows(first, stop)`, so a caller can release
+    the source's pages as it goes (the demo's output head is 0.14 GB)."""
     n, k = qdata.shape
-    blocked = torch.empty(n // ROWS, k // DEPTH, ROWS, DEPTH, dtype=torch.int8)
-    into = blocked.view(torch.int32).view(n // ROWS, k // DEPTH, ROWS)
+    blocks, depth = -(-n // ROWS), -(-k // DEPTH)
+    blocked = torch.zeros(blocks, depth, ROWS, DEPTH, dtype=torch.int8)
     for first in range(0, n, chunk_rows):
         stop = min(first + chunk_rows, n)
+        if k % DEPTH or (stop - first) % ROWS:  # a ragged edge (no built-in model's layer): via a padded copy
+            padded = torch.zeros(-(-(stop - first) // ROWS) * ROWS, depth * DEPTH, dtype=torch.int8)
+            padded[:stop - first, :k] = qdata[first:stop]
+            rows = padded.view(torch.int32)
+        else:
+            rows = qdata[first:stop].view(torch.int32)
         # DEPTH int8 moved as one int32: 2.3x faster than moving bytes (69 vs 156 ms for the demo's head)
-        into[first // ROWS:stop // ROWS] = qdata[first:stop].view(torch.int32).view(-1, ROWS, k // DEPTH).transpose(1, 2)
+        blocked.view(torch.int32).view(blocks, depth, ROWS)[first // ROWS:first // ROWS + len(rows) // ROWS] = \
+            rows.view(-1, ROWS, depth).transpose(1, 2)
         copied_rows(first, stop)
     return blocked
 
 
-def row_sums(blocked: torch.Tensor) -> torch.Tensor:
-    """sum_k W[n, k] as int32 [N], read from the blocked copy by the kernel (torch's int8 sum took 229 ms
+def row_sums(blocked: torch.Tensor, rows: int) -> torch.Tensor:
+    """sum_k W[n, k] as int32 [rows], read from the blocked copy by the kernel (torch's int8 sum took 229 ms
     for the demo's head, this ~15)."""
-    return torch.ops.llmqtt_kernels.int8_row_sums(blocked)
-
-
-def unblock_rows(blocked: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Rows `ids` of W from its blocked layout: [len(ids), K] int8."""
-    return blocked[ids // ROWS, :, ids % ROWS, :].reshape(len(ids), -1)
+    return torch.ops.llmqtt_kernels.int8_row_sums(blocked)[:rows].clone()
 
 
 def product(x: torch.Tensor, blocked: torch.Tensor, scale: torch.Tensor, sums: torch.Tensor,

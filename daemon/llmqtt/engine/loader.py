@@ -33,6 +33,7 @@ class LoadedModel:
     kernels: Kernels | None = None  # compiled decode kernels (fast_decode), not started yet
     from_store: bool = False  # quantized weights read from the model cache (not quantized at this start)
     compile_decode: bool = False  # model.fast_decode for a quantized model: compile the whole decode step
+    int8_kernel: str | None = None  # int8: what runs its products ("llmqtt AVX2" or "fbgemm")
 
 
 def load(path: Path, dtype: str, quantize: str = "none", fast_decode: bool = False,
@@ -63,7 +64,8 @@ def load(path: Path, dtype: str, quantize: str = "none", fast_decode: bool = Fal
         tokenizer = tokenizer_loading.result()
     kernels = fastdecode.wrap(model) if fast_decode and quantize == "none" and dtype == "float32" else None
     return LoadedModel(model, tokenizer, dtype, quantize, _bytes_in_memory(model), kernels, from_store,
-                       compile_decode=fast_decode and quantize != "none")
+                       compile_decode=fast_decode and quantize != "none",
+                       int8_kernel=getattr(model, "_llmqtt_int8_kernel", None))
 
 
 def _one_token_through(model: torch.nn.Module) -> None:

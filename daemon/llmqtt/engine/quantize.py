@@ -255,6 +255,9 @@ def build(model_dir: Path, weights: MappedFile | dict[str, torch.Tensor], scheme
         if isinstance(module, Int8Linear) and name not in in_groups:
             module.adopt(packed.pop(name), keep_rows=module is head)
     model._llmqtt_weights = source  # the mapping outlives every view of it
+    model._llmqtt_int8_kernel = early.kernel if early else None
+    if early:
+        log.info("int8 products on %s%s", early.kernel, f" ({early.why_fbgemm})" if early.why_fbgemm else "")
     hand_freed_blocks_back(trim=True)
     return model.eval().requires_grad_(False)
 

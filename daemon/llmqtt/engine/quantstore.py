@@ -80,13 +80,13 @@ def block_rows(qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | No
                copied_rows=lambda first, stop: None) -> kernels.Blocked:
     """llmqtt's AVX2 kernel's copy of int8 W ([out, in], per-row `scale`): blocked rows, row sums."""
     blocked = kernels.block(qdata, PACK_ROWS, copied_rows)
-    return kernels.Blocked(blocked, scale.clone(), kernels.row_sums(blocked), None if bias is None else bias.clone())
+    return kernels.Blocked(blocked, scale.clone(), kernels.row_sums(blocked, len(qdata)),
+                           None if bias is None else bias.clone())
 
 
 def pack_stored(source, fuse: bool = False, workers: int = 1, blocked: bool = False) -> dict[str, list | kernels.Blocked]:
     """Every stored int8 Linear (all but the embedding table) packed, its file pages released as it goes:
-    Linear name -> fbgemm's pieces, or with `blocked` the AVX2 kernel's copy (kernels.Blocked) where its
-    shape fits; with `fuse`, each FUSED group as one product under its fused name. fbgemm packs on one core
+    Linear name -> fbgemm's pieces, or with `blocked` the AVX2 kernel's copy (kernels.Blocked); with `fuse`, each FUSED group as one product under its fused name. fbgemm packs on one core
     (~140 MB/s, 3.1 s for the demo), so `workers` threads pack Linears side by side."""
     names = [k[:-len(".qdata")] for k in source.keys() if k.endswith(".qdata") and not k.endswith("table.qdata")]
     groups = fused_groups(names) if fuse else {}
@@ -100,7 +100,7 @@ def pack_stored(source, fuse: bool = False, workers: int = 1, blocked: bool = Fa
 
 def _pack(blocked: bool, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
           packed_rows=lambda first, stop: None) -> list | kernels.Blocked:
-    if blocked and kernels.fits(*qdata.shape):
+    if blocked:
         return block_rows(qdata, scale, bias, packed_rows)
     return pack_rows(qdata, scale, bias, packed_rows)
 
