@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-# g++: torch.compile builds the fast decode kernels with it (model.fast_decode).
+# g++: torch.compile builds the fast decode kernels with it (model.fast_decode); with ninja-build it also
+# builds llmqtt's own int8 product once per machine (x86 with AVX2; engine/kernels.py).
 # chromium: the web page test loads the daemon's page in a real headless browser.
-APT_PACKAGES=(mosquitto mosquitto-clients libsystemd-dev pkg-config systemd shellcheck gcc g++ python3-dev chromium)
+APT_PACKAGES=(mosquitto mosquitto-clients libsystemd-dev pkg-config systemd shellcheck gcc g++ ninja-build python3-dev chromium)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 

@@ -294,13 +294,16 @@ print(decoder.state(), counters["inductor"]["fxgraph_cache_hit"], counters["indu
 
 
 @NEEDS_FBGEMM
-def test_a_restart_takes_the_compiled_step_from_inductors_disk_cache(tmp_path):
-    """The compiled graph names each int8 layer by a key numbered in load order, not by its address, so a
-    restart's graph is the one on disk: no second compile (~60 s and +0.19 GB peak RSS for the demo)."""
+@pytest.mark.parametrize("kernel", ["default", "fbgemm"])
+def test_a_restart_takes_the_compiled_step_from_inductors_disk_cache(kernel, tmp_path):
+    """A restart's graph is the one on disk: no second compile (~60 s and +0.19 GB peak RSS for the demo).
+    fbgemm's layers are named by a key numbered in load order, not by their address; llmqtt's kernel takes
+    its weights as tensors."""
     import subprocess
 
     model_dir = build_tiny_model(tmp_path / "m")
-    env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "LLMQTT_INT8_KERNEL": kernel}
     runs = [subprocess.run([sys.executable, "-c", RESTART, str(model_dir), str(tmp_path / "q")], env=env,
                            capture_output=True, text=True, timeout=600) for _ in range(2)]
     (first, first_hits, _), (second, hits, misses) = (run.stdout.split()[-3:] for run in runs)
