@@ -94,6 +94,19 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w
   const float* ws = w_scale.data_ptr<float>();
   const int32_t* wsum = w_sum.data_ptr<int32_t>();
   float* yp = y.data_ptr<float>();
+  // y[m, n0 .. n0+rows) from the integer sums of one block
+  const auto scale_out = [&](const int32_t* dots, int64_t m, int64_t n0, int64_t rows) {
+    if (rows == ROWS) {  // the 8 outputs at once
+      const __m256i corrected = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dots)),
+          _mm256_mullo_epi32(_mm256_set1_epi32(xz[m]), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wsum + n0))));
+      const __m256 scaled = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(xs[m]), _mm256_loadu_ps(ws + n0)),
+                                          _mm256_cvtepi32_ps(corrected));
+      _mm256_storeu_ps(yp + m * N + n0, b ? _mm256_add_ps(scaled, _mm256_loadu_ps(b + n0)) : scaled);
+      return;
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      yp[m * N + n0 + r] = xs[m] * ws[n0 + r] * static_cast<float>(dots[r] - xz[m] * wsum[n0 + r]) + (b ? b[n0 + r] : 0.f);
+  };
   at::parallel_for(0, w.size(0), 1, [&](int64_t b0, int64_t b1) {
     alignas(32) int32_t sums[TOKENS * ROWS];
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -101,13 +114,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w
       for (int64_t m0 = 0; m0 < M; m0 += TOKENS) {
         const int64_t T = std::min(TOKENS, M - m0);
         dot_tile(T, wp + blk * ROWS * KP, q.data() + m0 * KP, KP, sums);
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t m = m0 + t;
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t n = blk * ROWS + r;
-            yp[m * N + n] = xs[m] * ws[n] * static_cast<float>(sums[t * ROWS + r] - xz[m] * wsum[n]) + (b ? b[n] : 0.f);
-          }
-        }
+        for (int64_t t = 0; t < T; ++t) scale_out(sums + t * ROWS, m0 + t, blk * ROWS, rows);
       }
     }
   });
