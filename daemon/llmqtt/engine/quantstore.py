@@ -86,8 +86,9 @@ def block_rows(qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | No
 
 def pack_stored(source, fuse: bool = False, workers: int = 1, blocked: bool = False) -> dict[str, list | kernels.Blocked]:
     """Every stored int8 Linear (all but the embedding table) packed, its file pages released as it goes:
-    Linear name -> fbgemm's pieces, or with `blocked` the AVX2 kernel's copy (kernels.Blocked); with `fuse`, each FUSED group as one product under its fused name. fbgemm packs on one core
-    (~140 MB/s, 3.1 s for the demo), so `workers` threads pack Linears side by side."""
+    Linear name -> fbgemm's pieces, or with `blocked` the AVX2 kernel's copy (kernels.Blocked); with `fuse`,
+    each FUSED group as one product under its fused name. fbgemm packs on one core (~140 MB/s, 3.1 s for
+    the demo), so `workers` threads pack Linears side by side."""
     names = [k[:-len(".qdata")] for k in source.keys() if k.endswith(".qdata") and not k.endswith("table.qdata")]
     groups = fused_groups(names) if fuse else {}
     in_groups = {member for members in groups.values() for member in members}
