@@ -147,3 +147,18 @@ def test_doctor_recommends_a_model_and_reads_measured_speed(tmp_path: Path) -> N
     measured = doctor.read_bench_speeds([tmp_path / "result.json"], "int8")
     slow = build_report(config, readings=PI5_8GB, locate=nowhere, measured=measured)
     assert slow["recommendation"]["name"] == "demo" and "sentiment ~2500 ms" in slow["recommendation"]["reason"]
+
+
+@pytest.mark.parametrize("flags, tools, kernel", [
+    ({"avx2", "fma"}, {"c++", "ninja"}, "llmqtt AVX2"),
+    ({"avx2", "fma"}, {"c++"}, "fbgemm"),
+    ({"sse4_2"}, {"c++", "ninja"}, "fbgemm"),
+])
+def test_doctor_names_the_int8_kernel_on_x86(flags, tools, kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(doctor.shutil, "which", lambda tool: f"/usr/bin/{tool}" if tool in tools else None)
+    x86 = board(arch="x86_64", cpu_model="AMD EPYC", cpu_flags=frozenset(flags))
+    report = build_report(Config(), readings=x86, locate=nowhere)
+    assert report["plan"]["quantize"] == "int8" and report["plan"]["int8_kernel"] == kernel
+    assert f"int8 product   {kernel}:" in format_report(report)
+    pi = build_report(Config(), readings=board(), locate=nowhere)  # int4 on a Pi 5: no int8 line
+    assert "int8_kernel" not in pi["plan"] and "int8 product" not in format_report(pi)
