@@ -131,3 +131,29 @@ def test_the_switch_to_fbgemm_is_honoured(monkeypatch):
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setenv("LLMQTT_INT8_KERNEL", "fbgemm")
     assert kernels.load() == "LLMQTT_INT8_KERNEL=fbgemm"
+
+
+KERNEL_START = """
+import sys, time, torch
+from llmqtt.engine import kernels
+start = time.perf_counter()
+why = kernels.load()
+print(why, time.perf_counter() - start, "torch.utils.cpp_extension" in sys.modules)
+"""
+
+
+@NEEDS_KERNEL
+def test_a_restart_loads_the_built_kernel_without_building(tmp_path):
+    """The first start builds into TORCH_EXTENSIONS_DIR; a restart loads the library it left, without
+    importing torch's build tools or running ninja."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    runs = [subprocess.run([sys.executable, "-c", KERNEL_START], env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    (first_why, _, first_tools), (why, seconds, tools) = (run.stdout.split()[-3:] for run in runs)
+    assert first_why == why == "None", [run.stderr[-2000:] for run in runs]
+    assert first_tools == "True" and tools == "False" and float(seconds) < 2
+    assert len(list((tmp_path / "ext").glob("llmqtt_int8_*/llmqtt_int8_*.so"))) == 1
