@@ -71,7 +71,7 @@ def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quanti
         engine.start_fast_decode()  # as the daemon does, once ready
         weight_bytes = engine.loaded.weight_bytes
         phases["quantize"], phases["from_store"] = engine.loaded.quantize, engine.loaded.from_store
-        phases["int8_kernel"] = engine.loaded.int8_kernel
+        phases["int8_kernel"], phases["tokenizer_s"] = engine.loaded.int8_kernel, engine.loaded.tokenizer_s
         phases["at_rest_bytes"] = at_rest_bytes(engine.loaded.model)
         phases["kv_cache_bytes"] = engine.decoder.cache_bytes()
         kernels = engine.loaded.kernels or (engine.decoder if engine.loaded.compile_decode else None)

@@ -261,8 +261,9 @@ def _default_rss_reason(r: dict) -> str:
 def _default_ready_reason(r: dict) -> str:
     row, bare = r["startup"]["ready_default"], r["startup"]["bare"]["seconds"]
     kernel = row.get("int8_kernel") or "fbgemm"
+    tokenizer = f" ({row['tokenizer_s']:.1f} s of Python, sharing the GIL with that import)" if row.get("tokenizer_s") else ""
     return (f"restart {row['seconds']:.1f} s = load {row['load_s']:.1f} s (the quantized file copied for {kernel}"
-            f" beside the model code's import, tokenizer in parallel) + prompt caches {row['prefix_s']:.1f} s + warm-up {row['warmup_s']:.1f} s,"
+            f" beside the model code's import, the tokenizer in parallel{tokenizer}) + prompt caches {row['prefix_s']:.1f} s + warm-up {row['warmup_s']:.1f} s,"
             f" vs {bare:.1f} s for a bare from_pretrained that maps the float32 file without reading it")
 
 

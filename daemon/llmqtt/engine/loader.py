@@ -3,6 +3,7 @@ from the model cache (quantize.py) without a float32 copy."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ class LoadedModel:
     from_store: bool = False  # quantized weights read from the model cache (not quantized at this start)
     compile_decode: bool = False  # model.fast_decode for a quantized model: compile the whole decode step
     int8_kernel: str | None = None  # int8: what runs its products ("llmqtt AVX2" or "fbgemm")
+    tokenizer_s: float | None = None  # loading the tokenizer, on its own thread beside the model
 
 
 def load(path: Path, dtype: str, quantize: str = "none", fast_decode: bool = False,
@@ -48,7 +50,7 @@ def load(path: Path, dtype: str, quantize: str = "none", fast_decode: bool = Fal
     # The tokenizer (pure Python and JSON, ~1 s for Qwen's) loads on a second thread meanwhile: the model's
     # load and first pass spend much of their time in torch, outside the GIL.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        tokenizer_loading = pool.submit(AutoTokenizer.from_pretrained, path)
+        tokenizer_loading = pool.submit(_timed, AutoTokenizer.from_pretrained, path)
         if quantize == "none":
             if (path / quantstore.DROPPED).is_file() and not any(path.glob("*.safetensors")):
                 raise quantstore.float32_dropped_error(path)
@@ -61,11 +63,16 @@ def load(path: Path, dtype: str, quantize: str = "none", fast_decode: bool = Fal
             store = store or quantstore.QuantizedStore(default_cache_dir() / "quantized")
             model, from_store = quant.load_quantized(path, quantize, store, early)
         _one_token_through(model)  # read the weights' pages now (mapped checkpoint, fresh allocations), not at a request
-        tokenizer = tokenizer_loading.result()
+        tokenizer, tokenizer_s = tokenizer_loading.result()
     kernels = fastdecode.wrap(model) if fast_decode and quantize == "none" and dtype == "float32" else None
     return LoadedModel(model, tokenizer, dtype, quantize, _bytes_in_memory(model), kernels, from_store,
                        compile_decode=fast_decode and quantize != "none",
-                       int8_kernel=getattr(model, "_llmqtt_int8_kernel", None))
+                       int8_kernel=getattr(model, "_llmqtt_int8_kernel", None), tokenizer_s=tokenizer_s)
+
+
+def _timed(load, *args):
+    started = time.perf_counter()
+    return load(*args), time.perf_counter() - started
 
 
 def _one_token_through(model: torch.nn.Module) -> None:
