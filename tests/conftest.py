@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,11 @@ from ha.server import ha_broker, home_assistant  # noqa: E402,F401 - a real Home
 from tinymodel import build_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+# llmqtt's int8 kernel is built once per machine into TORCH_EXTENSIONS_DIR (a daemon: <cache_dir>/kernels).
+# Tests start daemons and engines on fresh cache dirs; they share one build here (inherited by subprocesses)
+# instead of compiling it again (~15 s) in each.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llmqtt-test" / "kernels"))
 
 
 @pytest.fixture(scope="session")
