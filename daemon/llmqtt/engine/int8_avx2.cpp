@@ -1,13 +1,14 @@
 // y = x W^T + b for int8 W (7-bit values, one float scale per output row) on x86 with AVX2 and no VNNI.
 //
-// Why not fbgemm, which torch's quantized linear runs: a decode step is ~75 % reading weights, and
-// fbgemm's one-row product read 21-24 GB/s of the demo model's weights on a 2-core EPYC where a plain sum
-// reads 30.8 GB/s; this loop reads ~27-29 GB/s (docs/quantization.md has the measurement).
+// Why not fbgemm, which torch's quantized linear runs: a decode step is mostly reading weights, and
+// fbgemm's one-row product read 18-24 GB/s of the demo model's weights on a 2-core EPYC where a plain sum
+// reads 30-41 GB/s; this loop reads ~27 GB/s (docs/quantization.md has the measurements).
 //
-// Layout (`kernels.block`): W [N, K] as [N/8][K/4][8][4] (zeros pad N and K to whole blocks): one 32-byte load holds 4 consecutive k of 8
-// output rows, so a block of 8 rows is one sequential stream and its 8 sums stay in one register (no
-// horizontal sums). x is quantized per row to uint8 (asymmetric, zero point z); vpmaddubsw multiplies
-// u8 x s8 pairs into int16, which cannot saturate with 7-bit weights: 2 * 255 * 64 = 32,640 < 32,767.
+// Layout (`kernels.block`): W [N, K] as [N/8][K/4][8][4], zeros padding N and K to whole blocks. One
+// 32-byte load holds 4 consecutive k of 8 output rows, so a block of 8 rows is one sequential stream and
+// its 8 sums stay in one register (no horizontal sums). x is quantized per row to uint8 (asymmetric, zero
+// point z); vpmaddubsw multiplies u8 x s8 pairs into int16, which cannot saturate with 7-bit weights:
+// 2 * 255 * 64 = 32,640 < 32,767.
 //   y[m, n] = sx[m] * sw[n] * (sum_k q[m, k] * W[n, k] - z[m] * sum_k W[n, k]) + b[n]
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -40,7 +41,8 @@ void quantize_row(const float* x, int64_t K, uint8_t* q, float* scale, int32_t* 
     const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packus_epi16(v16, v16));  // clamps to 0..255
   }
-  for (; k < K; ++k) q[k] = static_cast<uint8_t>(std::clamp(static_cast<int32_t>(std::nearbyint(x[k] / s)) + z, 0, 255));
+  for (; k < K; ++k)  // the same arithmetic as above, one at a time
+    q[k] = static_cast<uint8_t>(std::clamp(static_cast<int32_t>(std::nearbyint(x[k] * (1.f / s))) + z, 0, 255));
 }
 
 // sums[(s * T + t) * ROWS + r] = q_t . W_r for T input rows (K bytes apart) and the ROWS weight rows of each
