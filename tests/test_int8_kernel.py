@@ -101,7 +101,7 @@ def test_a_model_on_the_kernel_answers_like_one_on_fbgemm(tmp_path):
 
 def _fbgemm_packing(mapped) -> quantstore.EarlyPacking:
     packing = quantstore.EarlyPacking.__new__(quantstore.EarlyPacking)
-    packing.source, packing.fuse, packing.kernel, packing.why_fbgemm = mapped, True, "fbgemm", "test"
+    packing.source, packing.fuse, packing.why_fbgemm = mapped, True, "test"
     from concurrent.futures import Future
     packing.packed = Future()
     packing.packed.set_result(quantstore.pack_stored(mapped, True, 1, blocked=False))

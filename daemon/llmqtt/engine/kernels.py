@@ -31,12 +31,11 @@ _state: dict[str, str | None] = {}  # "why": None once loaded, else why not
 
 
 def load() -> str | None:
-    """Build (first time, ~15 s) or load the kernel; None when it serves, else why fbgemm does."""
+    """Build (first time, ~15 s) or load the kernel; None when it serves, else why fbgemm does (the model's
+    build logs which serves)."""
     with _lock:
         if "why" not in _state:
             _state["why"] = _load()
-            if _state["why"]:
-                log.info("int8 products on fbgemm: %s", _state["why"])
         return _state["why"]
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..config import OUR_INT8_KERNEL
 from . import kernels
 from .mapped import MappedFile
 
@@ -92,18 +93,11 @@ def pack_stored(source, fuse: bool = False, workers: int = 1, blocked: bool = Fa
     names = [k[:-len(".qdata")] for k in source.keys() if k.endswith(".qdata") and not k.endswith("table.qdata")]
     groups = fused_groups(names) if fuse else {}
     in_groups = {member for members in groups.values() for member in members}
-    pack = functools.partial(_pack, blocked)
+    pack = block_rows if blocked else pack_rows
     jobs = {fused: functools.partial(_pack_together, source, members, pack) for fused, members in groups.items()}
     jobs.update({name: functools.partial(_pack_one, source, name, pack) for name in names if name not in in_groups})
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llmqtt-pack") as pool:
         return dict(zip(jobs, pool.map(lambda job: job(), jobs.values())))
-
-
-def _pack(blocked: bool, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-          packed_rows=lambda first, stop: None) -> list | kernels.Blocked:
-    if blocked:
-        return block_rows(qdata, scale, bias, packed_rows)
-    return pack_rows(qdata, scale, bias, packed_rows)
 
 
 def _pack_one(source, name: str, pack=pack_rows) -> list | kernels.Blocked:
@@ -256,15 +250,19 @@ class EarlyPacking:
     def __init__(self, source: MappedFile, fuse: bool, workers: int | None = None):
         hand_freed_blocks_back()  # before packing's first temporaries
         self.source, self.fuse = source, fuse
-        self.kernel, self.why_fbgemm = "fbgemm", None
+        self.why_fbgemm: str | None = None  # set on the packing thread, before `packed` is done
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmqtt-packing")
         self.packed: Future = pool.submit(self._pack, workers or torch.get_num_threads())
         pool.shutdown(wait=False)  # the thread ends with its one job
 
     def _pack(self, workers: int) -> dict:
         self.why_fbgemm = kernels.load()
-        self.kernel = "fbgemm" if self.why_fbgemm else "llmqtt AVX2"
         return pack_stored(self.source, self.fuse, workers, blocked=self.why_fbgemm is None)
+
+    @property
+    def kernel(self) -> str:
+        """Which kernel the packed products are for (read once `packed` is done)."""
+        return "fbgemm" if self.why_fbgemm else OUR_INT8_KERNEL
 
     @classmethod
     def start(cls, store: QuantizedStore, model_dir: Path, scheme: str) -> EarlyPacking | None:
