@@ -244,7 +244,9 @@ def _fast_decode_from(row: dict) -> str:
     state = row.get("fast_decode")
     if state is None:
         return "-"
-    return f"{row['fast_decode_ready_s']:.1f} s" if state == "ready" else state
+    if state != "ready":
+        return state
+    return f"{row['fast_decode_ready_s']:.1f} s" + (" (kept step loaded)" if row.get("fast_decode_from_disk") else "")
 
 
 def _llama_md(r: dict) -> str:

@@ -79,6 +79,7 @@ def _child(mode: str, model_dir: Path, prompt_dirs: str, match_name: str, quanti
     if kernels:  # compiled in the background after ready: when does decode get them? (peak RSS includes it)
         kernels.wait(timeout=1800)
         phases["fast_decode"] = kernels.state()
+        phases["fast_decode_from_disk"] = getattr(kernels, "from_disk", False)  # the step a first start kept
         phases["fast_decode_ready_s"] = time.perf_counter() - start if kernels.ready.is_set() else None
     peak = peak_rss_bytes()
     return {"mode": mode, "quantize": quantize, "seconds": seconds, **phases, "weight_bytes": weight_bytes,

@@ -250,9 +250,10 @@ def _default_rss_reason(r: dict) -> str:
              f"weights held {weights / 1e9:.2f} GB (at rest {(row.get('at_rest_bytes') or 0) / 1e9:.2f} GB) + KV cache"
              f" {kv / 1e9:.2f} GB"]
     if at_ready:
+        how = "was loaded (kept by the first start)" if row.get("fast_decode_from_disk") else "compiled (inductor)"
         parts.append(f"peak {at_ready / 1e9:.2f} GB once ready (tokenizer, prompt caches, activations:"
                      f" {(at_ready - imports - weights - kv) / 1e9:.2f} GB), then {peak / 1e9:.2f} GB after the decode"
-                     f" step compiled ({(peak - at_ready) / 1e9:+.2f} GB, inductor)")
+                     f" step {how} ({(peak - at_ready) / 1e9:+.2f} GB)")
     if peer:
         parts.append(f"llama.cpp's whole process peaked at {peer / 1e9:.2f} GB")
     return "; ".join(parts)

@@ -54,6 +54,7 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
     # fbgemm packs the stored weights (~3 s, outside the GIL) while the imports below run (~2.5 s, in it)
     early = EarlyPacking.start(quantized, resolved.path, scheme)
     _serve_without_torchao_in_transformers()
+    from .decode import saved_step_stem
     from .engine import Engine
     from .loader import load
     from .headfile import weights_fingerprint
@@ -63,14 +64,18 @@ def load_engine(config: ModelConfig, tasks: Mapping[str, ClassifyTask | Generate
     if (scheme != "none" and not config.keep_float32 and (resolved.path / COMPLETE_MARKER).is_file()
             and quantized.path(resolved.path, scheme).is_file()):
         drop_float32(resolved.path)  # the quantized copy is stored; only a checkpoint llmqtt converted itself
-    store = None
-    if config.prefix_cache:
-        store = PrefixStore(cache_dir_for(config) / "prefix-kv", model_fingerprint(resolved.path, dtype, scheme))
+    fingerprint = model_fingerprint(resolved.path, dtype, scheme)
+    store = PrefixStore(cache_dir_for(config) / "prefix-kv", fingerprint) if config.prefix_cache else None
+    decode_step = None
+    if config.fast_decode:  # kept beside inductor's cache, which holds the kernels it calls
+        decode_step = saved_step_stem(cache_dir_for(config) / "decode", fingerprint, config.max_context,
+                                      loaded.int8_kernel)
     progress("preparing task prompts", 0, 0)
     engine = Engine(loaded, tasks, resolved.display_name, resolved.match_name, config.max_context, max_batch, store,
                     conversation_tokens=config.conversation_cache_tokens,
                     conversation_tolerant=config.conversation_cache_mode == "tolerant",
-                    heads=_load_heads(heads or {}, tasks), weights=weights_fingerprint(resolved.path))
+                    heads=_load_heads(heads or {}, tasks), weights=weights_fingerprint(resolved.path),
+                    decode_step=decode_step)
     if store:
         log.info("task prompt caches: %d of %d read from %s", engine.prefixes_from_disk(), len(tasks), store.directory)
     return engine

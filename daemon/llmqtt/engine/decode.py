@@ -12,17 +12,23 @@ with the others.
         logits = decoder.prefill(ids, cache, position) # ids: [1, S] eager (compute-bound anyway) -> [V]
         logits = decoder.step(token, cache, position)  # one token: compiled once ready, else eager -> [V]
 
-The compiled step is built on a background thread after the daemon is ready (`start()`), cached by
-inductor on disk, and checked against the eager step before any request uses it; if compiling fails, or
-the two disagree, decode stays eager with the same results.
+The compiled step is built on a background thread after the daemon is ready (`start()`) and checked
+against the eager step before any request uses it; if compiling fails, or the two disagree, decode stays
+eager with the same results. It is compiled ahead of time (torch's `aot_compile`) and kept on disk
+(`saved`), so a restart loads it instead of tracing the model again: tracing holds the GIL for seconds, and
+each of an eager token's ~300 ops waits for it, so a chat during that window decoded at ~2 tok/s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import platform
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -53,25 +59,49 @@ def one_compile_worker() -> None:
     inductor.compile_threads = 1
 
 
-# No guards on the model's modules: they never change after loading, and checking them before every step
-# cost ~0.85 ms of a ~40 ms token (TorchDynamo Cache Lookup, demo model, 2026-11-29).
-_UNGUARDED = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+def _no_guards(guards: list) -> list[bool]:
+    """Keep none of dynamo's guards. The step is only ever called by `StaticDecoder.step` with the same
+    model, the shared cache and [1, 1] int64 tensors, and `_check` compares it with eager after every build
+    or load. Checking the model's module guards cost ~0.85 ms of a ~40 ms token (TorchDynamo Cache Lookup,
+    demo model, 2026-11-29), and some guards (closures in transformers' mask code) cannot be saved to disk."""
+    return [False] * len(guards)
+
+
 # Inductor's C++ wrapper calls the step's ~200 kernels and ops from C++ instead of Python: a demo step (int8,
 # position ~200) took 33.3 instead of 36.2 ms (medians of 3 interleaved processes x 150 steps, 2026-11-29).
-# Tried first; the Python wrapper if the C++ one cannot be built here.
-COMPILE_OPTIONS = {"C++ wrapper": {**_UNGUARDED, "cpp_wrapper": True}, "Python wrapper": _UNGUARDED}
+# Tried first; the Python wrapper if the C++ one cannot be built here. The slug names the file it is kept in.
+COMPILE_OPTIONS = {"C++ wrapper": {"guard_filter_fn": _no_guards, "cpp_wrapper": True},
+                   "Python wrapper": {"guard_filter_fn": _no_guards}}
+SLUGS = {"C++ wrapper": "cpp", "Python wrapper": "python"}
+
+
+def saved_step_stem(directory: Path, model_fingerprint: str, max_context: int, int8_kernel: str | None) -> Path:
+    """Where the compiled step of this exact build is kept: its name hashes the model build
+    (prefixstore.model_fingerprint: files, dtype, scheme, torch and transformers versions), the cache's
+    length, the int8 product it calls, Python, and llmqtt's engine sources, so any change compiles again.
+    (Inductor's own disk cache holds the built kernels the file refers to: without it, loading rebuilds them.)"""
+    sources = sorted(p for p in Path(__file__).parent.iterdir() if p.suffix in (".py", ".cpp"))
+    digest = hashlib.sha256()
+    for part in (model_fingerprint, str(max_context), str(int8_kernel), sys.version, platform.machine()):
+        digest.update(part.encode() + b"\0")
+    for path in sources:
+        digest.update(path.read_bytes())
+    return directory / digest.hexdigest()[:32]
 
 
 class StaticDecoder:
     """The compiled step for one model, and whether requests may use it yet (`ready`)."""
 
-    def __init__(self, model: torch.nn.Module, max_context: int):
-        self.model, self.max_context = model, max_context
+    def __init__(self, model: torch.nn.Module, max_context: int, saved: Path | None = None):
+        """`saved`: where the compiled step is kept between starts (a name per model build, see
+        `saved_step_stem`); None compiles at every start and keeps nothing."""
+        self.model, self.max_context, self.saved = model, max_context, saved
         self.ready = threading.Event()
         self.failed: str | None = None
         self.compile_s: float | None = None
         self.wrapper: str | None = None  # the COMPILE_OPTIONS entry that compiled
         self.check_error: float | None = None  # largest logit difference compiled vs eager, when checked
+        self.from_disk = False  # the step was loaded from `saved`, not compiled by this process
         self._compiled = None
         self._shared = self._new_cache()
         self._spare: list[StaticCache] = []  # private caches of generations that ran beside the shared one
@@ -130,26 +160,72 @@ class StaticDecoder:
             self._thread.start()
 
     def compile(self) -> None:
+        """Load the step kept on disk, or compile it (and keep it); check it; then requests use it."""
         started = time.perf_counter()
         one_compile_worker()
         failures = []
-        for wrapper, options in COMPILE_OPTIONS.items():
-            try:
-                compiled = torch.compile(decode_one_token, fullgraph=True, dynamic=False, options=options)
-                with self._in_use:
-                    self._check(compiled)
-                break
-            except Exception as exc:  # no compiler, an op inductor cannot take, a mismatch: the next, then eager
-                failures.append(f"{wrapper}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
-                log.info("compiled decode with %s failed (%s)", wrapper, failures[-1])
-        else:
+        built = self._load_saved(failures) or self._compile_one(failures)
+        if built is None:
             self.failed = "; ".join(failures)
             log.warning("compiled decode unavailable, decoding eagerly (%s)", self.failed)
             return
-        self._compiled, self.wrapper = compiled, wrapper
+        self._compiled, self.wrapper = built
         self.compile_s = time.perf_counter() - started
         self.ready.set()
-        log.info("compiled decode ready (%.1fs, %s)", self.compile_s, wrapper)
+        log.info("compiled decode ready (%.1fs, %s%s)", self.compile_s, self.wrapper,
+                 ", loaded from disk" if self.from_disk else "")
+
+    def _load_saved(self, failures: list[str]):
+        """(step, wrapper) from the file a start before this one kept, checked; None if there is none or it
+        fails (then it is removed and the step compiled again)."""
+        for wrapper, slug in SLUGS.items():
+            path = self._saved_path(slug)
+            if path is None or not path.is_file():
+                continue
+            try:
+                with open(path, "rb") as file:
+                    step = torch.compiler.load_compiled_function(file)
+                with self._in_use:
+                    self._check(step)
+                self.from_disk = True
+                return step, wrapper
+            except Exception as exc:  # torch or the model code changed under the same name, a torn file
+                failures.append(f"saved {wrapper}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+                log.info("not using the compiled decode kept in %s (%s); compiling again", path, failures[-1])
+                path.unlink(missing_ok=True)
+        return None
+
+    def _compile_one(self, failures: list[str]):
+        """(step, wrapper) compiled with the first COMPILE_OPTIONS entry that builds and passes the check,
+        kept on disk for the next start; None if none does."""
+        for wrapper, options in COMPILE_OPTIONS.items():
+            try:
+                with self._in_use, torch.inference_mode():
+                    example = (self.model, torch.tensor([[1]]), torch.tensor([[0]]), self._reset(self._shared, []))
+                    step = torch.compile(decode_one_token, fullgraph=True, dynamic=False,  # a copy: it pops
+                                         options=dict(options)).aot_compile((example, {}))  # guard_filter_fn
+                    self._check(step)
+            except Exception as exc:  # no compiler, an op inductor cannot take, a mismatch: the next, then eager
+                failures.append(f"{wrapper}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+                log.info("compiled decode with %s failed (%s)", wrapper, failures[-1])
+                continue
+            self._keep(step, SLUGS[wrapper])
+            return step, wrapper
+        return None
+
+    def _keep(self, step, slug: str) -> None:
+        """Best effort, like the prefix store: a read-only or full disk costs the next start a compile."""
+        path = self._saved_path(slug)
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            step.save_compiled_function(str(path))  # written beside it, then renamed: never a torn file
+        except Exception as exc:
+            log.warning("could not keep the compiled decode on disk (%s); the next start compiles it again", exc)
+
+    def _saved_path(self, slug: str) -> Path | None:
+        return None if self.saved is None else self.saved.with_name(f"{self.saved.name}.{slug}.step")
 
     def _check(self, compiled) -> None:
         """The eager step picks CHECK_STEPS greedy tokens; the compiled step, fed the very same tokens

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..tasks import ClassifyTask, GenerateTask
@@ -49,7 +50,8 @@ class Engine:
     def __init__(self, loaded: LoadedModel, tasks: Mapping[str, Task], model_name: str, match_name: str,
                  max_context: int = 2048, max_batch: int = 16, prefix_store: PrefixStore | None = None,
                  conversation_tokens: int = 4096, conversation_tolerant: bool = False,
-                 heads: Mapping[str, Sequence[Head]] | None = None, weights: str = ""):
+                 heads: Mapping[str, Sequence[Head]] | None = None, weights: str = "",
+                 decode_step: Path | None = None):
         self.loaded = loaded
         self.model_name = model_name
         self.dtype = compute_scheme(loaded.dtype, loaded.quantize)
@@ -62,8 +64,9 @@ class Engine:
         # One budget for every generate task: recent conversations' KV, reused by the next turn.
         self.conversations = ConversationCache(conversation_tokens, tolerant=conversation_tolerant)
         # One static KV cache and compiled step shared by every generate task: the first active generation's;
-        # others running beside it get caches of their own and step together with it (batch.py).
-        self.decoder = StaticDecoder(loaded.model, max_context)
+        # others running beside it get caches of their own and step together with it (batch.py). The compiled
+        # step is kept at `decode_step` (decode.saved_step_stem) for the next start.
+        self.decoder = StaticDecoder(loaded.model, max_context, decode_step)
         for name, task in self.tasks.items():
             if isinstance(task, ClassifyTask):
                 scorer = LabelScorer(loaded.model, loaded.tokenizer, task, max_context, prefix_store)
