@@ -344,6 +344,23 @@ def test_where_the_step_is_kept_changes_with_anything_it_was_built_from(tmp_path
                 saved_step_stem(tmp_path, "model-a", 2048, "fbgemm")}) == 4
 
 
+def test_only_the_most_recently_used_steps_are_kept(quantized_engine, tmp_path):
+    """An engine change renames every step: other builds' files go, the newest few (KEEP_STEPS) stay."""
+    import os
+
+    from llmqtt.engine import decode
+
+    (tmp_path / "decode").mkdir()
+    for age in range(decode.KEEP_STEPS + 2):
+        old = tmp_path / "decode" / f"old{age}.cpp.step"
+        old.write_bytes(b"x")
+        os.utime(old, (1000 - age, 1000 - age))  # old0 is the most recent of them
+    saved = type("Step", (), {"save_compiled_function": lambda self, path: open(path, "wb").write(b"new")})()
+    StaticDecoder(quantized_engine.loaded.model, 64, saved=tmp_path / "decode" / "new")._keep(saved, "cpp")
+    kept = sorted(p.name for p in (tmp_path / "decode").glob("*.step"))
+    assert kept == sorted(["new.cpp.step", *(f"old{age}.cpp.step" for age in range(decode.KEEP_STEPS - 1))])
+
+
 def test_a_step_that_cannot_be_kept_still_serves(quantized_engine, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     blocked = tmp_path / "a-file"

@@ -254,6 +254,10 @@ def _default_rss_reason(r: dict) -> str:
         parts.append(f"peak {at_ready / 1e9:.2f} GB once ready (tokenizer, prompt caches, activations:"
                      f" {(at_ready - imports - weights - kv) / 1e9:.2f} GB), then {peak / 1e9:.2f} GB after the decode"
                      f" step {how} ({(peak - at_ready) / 1e9:+.2f} GB)")
+    at_rest = row.get("at_rest_bytes") or weights
+    if at_rest + kv:  # what no tokenizer, cache or compile can go below: the runtime plus what is held
+        parts.append(f"the runtime, weights held and KV cache alone are {(imports + weights + kv) / (at_rest + kv):.2f}x"
+                     " the at-rest weights + KV cache")
     if peer:
         parts.append(f"llama.cpp's whole process peaked at {peer / 1e9:.2f} GB")
     return "; ".join(parts)

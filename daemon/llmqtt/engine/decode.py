@@ -73,6 +73,7 @@ def _no_guards(guards: list) -> list[bool]:
 COMPILE_OPTIONS = {"C++ wrapper": {"guard_filter_fn": _no_guards, "cpp_wrapper": True},
                    "Python wrapper": {"guard_filter_fn": _no_guards}}
 SLUGS = {"C++ wrapper": "cpp", "Python wrapper": "python"}
+KEEP_STEPS = 4  # most recently used steps kept in the directory (3.7 MB each for the demo): a few models or configs
 
 
 def saved_step_stem(directory: Path, model_fingerprint: str, max_context: int, int8_kernel: str | None) -> Path:
@@ -183,8 +184,9 @@ class StaticDecoder:
             if path is None or not path.is_file():
                 continue
             try:
-                with open(path, "rb") as file:
+                with open(path, "rb") as file:  # a pickle, trusted as inductor's own .so files beside it are
                     step = torch.compiler.load_compiled_function(file)
+                path.touch()  # recently used: kept when other builds' steps are removed
                 with self._in_use:
                     self._check(step)
                 self.from_disk = True
@@ -221,6 +223,8 @@ class StaticDecoder:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             step.save_compiled_function(str(path))  # written beside it, then renamed: never a torn file
+            for stale in sorted(path.parent.glob("*.step"), key=lambda p: p.stat().st_mtime)[:-KEEP_STEPS]:
+                stale.unlink(missing_ok=True)  # other builds' (an engine change renames every step)
         except Exception as exc:
             log.warning("could not keep the compiled decode on disk (%s); the next start compiles it again", exc)
 
