@@ -287,15 +287,15 @@ from pathlib import Path
 from torch._dynamo.utils import counters
 from llmqtt.engine import quantize as quant
 from llmqtt.engine.decode import StaticDecoder
-model, _ = quant.load_quantized(Path(sys.argv[1]), "int8", quant.QuantizedStore(Path(sys.argv[2])))
+model, _ = quant.load_quantized(Path(sys.argv[1]), sys.argv[4], quant.QuantizedStore(Path(sys.argv[2])))
 decoder = StaticDecoder(model, 64, saved=Path(sys.argv[3]) / "step")
 decoder.compile()
 print(decoder.state(), decoder.from_disk, counters["stats"]["unique_graphs"], counters["inductor"]["pattern_matcher_count"])
 """
 
 
-def _start_twice(tmp_path, kernel="default", between=lambda: None):
-    """Two processes loading the tiny int8 model and building its decode step, kept in tmp_path / "decode"."""
+def _start_twice(tmp_path, kernel="default", between=lambda: None, scheme="int8"):
+    """Two processes loading the tiny quantized model and building its decode step, kept in tmp_path / "decode"."""
     import subprocess
 
     model_dir = build_tiny_model(tmp_path / "m")
@@ -304,21 +304,24 @@ def _start_twice(tmp_path, kernel="default", between=lambda: None):
     runs = []
     for _ in range(2):
         runs.append(subprocess.run([sys.executable, "-c", RESTART, str(model_dir), str(tmp_path / "q"),
-                                    str(tmp_path / "decode")], env=env, capture_output=True, text=True, timeout=600))
+                                    str(tmp_path / "decode"), scheme],
+                                   env=env, capture_output=True, text=True, timeout=600))
         between()
     results = [run.stdout.split()[-4:] for run in runs]
     assert [r[0] for r in results] == ["ready", "ready"], [run.stderr[-2000:] for run in runs]
     return results
 
 
-@NEEDS_FBGEMM
-@pytest.mark.parametrize("kernel", ["default", "fbgemm"])
-def test_a_restart_loads_the_compiled_step_without_tracing_the_model(kernel, tmp_path):
+@pytest.mark.parametrize("scheme, kernel", [
+    pytest.param("int8", "default", marks=NEEDS_FBGEMM), pytest.param("int8", "fbgemm", marks=NEEDS_FBGEMM),
+    pytest.param("int4", "default", marks=pytest.mark.skipif(not KLEIDIAI, reason="int4 needs KleidiAI (aarch64)"))])
+def test_a_restart_loads_the_compiled_step_without_tracing_the_model(scheme, kernel, tmp_path):
     """The first start compiles and keeps the step; a restart loads it: dynamo traces no graph (tracing held
     the GIL for ~9 s after the demo's READY, and a chat meanwhile decoded at ~2 tok/s) and inductor
     compiles nothing. fbgemm's layers are named by a key numbered in load order, not by their address;
     llmqtt's kernel takes its weights as tensors."""
-    (_, first_from_disk, first_graphs, first_lowered), (_, from_disk, graphs, lowered) = _start_twice(tmp_path, kernel)
+    first, restart = _start_twice(tmp_path, kernel, scheme=scheme)
+    (_, first_from_disk, first_graphs, first_lowered), (_, from_disk, graphs, lowered) = first, restart
     assert first_from_disk == "False" and int(first_graphs) == 1 and int(first_lowered) > 0
     assert from_disk == "True" and int(graphs) == 0 and int(lowered) == 0
     assert len(list((tmp_path / "decode").glob("step.cpp.step"))) == 1
