@@ -217,9 +217,9 @@ def _startup_md(r: dict) -> str:
              "reading it; `bare_forward` adds one token through the model, which pages the weights in. "
              "`first_start_*` is the first start with these prompts (every task's prefix computed and stored in the "
              "prompt cache); `ready_*` is every later start (prefixes read from disk).\n",
-             "`fast decode from`: when the compiled decode kernels (built in the background after ready) took "
-             "over; peak RSS includes them. `anonymous` is the RSS once ready that is the process's own memory; "
-             "the rest are clean pages of the "
+             "`fast decode from`: when the compiled decode kernels (built in the background after ready, or loaded: "
+             "\"kept step loaded\", the step a first start compiled and kept) took over; peak RSS includes them. "
+             "`anonymous` is the RSS once ready that is the process's own memory; the rest are clean pages of the "
              "mapped checkpoint, which the kernel drops under memory pressure (int8 keeps the fp32 file mapped "
              "after quantizing, so its RSS looks far larger than what it needs).\n",
              "| what | seconds | load | prefix caches | warm-up | weights | peak RSS | peak / weights | RSS after imports | "
