@@ -54,3 +54,19 @@ def test_chat_uses_history(demo_engine):
     stream = demo_engine.generate("chat", "What is my name?", history=history, max_new_tokens=30)
     assert "Ada" in "".join(stream)
     assert stream.result.history_turns_used == 1
+
+
+def test_the_served_tokenizer_drops_its_python_vocab_and_tokenizes_like_transformers(demo_engine, demo_model):
+    """Qwen2Tokenizer keeps the 152 k-entry vocabulary and merges it built its Rust tokenizer from (63 MB the
+    daemon never reads): the served one has them dropped and gives transformers' own ids and prompts."""
+    from transformers import AutoTokenizer
+
+    served, reference = demo_engine.loaded.tokenizer, AutoTokenizer.from_pretrained(demo_model.path)
+    assert served._vocab is None and served._merges is None and len(reference._merges) > 100_000
+    texts = ["I love this product", "这家酒店非常好，服务一流", " leading space\n\ttab", "emoji 😀 <|im_start|>"]
+    assert [served(t)["input_ids"] for t in texts] == [reference(t)["input_ids"] for t in texts]
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    assert (served.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == reference.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    ids = reference("这家酒店非常好 😀")["input_ids"]
+    assert served.decode(ids) == reference.decode(ids) and served.get_added_vocab() == reference.get_added_vocab()
