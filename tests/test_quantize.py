@@ -364,6 +364,17 @@ def test_only_the_most_recently_used_steps_are_kept(quantized_engine, tmp_path):
     assert kept == sorted(["new.cpp.step", *(f"old{age}.cpp.step" for age in range(decode.KEEP_STEPS - 1))])
 
 
+def test_building_the_step_shortens_the_gil_turns_and_puts_them_back(quantized_engine, monkeypatch):
+    """While the step is built, the eager requests beside it get the GIL back after 0.5 ms, not 5 ms."""
+    from llmqtt.engine import decode
+
+    seen = []
+    monkeypatch.setattr(StaticDecoder, "_compile_one", lambda self, failures: seen.append(sys.getswitchinterval()))
+    before = sys.getswitchinterval()
+    StaticDecoder(quantized_engine.loaded.model, 64).compile()
+    assert seen == [decode.BUILD_SWITCH_INTERVAL_S] and sys.getswitchinterval() == before
+
+
 def test_a_step_that_cannot_be_kept_still_serves(quantized_engine, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     blocked = tmp_path / "a-file"
