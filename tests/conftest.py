@@ -23,16 +23,21 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llmq
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Qwen2 model + tokenizer saved as a Hugging Face directory (built once per run). Daemons
-    started on it with the default cache store its quantized weights in ~/.cache/llmqtt: removed after."""
+    started on it with the default cache store its quantized weights and compiled decode steps in
+    ~/.cache/llmqtt: removed after (the steps: those that appeared during the run; their names are hashes)."""
     from llmqtt.engine.modelstore import default_cache_dir
     from llmqtt.engine.quantstore import QuantizedStore
 
+    steps = default_cache_dir() / "decode"
+    steps_before = set(steps.glob("*.step"))
     model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
     yield model_dir
     store = QuantizedStore(default_cache_dir() / "quantized")
     for scheme in ("int8", "int4"):
         for path in store.directory.glob(f"{store._prefix(model_dir, scheme)}-*.safetensors"):
             path.unlink(missing_ok=True)
+    for path in set(steps.glob("*.step")) - steps_before:
+        path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
