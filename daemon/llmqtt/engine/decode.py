@@ -107,6 +107,11 @@ def short_gil_turns() -> Iterator[None]:
         sys.setswitchinterval(before)
 
 
+def _failure(what: str, exc: Exception) -> str:
+    """One line for the log and `StaticDecoder.failed`."""
+    return f"{what}: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
 class StaticDecoder:
     """The compiled step for one model, and whether requests may use it yet (`ready`)."""
 
@@ -183,12 +188,14 @@ class StaticDecoder:
         one_compile_worker()
         failures = []
         with short_gil_turns():
-            built = self._load_saved(failures) or self._compile_one(failures)
+            loaded = self._load_saved(failures)
+            built = loaded or self._compile_one(failures)
         if built is None:
             self.failed = "; ".join(failures)
             log.warning("compiled decode unavailable, decoding eagerly (%s)", self.failed)
             return
         self._compiled, self.wrapper = built
+        self.from_disk = loaded is not None
         self.compile_s = time.perf_counter() - started
         self.ready.set()
         log.info("compiled decode ready (%.1fs, %s%s)", self.compile_s, self.wrapper,
@@ -207,10 +214,9 @@ class StaticDecoder:
                 path.touch()  # recently used: kept when other builds' steps are removed
                 with self._in_use:
                     self._check(step)
-                self.from_disk = True
                 return step, wrapper
             except Exception as exc:  # torch or the model code changed under the same name, a torn file
-                failures.append(f"saved {wrapper}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+                failures.append(_failure(f"saved {wrapper}", exc))
                 log.info("not using the compiled decode kept in %s (%s); compiling again", path, failures[-1])
                 path.unlink(missing_ok=True)
         return None
@@ -222,11 +228,12 @@ class StaticDecoder:
             try:
                 with self._in_use, torch.inference_mode():
                     example = (self.model, torch.tensor([[1]]), torch.tensor([[0]]), self._reset(self._shared, []))
-                    step = torch.compile(decode_one_token, fullgraph=True, dynamic=False,  # a copy: it pops
-                                         options=dict(options)).aot_compile((example, {}))  # guard_filter_fn
+                    # a copy of the options: torch.compile pops guard_filter_fn out of the dict it is given
+                    step = torch.compile(decode_one_token, fullgraph=True, dynamic=False,
+                                         options=dict(options)).aot_compile((example, {}))
                     self._check(step)
             except Exception as exc:  # no compiler, an op inductor cannot take, a mismatch: the next, then eager
-                failures.append(f"{wrapper}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+                failures.append(_failure(wrapper, exc))
                 log.info("compiled decode with %s failed (%s)", wrapper, failures[-1])
                 continue
             self._keep(step, SLUGS[wrapper])
