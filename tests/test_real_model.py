@@ -58,10 +58,15 @@ def test_chat_uses_history(demo_engine):
 
 def test_the_served_tokenizer_drops_its_python_vocab_and_tokenizes_like_transformers(demo_engine, demo_model):
     """Qwen2Tokenizer keeps the 152 k-entry vocabulary and merges it built its Rust tokenizer from (63 MB the
-    daemon never reads): the served one has them dropped and gives transformers' own ids and prompts."""
+    daemon never reads): the served one has them dropped, its added tokens read alone from tokenizer.json, and
+    gives transformers' own ids and prompts."""
     from transformers import AutoTokenizer
 
+    from llmqtt.engine.loader import added_tokens_given
+
     served, reference = demo_engine.loaded.tokenizer, AutoTokenizer.from_pretrained(demo_model.path)
+    assert added_tokens_given(demo_model.path)  # the served one skipped transformers' parse of tokenizer.json
+    assert repr(served.added_tokens_decoder) == repr(reference.added_tokens_decoder)
     assert served._vocab is None and served._merges is None and len(reference._merges) > 100_000
     texts = ["I love this product", "这家酒店非常好，服务一流", " leading space\n\ttab", "emoji 😀 <|im_start|>"]
     assert [served(t)["input_ids"] for t in texts] == [reference(t)["input_ids"] for t in texts]

@@ -3,6 +3,7 @@ from the model cache (quantize.py) without a float32 copy."""
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from tokenizers import AddedToken
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import attention, fastdecode, quantize as quant, quantstore
@@ -78,11 +80,60 @@ INIT_ONLY_ATTRIBUTES = ("_vocab", "_merges")
 
 def load_tokenizer(path: Path):
     """AutoTokenizer's tokenizer for `path`, without the Python copies of what its Rust tokenizer holds."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, **added_tokens_given(path))
     for name in INIT_ONLY_ATTRIBUTES:
         if getattr(tokenizer, name, None) is not None:
             setattr(tokenizer, name, None)
     return tokenizer
+
+
+# Only these files send transformers to its legacy reading of added and special tokens; with any of the
+# last two present that reading does more than the added tokens below, so it is left to transformers.
+_TOKENIZER_CONFIG, _TOKENIZER_FILE = "tokenizer_config.json", "tokenizer.json"
+_LEGACY_TOKEN_FILES = ("special_tokens_map.json", "added_tokens.json")
+_ADDED_TOKENS_KEY = b'"added_tokens":'
+
+
+def added_tokens_given(path: Path) -> dict:
+    """`added_tokens_decoder` for AutoTokenizer when tokenizer_config.json lacks it, as transformers 5's own
+    save_pretrained leaves it (every GGUF-converted model, the demo's too). Without it transformers parses
+    the whole tokenizer.json in Python for that one list: for Qwen's 11 MB file 0.45 s of GIL time, beside
+    the model code's import, and +55 MB at the start's peak (2026-11-29). This reads the list alone and
+    builds the same AddedTokens transformers would; {} (transformers' own way) when anything differs."""
+    try:
+        config = json.loads((path / _TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+        if "added_tokens_decoder" in config or any((path / name).exists() for name in _LEGACY_TOKEN_FILES):
+            return {}
+        listed = _added_tokens_list((path / _TOKENIZER_FILE).read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if listed is None:
+        return {}
+    return {"added_tokens_decoder": {entry.pop("id"): AddedToken(**entry) for entry in listed}}
+
+
+def _added_tokens_list(data: bytes) -> list[dict] | None:
+    """tokenizer.json's top-level `added_tokens`, parsed on its own. The tokenizers library writes it before
+    the vocabulary, so its key's first occurrence is the top-level one; the shape is checked all the same."""
+    start = data.find(_ADDED_TOKENS_KEY)
+    if start < 0:
+        return None
+    start += len(_ADDED_TOKENS_KEY)
+    window = 1 << 16  # Qwen's 22 tokens take 3 KB; decoding the whole 11 MB tail would take 90 ms
+    while True:
+        # a window may cut a character in two at its end; the list ends before it or the window grows
+        text = data[start:start + window].decode("utf-8", errors="ignore").lstrip()
+        try:
+            listed, _ = json.JSONDecoder().raw_decode(text)
+            break
+        except ValueError:
+            if start + window >= len(data):
+                raise
+            window *= 4
+    if not isinstance(listed, list) or not all(isinstance(e, dict) and isinstance(e.get("id"), int)
+                                               and isinstance(e.get("content"), str) for e in listed):
+        return None
+    return listed
 
 
 def _timed(load, *args):
