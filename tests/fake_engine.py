@@ -103,12 +103,16 @@ class FakeEngine:
         self.starts: list[int] = []  # how many generations each prefill started together
         self.classify_delay_s = 0.0  # per classify call (a batch), like a forward pass
         self.warmed_up = False
+        self.idle_threads: list[str] = []  # the thread of every idle() call, in order
 
     def warmup(self) -> None:
         self.warmed_up = True
 
     def start_fast_decode(self) -> None:
         pass
+
+    def idle(self) -> None:
+        self.idle_threads.append(threading.current_thread().name)
 
     def conversation_stats(self) -> dict:
         return {"entries": 0, "hits": 0}

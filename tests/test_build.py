@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,8 @@ def test_the_factory_gets_the_plan_and_the_engine_comes_back_warm(config):
     assert kwargs["max_batch"] == warm.plan.max_batch == warm.engine.max_batch == 8
     assert kwargs["resolved"].path == Path(config.model.name)
     assert warm.engine.warmed_up and warm.threads == 1 == warm.plan.threads
+    # the building thread is done with the engine: it frees its OpenMP threads for the service's worker
+    assert warm.engine.idle_threads == [threading.current_thread().name]
     assert os.environ["OMP_NUM_THREADS"] == "1"  # the plan was put into effect before loading
     assert warm.memory.threshold_bytes == warm.plan.low_memory_bytes
 

@@ -247,6 +247,24 @@ def test_streaming_chunks_are_numbered_and_add_up(service):
     assert out.result["tokens"] == 5
 
 
+def test_the_worker_frees_its_engine_threads_once_out_of_work_not_between_steps(engine, service):
+    """engine.idle() (its OpenMP threads, engine/openmp.py) when nothing is queued or generating: a
+    classification and a chat queued together run as several steps, then one idle call, on the worker."""
+    engine.gate = threading.Event()
+    service.start()
+    (chat, chat_sink), (label, label_sink) = job("chat", "c", "tell me a story", stream=True), job("sentiment", "s")
+    service.submit(chat)
+    service.submit(label)
+    engine.gate.set()
+    assert chat_sink.wait().ok and label_sink.wait().ok
+    wait_until(lambda: engine.idle_threads)
+    assert len(engine.steps) >= 3 and engine.idle_threads == ["llmqtt-worker"]
+    j, sink = job("sentiment", "s2")
+    service.submit(j)
+    assert sink.wait().ok
+    wait_until(lambda: len(engine.idle_threads) == 2)  # idle again after the next piece of work
+
+
 def test_no_chunks_without_stream_and_max_new_tokens(service):
     service.start()
     j, sink = job("chat", "s", "one two three four", max_new_tokens=2)

@@ -72,6 +72,7 @@ def build_engine(config: Config, tasks: Tasks, *, factory: EngineFactory | None 
         started = time.monotonic()
         engine.warmup()
         log.info("warm-up took %.1fs", time.monotonic() - started)
+    engine.idle()  # this thread is done with torch: the service's worker serves (engine/openmp.py)
     return WarmEngine(engine, p, MemoryGuard(p.low_memory_bytes, live_available_bytes), resolved)
 
 

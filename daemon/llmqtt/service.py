@@ -204,7 +204,14 @@ class Service:
                 with self._cond:
                     self._running = []
                     self._last_step = kind
+                    idle = not self._has_work()
                 self._heartbeat()
+                if idle:  # its OpenMP threads go until the next step (the engine's `idle`)
+                    self.engine.idle()
+
+    def _has_work(self) -> bool:
+        """Under the lock."""
+        return bool(self._classify_q or self._startable() or self._active)
 
     def _next_step(self) -> tuple[str, list[Job]] | None:
         """The policy, all of it. Block until there is something to do; None once stopping and idle.
@@ -217,7 +224,7 @@ class Service:
         3. One decode step for every active generation: one forward for all of them.
         """
         with self._cond:
-            while not self._stopping and not (self._classify_q or self._startable() or self._active):
+            while not self._stopping and not self._has_work():
                 if not self._cond.wait(self._idle_wait_s):
                     self._heartbeat()
             if self._stopping:  # queued work was dropped by stop(); active generations finish

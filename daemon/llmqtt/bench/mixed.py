@@ -106,6 +106,7 @@ def _direct(engine, sentiment: str, chat: str, texts: Sequence[str], chat_tokens
     first = None
     for _ in stream:
         first = first or time.perf_counter()
+    engine.idle()  # back to the service's worker: one thread with OpenMP threads at a time, as in the daemon
     return {"direct_sentiment": latency_stats(seconds), "direct_chat": {
         "first_token_ms": 1000 * ((first or time.perf_counter()) - started), "tokens": stream.result.new_tokens,
         "tokens_per_s": stream.result.tokens_per_s}}

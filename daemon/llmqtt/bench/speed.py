@@ -81,6 +81,7 @@ def burst(engine, task: str, texts: Sequence[str]) -> dict:
     calls = _Recorder(engine)
     service = Service(calls, sessions=SessionStore(1, 60.0), queue_size=max(64, len(texts)),
                       max_batch=engine.max_batch)
+    engine.idle()  # this thread hands the engine to the service's worker, as the daemon's main thread does
     service.start()
     try:
         start = time.perf_counter()

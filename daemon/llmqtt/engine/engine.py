@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..tasks import ClassifyTask, GenerateTask
+from . import openmp
 from .classify import LabelScorer
 from .convcache import ConversationCache
 from .decode import StaticDecoder
@@ -115,6 +116,11 @@ class Engine:
         elif self._generators:
             for _ in self.generate(next(iter(self._generators)), "Hi", max_new_tokens=1):
                 pass
+
+    def idle(self) -> None:
+        """The calling thread is done with the engine for now: its OpenMP threads go (openmp.py), so the
+        thread that runs the engine next is the only one with a team and keeps full speed."""
+        openmp.release_threads()
 
     def start_fast_decode(self) -> None:
         """Build the fast decode kernels on a background thread, if this model has them. Called once the

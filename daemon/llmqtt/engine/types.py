@@ -121,6 +121,9 @@ class InferenceEngine(Protocol):
     def start_fast_decode(self) -> None:
         """Begin any background optimisation (compiling decode kernels) once serving; may do nothing."""
 
+    def idle(self) -> None:
+        """The calling thread has no engine work for now: let it free what it holds for that (threads)."""
+
     def conversation_stats(self) -> dict:
         """{"entries", "hits"} of the cross-request KV reuse (convcache.py), for /metrics."""
 
