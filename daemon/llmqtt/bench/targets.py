@@ -246,7 +246,10 @@ def _default_rss_reason(r: dict) -> str:
     weights, kv = row.get("weight_bytes") or 0, row.get("kv_cache_bytes") or 0
     at_ready = row.get("peak_rss_ready_bytes")
     peer = get(r, "llama_cpp", "peak_rss_bytes")
-    parts = [f"the runtime (torch, transformers) is {imports / 1e9:.2f} GB before any weight",
+    # a bare load imports transformers' model code too: with it, the runtime every such start holds
+    imports = get(r, "startup", "bare", "rss_after_model_code_bytes") or imports
+    with_code = " and its model code" if get(r, "startup", "bare", "rss_after_model_code_bytes") else ""
+    parts = [f"the runtime (torch, transformers{with_code}) is {imports / 1e9:.2f} GB before any weight",
              f"weights held {weights / 1e9:.2f} GB (at rest {(row.get('at_rest_bytes') or 0) / 1e9:.2f} GB) + KV cache"
              f" {kv / 1e9:.2f} GB"]
     if at_ready:
@@ -264,12 +267,18 @@ def _default_rss_reason(r: dict) -> str:
 
 
 def _default_ready_reason(r: dict) -> str:
-    row, bare = r["startup"]["ready_default"], r["startup"]["bare"]["seconds"]
-    kernel = row.get("int8_kernel") or "fbgemm"
+    row, bare_row = r["startup"]["ready_default"], r["startup"]["bare"]
+    bare, kernel = bare_row["seconds"], row.get("int8_kernel") or "fbgemm"
     tokenizer = f" ({row['tokenizer_s']:.1f} s of Python, sharing the GIL with that import)" if row.get("tokenizer_s") else ""
-    return (f"restart {row['seconds']:.1f} s = load {row['load_s']:.1f} s (the quantized file copied for {kernel}"
+    text = (f"restart {row['seconds']:.1f} s = load {row['load_s']:.1f} s (the quantized file copied for {kernel}"
             f" beside the model code's import, the tokenizer in parallel{tokenizer}) + prompt caches {row['prefix_s']:.1f} s + warm-up {row['warmup_s']:.1f} s,"
             f" vs {bare:.1f} s for a bare from_pretrained that maps the float32 file without reading it")
+    code, alone = bare_row.get("model_code_s"), row.get("tokenizer_alone_s")
+    if code is not None and alone is not None:  # both Python under one GIL: they cannot overlap
+        text += (f"; {code:.1f} s of the bare load is importing transformers' model code, which the restart pays"
+                 f" too; the tokenizer alone holds the GIL {alone:.1f} s (a bare load has none), so even with"
+                 f" nothing else the restart would be {(bare + alone) / bare:.2f}x")
+    return text
 
 
 def _default_accuracy_reason(r: dict) -> str:
