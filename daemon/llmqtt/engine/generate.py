@@ -282,6 +282,14 @@ def with_options(settings: GenerationSettings, options: ChatOptions) -> Generati
     return settings.model_copy(update=update) if update else settings
 
 
+# Nucleus sampling sorts only the likeliest tokens. Sorting all 151,936 probabilities of Qwen's vocabulary
+# took 14 ms and a draw over them 4 ms, against ~25 ms for the decode step itself: chats at the chat task's
+# temperature 0.5 / top_p 0.9 decoded at ~20 tok/s where greedy ones did ~40 (demo, int8, 2 threads,
+# 2026-11-30). The top 256 (0.3 ms to find) hold the nucleus unless the distribution is nearly flat; then
+# every token is sorted, as before.
+NUCLEUS_CANDIDATES = 256
+
+
 def sample(logits: torch.Tensor, s: GenerationSettings, seen: torch.Tensor, rng: torch.Generator | None) -> int:
     """logits: [V] -> one token id (greedy when temperature is 0)."""
     logits = logits.clone()
@@ -291,16 +299,26 @@ def sample(logits: torch.Tensor, s: GenerationSettings, seen: torch.Tensor, rng:
     if s.temperature == 0:
         return int(torch.argmax(logits))
     logits = logits / s.temperature
-    if s.top_k:
-        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
-        logits[logits < kth] = float("-inf")
+    ids = None  # token ids of `probs`' entries, when not the whole vocabulary
+    if s.top_k:  # only these can be drawn: the distribution is over them alone
+        logits, ids = torch.topk(logits, min(s.top_k, logits.numel()))
     probs = torch.softmax(logits, dim=-1)
     if s.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        outside = torch.cumsum(sorted_probs, 0) - sorted_probs > s.top_p  # keep the smallest set reaching top_p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=rng))
+        probs, ids = nucleus(probs, ids, s.top_p)
+    drawn = int(torch.multinomial(probs, 1, generator=rng))
+    return drawn if ids is None else int(ids[drawn])
+
+
+def nucleus(probs: torch.Tensor, ids: torch.Tensor | None, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The likeliest tokens whose probabilities, added up in order, reach `top_p` (each kept token's
+    predecessors sum to at most top_p): (their probabilities, their token ids). `ids`: the token of each
+    entry of `probs`, None for the whole vocabulary in order."""
+    top, order = torch.topk(probs, min(NUCLEUS_CANDIDATES, probs.numel()))  # sorted, likeliest first
+    if top.numel() < probs.numel() and float(top[:-1].sum()) <= top_p:  # the nucleus may reach past them
+        top, order = torch.sort(probs, descending=True)
+    keep = torch.cumsum(top, 0) - top <= top_p
+    tokens = order if ids is None else ids[order]
+    return top[keep], tokens[keep]
 
 
 def _pairs(history: Sequence[Turn]) -> list[tuple[Turn, Turn]]:
