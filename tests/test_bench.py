@@ -97,6 +97,8 @@ def test_mini_bench_covers_every_section(mini_result):
         assert s["burst"]["n"] == 8 and s["burst"]["errors"] == 0
         assert s["b_over_a"] > 0 and s["c_over_a"] > 0
         assert v["chat"]["prefix_tokens"] > 0 and v["chat"]["first_token_speedup"] > 0
+        # also at the chat task's own sampling (temperature > 0), as its requests run by default
+        assert v["chat"]["decode_sampled_tokens_per_s"] > 0 and len(v["chat"]["decode_sampled_new_tokens"]) >= 3
         assert v["bound"]["tokens_per_s"] > 0
     c = r["variants"]["fp32"]["conversation"]  # turn 2: reuse runs fewer tokens, HA's new time stamp more
     assert c["reps"] >= 3 and c["same_system"]["tokens_run"] < c["new_time"]["tokens_run"] <= c["off"]["tokens_run"]
@@ -268,6 +270,15 @@ def test_the_peak_memory_reason_names_its_parts_and_the_floor_they_set():
         "default peak RSS / (quantized weights at rest + KV cache)"]
     assert target["met"] is False
     assert "alone are 1.21x" in target["why"] and "was loaded (kept by the first start) (+0.05 GB)" in target["why"]
+
+
+def test_the_sampling_target_says_what_a_sampled_token_costs_more():
+    from llmqtt.bench.targets import targets
+
+    chat = {"decode_tokens_per_s": 40.0, "decode_sampled_tokens_per_s": 20.0}
+    target = {t["target"]: t for t in targets({"variants": {"default": {"chat": chat}}})}[
+        "default decode at the chat task's sampling / greedy"]
+    assert target["met"] is False and "costs 25.0 ms more a token" in target["why"]
 
 
 def test_the_memory_floor_counts_the_model_code_a_bare_load_imports_too():

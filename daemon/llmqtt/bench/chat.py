@@ -28,6 +28,7 @@ def chat_speed(engine, task: GenerateTask, reps: int, decode_tokens: int, tick: 
     recomputed = [first_token_s(gen, TTFT_PROMPT, use_prefix=False) for _ in range(reps)]
     tick(1)
     decodes = [decode_rate(gen, decode_tokens) for _ in range(reps)]
+    sampled = [decode_rate(gen, decode_tokens, sampled=True) for _ in range(reps)]
     tick(1)
     cached_ms, recomputed_ms = 1000 * statistics.median(cached), 1000 * statistics.median(recomputed)
     return {"prefix_tokens": gen.prefix.length, "rest_tokens": len(gen.prompt_ids(TTFT_PROMPT, [], 1)[0]),
@@ -35,7 +36,9 @@ def chat_speed(engine, task: GenerateTask, reps: int, decode_tokens: int, tick: 
             "first_token_speedup": recomputed_ms / cached_ms if cached_ms else None,
             "decode_tokens_per_s": statistics.median(d["tokens_per_s"] for d in decodes),
             "decode_new_tokens": decodes[0]["new_tokens"], "first_token_runs_ms": [1000 * x for x in cached],
-            "decode_runs_tokens_per_s": [d["tokens_per_s"] for d in decodes]}
+            "decode_runs_tokens_per_s": [d["tokens_per_s"] for d in decodes],
+            "decode_sampled_tokens_per_s": statistics.median(d["tokens_per_s"] for d in sampled),
+            "decode_sampled_new_tokens": [d["new_tokens"] for d in sampled]}
 
 
 def first_token_s(gen: ChatGenerator, text: str, use_prefix: bool) -> float:
@@ -53,9 +56,14 @@ def first_token_s(gen: ChatGenerator, text: str, use_prefix: bool) -> float:
     return time.perf_counter() - start
 
 
-def decode_rate(gen: ChatGenerator, max_new_tokens: int) -> dict:
-    """Greedy (temperature 0) so every run decodes the same tokens; the engine's own loop and timing."""
-    settings = gen.task.generation.model_copy(update={"temperature": 0.0})
+SAMPLING_SEED = 20250101  # every sampled run draws the same tokens
+
+
+def decode_rate(gen: ChatGenerator, max_new_tokens: int, sampled: bool = False) -> dict:
+    """Greedy (temperature 0) so every run decodes the same tokens; the engine's own loop and timing.
+    `sampled`: at the task's own temperature and top_p, as its requests run by default, with a fixed seed."""
+    update = {"seed": SAMPLING_SEED} if sampled else {"temperature": 0.0}
+    settings = gen.task.generation.model_copy(update=update)
     stream = gen.stream(DECODE_PROMPT, settings=settings, max_new_tokens=max_new_tokens)
     for _ in stream:
         pass

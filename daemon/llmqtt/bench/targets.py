@@ -281,6 +281,13 @@ def _default_ready_reason(r: dict) -> str:
     return text
 
 
+def _sampling_reason(r: dict) -> str:
+    c = r["variants"]["default"]["chat"]
+    greedy, sampled = c["decode_tokens_per_s"], c["decode_sampled_tokens_per_s"]
+    return (f"{sampled:.1f} tok/s sampled vs {greedy:.1f} greedy: choosing a token costs"
+            f" {1000 / sampled - 1000 / greedy:.1f} ms more a token when sampled (softmax, nucleus, draw)")
+
+
 def _default_accuracy_reason(r: dict) -> str:
     fp32, default = _served(r, "accuracy"), _served(r, "accuracy_default")
     return "; ".join(f"{lang}: {100 * default[lang]:.1f} % vs fp32 {100 * fp32[lang]:.1f} %" for lang in fp32)
@@ -305,6 +312,9 @@ TARGETS += [
      lambda v: v <= 1.0, _default_ready_reason),
     ("default accuracy minus fp32 (sentiment, mean of languages)", ">= -1 point", _accuracy_drop,
      lambda v: v >= -1.0, _default_accuracy_reason),
+    ("default decode at the chat task's sampling / greedy", ">= 0.9x",
+     lambda r: div(get(r, "variants", "default", "chat", "decode_sampled_tokens_per_s"),
+                   get(r, "variants", "default", "chat", "decode_tokens_per_s")), lambda v: v >= 0.9, _sampling_reason),
 ]
 
 
