@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmqtt.engine.generate import NUCLEUS_CANDIDATES, nucleus, sample
+from llmqtt.engine.generate import NUCLEUS_CANDIDATES, draw, nucleus, sample
 from llmqtt.tasks import GenerationSettings
 
 VOCAB = 151_936  # Qwen2.5's
@@ -58,3 +58,23 @@ def test_top_k_keeps_only_the_k_likeliest_and_a_seed_repeats_its_draws():
     assert set(draws) <= set(torch.topk(logits, 3).indices.tolist()) and len(set(draws)) > 1
     again = [sample(logits, settings, torch.tensor([]), torch.Generator().manual_seed(i)) for i in range(300)]
     assert draws == again
+
+
+def test_a_draw_follows_the_probabilities_and_never_hits_a_zero():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.25, 0.125, 0.125, 0.0])
+    rng, n = torch.Generator().manual_seed(11), 8000
+    counts = torch.bincount(torch.tensor([draw(probs, rng) for _ in range(n)]), minlength=len(probs)).float()
+    assert torch.equal(counts > 0, probs > 0)
+    sigma = (probs * (1 - probs) / n).sqrt()
+    assert torch.all((counts / n - probs).abs() <= 4 * sigma + 1e-9)
+    assert draw(torch.tensor([0.0, 0.0, 2.0]), None) == 2  # unnormalised weights, no generator
+
+
+def test_without_a_nucleus_the_whole_distribution_is_drawn_from():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    settings = GenerationSettings(temperature=1.0, top_p=1.0, repetition_penalty=1.0)
+    rng, n = torch.Generator().manual_seed(2), 6000
+    counts = torch.bincount(torch.tensor([sample(logits, settings, torch.tensor([]), rng) for _ in range(n)]),
+                            minlength=4).float()
+    expected = torch.softmax(logits, -1)
+    assert torch.all((counts / n - expected).abs() <= 4 * (expected * (1 - expected) / n).sqrt())
