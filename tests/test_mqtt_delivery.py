@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import socket
 
 import pytest
 from broker import wait_online
@@ -29,6 +30,18 @@ def test_broker_restart_reconnects_without_reloading(start_daemon, broker, tmp_p
     client.publish(f"{root}/request/chat", {"id": "after", "text": "still here"})
     assert client.expect_json(where=lambda r: r["id"] == "after")["result"]["text"] == "echo still here"
     assert warmups == ["fast decode"] and daemon.engine is engine  # warm-up is build_engine's, before the daemon
+
+
+def test_the_daemon_sends_each_packet_at_once_after_every_connect(start_daemon, broker):
+    """TCP_NODELAY on the broker connection, set again after a reconnect: paho leaves Nagle's algorithm on,
+    which holds a small packet (a stream chunk, a reply after a PUBACK) while an earlier one is unacknowledged."""
+    daemon = start_daemon()
+    first = daemon.transport._client.socket()
+    assert first.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    broker.restart()
+    wait_online(broker.client(), daemon.topics.root)
+    again = daemon.transport._client.socket()
+    assert again is not first and again.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
 def test_requests_published_while_the_daemon_is_away_are_served_after_reconnect(start_daemon, broker, tmp_path):
