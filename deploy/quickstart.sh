@@ -52,6 +52,9 @@ ask() {  # task, JSON request: publish with an MQTT v5 Response Topic and wait f
 }
 ask sentiment '{"id": "q1", "text": "这家酒店的服务太好了，下次还来！"}'
 ask sentiment '{"id": "q2", "text": "The battery died after a week. Never again."}'
+echo
+echo "quickstart: after a first start (or an llmqtt, torch or transformers update) the daemon compiles its decode"
+echo "step in the background for about a minute; until then a chat decodes several times slower (tokens_per_s)."
 ask chat '{"id": "q3", "text": "In one sentence: why do people put a Raspberry Pi in their home?"}'
 echo
 echo "quickstart: done. Run your own daemon with: llmqtt run --config configs/local.yaml"
