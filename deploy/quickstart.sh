@@ -52,9 +52,16 @@ ask() {  # task, JSON request: publish with an MQTT v5 Response Topic and wait f
 }
 ask sentiment '{"id": "q1", "text": "这家酒店的服务太好了，下次还来！"}'
 ask sentiment '{"id": "q2", "text": "The battery died after a week. Never again."}'
+# Chats decode several times slower until the compiled decode step is ready: a first start (or one after an
+# llmqtt, torch or transformers update) compiles it in the background after `online`, about a minute, and
+# keeps it, so later starts load it in seconds. Wait for it (up to 3 minutes), so the chat shows real speed.
 echo
-echo "quickstart: after a first start (or an llmqtt, torch or transformers update) the daemon compiles its decode"
-echo "step in the background for about a minute; until then a chat decodes several times slower (tokens_per_s)."
+echo "quickstart: waiting for the compiled decode step (a first start compiles it, about a minute; later starts load it)"
+for _ in $(seq 1 180); do
+  grep -q "compiled decode ready\|decoding eagerly" "$work/daemon.log" && break
+  sleep 1
+done
+grep -o "compiled decode ready.*\|compiled decode unavailable.*" "$work/daemon.log" | head -1 | sed 's/^/quickstart: /' || true
 ask chat '{"id": "q3", "text": "In one sentence: why do people put a Raspberry Pi in their home?"}'
 echo
 echo "quickstart: done. Run your own daemon with: llmqtt run --config configs/local.yaml"
