@@ -111,6 +111,9 @@ class FakeEngine:
     def start_fast_decode(self) -> None:
         pass
 
+    def fast_decode_state(self) -> str:
+        return "off"
+
     def idle(self) -> None:
         self.idle_threads.append(threading.current_thread().name)
 

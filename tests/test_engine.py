@@ -46,6 +46,10 @@ def full_prompt_label_logits(scorer: LabelScorer, text: str) -> torch.Tensor:
     return scorer._per_label(logits[scorer._rows].unsqueeze(0))[0]
 
 
+def test_float32_without_fast_decode_builds_nothing_in_the_background(engine):
+    assert engine.fast_decode_state() == "off"
+
+
 def test_prefix_cached_scoring_equals_full_prompt_scoring(engine):
     scorer = engine._scorers["sentiment"]
     for text in ["The food was good.", "This is terrible", "这个酒店很好"]:

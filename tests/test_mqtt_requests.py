@@ -175,6 +175,7 @@ def test_status_and_health(daemon, broker):
                 "tasks", "tokens_per_s", "uptime_s", "model", "dtype", "threads"):
         assert key in health
     assert health["memory"]["available_mb"] > 0 and health["rss_mb"] > 0
+    assert health["decode"] == "off"  # the engine's compiled decode state (the fake engine builds none)
 
 
 def test_mqtt_v311(start_daemon, broker):

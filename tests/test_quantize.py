@@ -256,6 +256,19 @@ def _greedy(engine, text):
     return "".join(stream), stream.result
 
 
+def test_health_shows_the_compiled_decode_pending_until_it_is_ready(tmp_path):
+    """With model.fast_decode on a quantized model the engine builds its decode step after READY: health's
+    `decode` is "pending" (eager, slower) until then, "off" with fast_decode off."""
+    model_dir = build_tiny_model(tmp_path / "tiny", tied=True)
+    tasks = {"chat": parse_task(CHAT, "t", "chat")}
+    loaded = load(model_dir, "float32", "int8", fast_decode=True, store=quant.QuantizedStore(model_dir / "quantized"))
+    engine = Engine(loaded, tasks, "tiny", "tiny", max_context=128)
+    assert engine.fast_decode_state() == "pending"
+    engine.decoder.ready.set()  # as compile() does once its step passed the check
+    assert engine.fast_decode_state() == "ready"
+    assert _engine(model_dir, "int8").fast_decode_state() == "off"
+
+
 def test_compiled_decode_equals_eager_token_for_token(quantized_engine, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     texts = ["I love this product", "这个酒店很好", "Summarize the text in one sentence."]

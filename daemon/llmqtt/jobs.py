@@ -106,6 +106,7 @@ class ServiceHealth:
     queue_depth: int
     sessions: int
     stats: dict  # ServiceStats.snapshot(): ok/error counts, per-task latency percentiles, tokens/s
+    decode: str | None = None  # the engine's compiled decode: "pending", "ready", "failed" or "off"
 
 
 class JobQueue(Protocol):

@@ -142,7 +142,8 @@ class Service:
 
     def health(self) -> ServiceHealth:
         return ServiceHealth(model=self.engine.model_name, dtype=self.engine.dtype, queue_depth=self.queue_depth(),
-                             sessions=len(self.sessions), stats=self.stats.snapshot())
+                             sessions=len(self.sessions), stats=self.stats.snapshot(),
+                             decode=self.engine.fast_decode_state())
 
     def stop(self, timeout: float) -> bool:
         """Take no more work; wait up to `timeout` for the running step and the active generations. Queued

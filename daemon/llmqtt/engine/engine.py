@@ -127,10 +127,23 @@ class Engine:
         engine is warm: compiling competes for the CPU, so it must not slow the start-up itself.
 
         float32: one-row Linear kernels (fastdecode.py); quantized: the whole decode step (decode.py)."""
+        built = self._fast_decode()
+        if built is not None:
+            built.start()
+
+    def fast_decode_state(self) -> str:
+        """"pending" (being compiled or loaded after READY: decode is eager meanwhile), "ready", "failed"
+        (eager for good), or "off" (nothing to build for this model and config)."""
+        built = self._fast_decode()
+        return "off" if built is None else built.state()
+
+    def _fast_decode(self):
+        """What `model.fast_decode` builds for this model (fastdecode.Kernels or decode.StaticDecoder), or None."""
         if self.loaded.kernels:
-            self.loaded.kernels.start()
-        elif self.loaded.quantize != "none" and self._generators and self.loaded.compile_decode:
-            self.decoder.start()
+            return self.loaded.kernels
+        if self.loaded.quantize != "none" and self._generators and self.loaded.compile_decode:
+            return self.decoder
+        return None
 
     def prefixes_from_disk(self) -> int:
         """How many tasks' prefix caches came from the prefix store rather than a forward pass."""

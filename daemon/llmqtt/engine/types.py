@@ -121,6 +121,9 @@ class InferenceEngine(Protocol):
     def start_fast_decode(self) -> None:
         """Begin any background optimisation (compiling decode kernels) once serving; may do nothing."""
 
+    def fast_decode_state(self) -> str:
+        """The background optimisation's state: "pending", "ready", "failed" or "off" (health shows it)."""
+
     def idle(self) -> None:
         """The calling thread has no engine work for now: let it free what it holds for that (threads)."""
 

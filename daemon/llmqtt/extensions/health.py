@@ -49,7 +49,7 @@ def read_machine(process: psutil.Process) -> MachineReadings:
 
 def build_health(machine: MachineReadings, service_stats: dict, *, queue_depth: int, sessions: int,
                  uptime_s: float, model: str, dtype: str, threads: int | None,
-                 memory_state: str | None = None) -> dict:
+                 memory_state: str | None = None, decode: str | None = None) -> dict:
     def mb(value: int | None) -> float | None:
         return None if value is None else round(value / MiB, 1)
 
@@ -75,6 +75,7 @@ def build_health(machine: MachineReadings, service_stats: dict, *, queue_depth: 
         "model": model,
         "dtype": dtype,
         "threads": threads,
+        "decode": decode,  # the compiled decode step: "pending" (chats decode eagerly, slower), "ready", "failed", "off"
         "ts": round(time.time(), 3),
     }
 
@@ -117,7 +118,7 @@ class HealthExtension:
         return build_health(self._read(), service.stats, queue_depth=service.queue_depth,
                             sessions=service.sessions, uptime_s=time.monotonic() - self.started,
                             model=service.model, dtype=service.dtype, threads=self.threads,
-                            memory_state=self.memory_state() if self.memory_state else None)
+                            memory_state=self.memory_state() if self.memory_state else None, decode=service.decode)
 
     def _run(self) -> None:
         while True:
