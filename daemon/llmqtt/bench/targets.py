@@ -247,9 +247,10 @@ def _default_rss_reason(r: dict) -> str:
     at_ready = row.get("peak_rss_ready_bytes")
     peer = get(r, "llama_cpp", "peak_rss_bytes")
     # a bare load imports transformers' model code too: with it, the runtime every such start holds
-    imports = get(r, "startup", "bare", "rss_after_model_code_bytes") or imports
-    with_code = " and its model code" if get(r, "startup", "bare", "rss_after_model_code_bytes") else ""
-    parts = [f"the runtime (torch, transformers{with_code}) is {imports / 1e9:.2f} GB before any weight",
+    with_code = get(r, "startup", "bare", "rss_after_model_code_bytes")
+    imports = with_code or imports
+    parts = [f"the runtime (torch, transformers{' and its model code' if with_code else ''}) is {imports / 1e9:.2f} GB"
+             " before any weight",
              f"weights held {weights / 1e9:.2f} GB (at rest {(row.get('at_rest_bytes') or 0) / 1e9:.2f} GB) + KV cache"
              f" {kv / 1e9:.2f} GB"]
     if at_ready:
